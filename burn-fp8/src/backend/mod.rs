@@ -1,0 +1,107 @@
+//! The backend extension trait and its implementations.
+//!
+//! [`Fp8Backend`]'s default methods are the reference implementation in plain Burn tensor
+//! ops ([`crate::reference`]), so any backend gains FP8 support with an empty impl (as
+//! [`burn::backend::NdArray`] does here). CubeCL backends override them with the kernels of
+//! [`crate::kernel`]; `Fusion` registers them as custom operations; `Autodiff` forwards to
+//! its inner backend (the results carry no gradient: see `Fp8Linear` for a differentiable
+//! layer built on these ops).
+
+mod autodiff;
+mod cube;
+mod fusion;
+
+use crate::reference;
+use crate::QuantConfig;
+use burn::tensor::{
+    backend::Backend,
+    ops::{FloatTensor, IntTensor},
+    Int, Tensor, TensorPrimitive,
+};
+
+/// The static description of a quantized 2-D tensor: logical shape and quantization layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Fp8Layout {
+    /// Logical `[rows, cols]` of the unquantized tensor.
+    pub shape: [usize; 2],
+    /// Element format, tile shape and scale rounding.
+    pub config: QuantConfig,
+}
+
+impl Fp8Layout {
+    /// Shape of the packed data: `[rows, 32 · ⌈cols / 128⌉]` words.
+    pub const fn data_shape(&self) -> [usize; 2] {
+        [self.shape[0], self.shape[1].div_ceil(crate::TILE_K) * crate::config::WORDS_PER_TILE]
+    }
+
+    /// Shape of the scale grid.
+    pub const fn scale_shape(&self) -> [usize; 2] {
+        self.config.tile.scale_shape(self.shape)
+    }
+}
+
+/// Packed FP8 data and its scales as backend primitives.
+///
+/// `data` holds four codes per 32-bit word, little-endian along the columns (code of column
+/// `c` in byte `c % 4` of word `c / 4`), each row padded with zero codes to whole 128-column
+/// tiles. Its integer dtype is backend-defined (`u32` on CubeCL backends, the backend's
+/// `IntElem` on the reference path); only the low 32 bits of each element are meaningful.
+pub struct Fp8Primitive<B: Backend> {
+    /// Packed codes, `[rows, 32 · ⌈cols / 128⌉]`.
+    pub data: IntTensor<B>,
+    /// f32 scales, `[⌈rows / tile_rows⌉, ⌈cols / 128⌉]`.
+    pub scales: FloatTensor<B>,
+}
+
+impl<B: Backend> Clone for Fp8Primitive<B> {
+    fn clone(&self) -> Self {
+        Self { data: self.data.clone(), scales: self.scales.clone() }
+    }
+}
+
+impl<B: Backend> core::fmt::Debug for Fp8Primitive<B> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Fp8Primitive").field("data", &self.data).field("scales", &self.scales).finish()
+    }
+}
+
+/// FP8 operations a backend provides. Shapes are checked by the tensor-level API
+/// ([`crate::Fp8Tensor`]) before these are called.
+pub trait Fp8Backend: Backend {
+    /// Quantizes a `[rows, cols]` float tensor (any strides) tile by tile.
+    fn fp8_quantize(x: FloatTensor<Self>, config: QuantConfig) -> Fp8Primitive<Self> {
+        let x = Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(x));
+        let (data, scales) = reference::quantize(x, config);
+        Fp8Primitive { data: data.into_primitive(), scales: scales.into_primitive().tensor() }
+    }
+
+    /// Dequantizes to a contiguous float tensor of `layout.shape`.
+    fn fp8_dequantize(q: Fp8Primitive<Self>, layout: Fp8Layout) -> FloatTensor<Self> {
+        let (data, scales) = tensors::<Self>(q);
+        reference::dequantize(data, scales, layout).into_primitive().tensor()
+    }
+
+    /// `D[M, N] = A[M, K] · B[N, K]ᵀ` with f32 accumulation and per-128-K-block scaling.
+    fn fp8_gemm(
+        a: Fp8Primitive<Self>,
+        a_layout: Fp8Layout,
+        b: Fp8Primitive<Self>,
+        b_layout: Fp8Layout,
+    ) -> FloatTensor<Self> {
+        let (a_data, a_scales) = tensors::<Self>(a);
+        let (b_data, b_scales) = tensors::<Self>(b);
+        reference::gemm(a_data, a_scales, a_layout, b_data, b_scales, b_layout)
+            .into_primitive()
+            .tensor()
+    }
+}
+
+fn tensors<B: Backend>(q: Fp8Primitive<B>) -> (Tensor<B, 2, Int>, Tensor<B, 2>) {
+    (
+        Tensor::from_primitive(q.data),
+        Tensor::from_primitive(TensorPrimitive::Float(q.scales)),
+    )
+}
+
+#[cfg(feature = "ndarray")]
+impl Fp8Backend for burn::backend::NdArray {}

@@ -1,0 +1,123 @@
+//! Host (CPU, plain Rust) quantization and an f64 GEMM: the ground truth the kernels and
+//! the Burn reference are tested against. Slow by design.
+
+use crate::config::{CODES_PER_WORD, TILE_K, WORDS_PER_TILE};
+use crate::{Fp8Tensor, QuantConfig};
+use burn::tensor::backend::Backend;
+
+/// A quantized matrix on the host: one code per element, row-major, plus the scale grid.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostFp8 {
+    /// `[rows, cols]`.
+    pub shape: [usize; 2],
+    /// Layout.
+    pub config: QuantConfig,
+    /// `rows × cols` codes.
+    pub codes: Vec<u8>,
+    /// `⌈rows / tile_rows⌉ × ⌈cols / 128⌉` scales, row-major.
+    pub scales: Vec<f32>,
+}
+
+impl HostFp8 {
+    /// Quantizes a row-major `[rows, cols]` matrix.
+    pub fn quantize(x: &[f32], shape: [usize; 2], config: QuantConfig) -> Self {
+        let [rows, cols] = shape;
+        assert_eq!(x.len(), rows * cols, "host quantize: {} values for shape {shape:?}", x.len());
+        let [scale_rows, scale_cols] = config.tile.scale_shape(shape);
+        let tile_rows = config.tile.rows();
+        let mut scales = vec![0.0; scale_rows * scale_cols];
+        let mut codes = vec![0u8; rows * cols];
+        for tr in 0..scale_rows {
+            for tc in 0..scale_cols {
+                let row_range = tr * tile_rows..((tr + 1) * tile_rows).min(rows);
+                let col_range = tc * TILE_K..((tc + 1) * TILE_K).min(cols);
+                // Max-abs on the bits, as the kernel: exact, and NaN/inf sort above all numbers.
+                let amax_bits = row_range
+                    .clone()
+                    .flat_map(|r| col_range.clone().map(move |c| (r, c)))
+                    .map(|(r, c)| x[r * cols + c].to_bits() & 0x7FFF_FFFF)
+                    .max()
+                    .unwrap_or(0);
+                let s = config.tile_scale(f32::from_bits(amax_bits));
+                scales[tr * scale_cols + tc] = s.scale;
+                for r in row_range {
+                    for c in col_range.clone() {
+                        codes[r * cols + c] = config.format.encode(x[r * cols + c] * s.multiplier);
+                    }
+                }
+            }
+        }
+        Self { shape, config, codes, scales }
+    }
+
+    /// Reads a quantized tensor back from a device.
+    pub fn from_tensor<B: Backend>(q: &Fp8Tensor<B>) -> Self {
+        let [rows, cols] = q.shape();
+        let words: Vec<i64> = q.data().to_data().convert::<i64>().to_vec().expect("int data");
+        let words_per_row = cols.div_ceil(TILE_K) * WORDS_PER_TILE;
+        let mut codes = vec![0u8; rows * cols];
+        for r in 0..rows {
+            for c in 0..cols {
+                let word = words[r * words_per_row + c / CODES_PER_WORD] as u32;
+                codes[r * cols + c] = (word >> (8 * (c % CODES_PER_WORD))) as u8;
+            }
+        }
+        let scales = q.scales().to_data().convert::<f32>().to_vec().expect("f32 scales");
+        Self { shape: [rows, cols], config: q.config(), codes, scales }
+    }
+
+    /// Packed words, `[rows, 32 · ⌈cols / 128⌉]` row-major, as the device layout.
+    pub fn words(&self) -> Vec<u32> {
+        let [rows, cols] = self.shape;
+        let words_per_row = cols.div_ceil(TILE_K) * WORDS_PER_TILE;
+        let mut words = vec![0u32; rows * words_per_row];
+        for r in 0..rows {
+            for c in 0..cols {
+                words[r * words_per_row + c / CODES_PER_WORD] |=
+                    (self.codes[r * cols + c] as u32) << (8 * (c % CODES_PER_WORD));
+            }
+        }
+        words
+    }
+
+    /// Scale of element `(r, c)`.
+    pub fn scale(&self, r: usize, c: usize) -> f32 {
+        let scale_cols = self.shape[1].div_ceil(TILE_K);
+        self.scales[(r / self.config.tile.rows()) * scale_cols + c / TILE_K]
+    }
+
+    /// Dequantized values in f64 (exact: an FP8 value times an f32 scale fits in f64).
+    pub fn dequantize_f64(&self) -> Vec<f64> {
+        let [rows, cols] = self.shape;
+        (0..rows * cols)
+            .map(|i| self.config.format.decode(self.codes[i]) as f64 * self.scale(i / cols, i % cols) as f64)
+            .collect()
+    }
+}
+
+/// `A · Bᵀ` in f64 for row-major `a` `[m, k]` and `b` `[n, k]`.
+pub fn matmul_nt_f64(a: &[f64], b: &[f64], m: usize, n: usize, k: usize) -> Vec<f64> {
+    let mut out = vec![0.0; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            out[i * n + j] = a[i * k..(i + 1) * k].iter().zip(&b[j * k..(j + 1) * k]).map(|(x, y)| x * y).sum();
+        }
+    }
+    out
+}
+
+/// DeepGEMM's whole-output difference `1 − 2Σxy / Σ(x² + y²)`: 0 for identical outputs,
+/// insensitive to a few large elements, ~1e-7 for f32 rounding, ~1e-3 for FP8 inputs.
+pub fn calc_diff(x: &[f64], y: &[f64]) -> f64 {
+    assert_eq!(x.len(), y.len(), "calc_diff: lengths {} and {}", x.len(), y.len());
+    let (mut xy, mut sq) = (0.0, 0.0);
+    for (a, b) in x.iter().zip(y) {
+        xy += a * b;
+        sq += a * a + b * b;
+    }
+    if sq == 0.0 {
+        0.0
+    } else {
+        1.0 - 2.0 * xy / sq
+    }
+}

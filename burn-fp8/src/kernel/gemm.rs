@@ -1,0 +1,264 @@
+//! Tile-scaled FP8 GEMM: `D[M, N] = A[M, K] · B[N, K]ᵀ`.
+//!
+//! Both operands are packed FP8 (four codes per `u32`, rows padded to whole 128-wide
+//! tiles) with one f32 scale per tile; A's and B's tiles may each span 1 or 128 rows.
+//!
+//! Structure (DeepSeek's promotion): for each 128-wide K block the cube stages
+//! `BK = 32`-code chunks of A and B through shared memory, decoding each code once on
+//! load, and every unit accumulates a `TM × TN` register tile of *unscaled* partial sums in
+//! f32. At the end of the K block the partials are multiplied by `scale_a[m] · scale_b[n]`
+//! and added to the f32 accumulators. Shared memory holds the chunks k-major
+//! (`a[kk][m]`, `b[kk][n]`) so neighbouring units read neighbouring addresses.
+
+use super::codec::{decode_fp8, Fp8Decode};
+use crate::config::{QuantConfig, TILE_K, WORDS_PER_TILE};
+use burn_cubecl::{tensor::CubeTensor, CubeRuntime};
+use cubecl::prelude::*;
+use serde::{Deserialize, Serialize};
+
+/// Codes of K staged per shared-memory chunk.
+const CHUNK_K: usize = 32;
+const CHUNK_WORDS: usize = CHUNK_K / 4;
+
+/// A GEMM problem as the kernel selector sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GemmProblem {
+    /// Rows of A and D.
+    pub m: usize,
+    /// Rows of B, columns of D.
+    pub n: usize,
+    /// Contracted dimension.
+    pub k: usize,
+}
+
+/// Launch configuration of the GEMM kernel, chosen by [`select_gemm_config`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct GemmConfig {
+    /// Units along N in a cube.
+    pub units_n: u32,
+    /// Units along M in a cube.
+    pub units_m: u32,
+    /// Output rows per unit.
+    pub tile_m: usize,
+    /// Output columns per unit.
+    pub tile_n: usize,
+    /// How codes are decoded.
+    pub decode_a: Fp8Decode,
+    /// How codes of B are decoded.
+    pub decode_b: Fp8Decode,
+}
+
+impl GemmConfig {
+    /// Output rows per cube.
+    pub const fn block_m(&self) -> usize {
+        self.units_m as usize * self.tile_m
+    }
+    /// Output columns per cube.
+    pub const fn block_n(&self) -> usize {
+        self.units_n as usize * self.tile_n
+    }
+    /// Shared memory used, in bytes (f32 chunks of A and B).
+    pub const fn shared_bytes(&self) -> usize {
+        (self.block_m() + self.block_n()) * CHUNK_K * 4
+    }
+}
+
+/// Picks the tiling for a problem: 64×64 output blocks (16×16 units of 4×4), or for
+/// decode-like problems with few rows (M ≤ 16) 8×128 blocks (32×8 units of 1×4), so that
+/// small-M GEMMs do not waste most of each cube. Pure: the same problem always gets the
+/// same config. Both fit lavapipe's 32 KiB of shared memory.
+pub fn select_gemm_config(problem: GemmProblem, decode_a: Fp8Decode, decode_b: Fp8Decode) -> GemmConfig {
+    if problem.m <= 16 {
+        GemmConfig { units_n: 32, units_m: 8, tile_m: 1, tile_n: 4, decode_a, decode_b }
+    } else {
+        GemmConfig { units_n: 16, units_m: 16, tile_m: 4, tile_n: 4, decode_a, decode_b }
+    }
+}
+
+/// Stages one `CHUNK_K`-code chunk of `rows` consecutive operand rows into shared memory,
+/// decoded, k-major.
+#[cube]
+fn load_chunk(
+    operand: &Array<u32>,
+    shared: &mut SharedMemory<f32>,
+    row0: usize,
+    rows_total: usize,
+    word0: usize,
+    words_per_row: usize,
+    #[comptime] rows: usize,
+    #[comptime] units: usize,
+    #[comptime] config: QuantConfig,
+    #[comptime] decode: Fp8Decode,
+) {
+    let words = comptime!(rows * CHUNK_WORDS);
+    let unit = UNIT_POS as usize;
+    #[unroll]
+    for l in 0..comptime!(words.div_ceil(units)) {
+        let idx = unit + l * units;
+        if idx < words {
+            let row = idx / CHUNK_WORDS;
+            let w = idx % CHUNK_WORDS;
+            let global_row = row0 + row;
+            let mut packed = 0u32;
+            if global_row < rows_total {
+                packed = operand[global_row * words_per_row + word0 + w];
+            }
+            #[unroll]
+            for q in 0..4usize {
+                let code = (packed >> comptime!((q * 8) as u32)) & 0xFF;
+                shared[(w * 4 + q) * rows + row] = decode_fp8(code, config.format, decode);
+            }
+        }
+    }
+}
+
+#[cube(launch)]
+fn fp8_gemm_kernel(
+    a: &Array<u32>,
+    a_scales: &Array<f32>,
+    b: &Array<u32>,
+    b_scales: &Array<f32>,
+    out: &mut Array<f32>,
+    m: usize,
+    n: usize,
+    k_blocks: usize,
+    #[comptime] a_config: QuantConfig,
+    #[comptime] b_config: QuantConfig,
+    #[comptime] cfg: GemmConfig,
+) {
+    let block_m = comptime!(cfg.block_m());
+    let block_n = comptime!(cfg.block_n());
+    let units = comptime!((cfg.units_m * cfg.units_n) as usize);
+    let tm = comptime!(cfg.tile_m);
+    let tn = comptime!(cfg.tile_n);
+    let units_m = comptime!(cfg.units_m as usize);
+    let units_n = comptime!(cfg.units_n as usize);
+
+    let words_per_row = k_blocks * WORDS_PER_TILE;
+    let m0 = CUBE_POS_Y as usize * block_m;
+    let n0 = CUBE_POS_X as usize * block_n;
+    let ux = UNIT_POS_X as usize;
+    let uy = UNIT_POS_Y as usize;
+
+    let mut a_sh = SharedMemory::<f32>::new(comptime!(block_m * CHUNK_K));
+    let mut b_sh = SharedMemory::<f32>::new(comptime!(block_n * CHUNK_K));
+
+    let mut acc = Array::<f32>::new(comptime!(tm * tn));
+    let mut partial = Array::<f32>::new(comptime!(tm * tn));
+    let mut a_reg = Array::<f32>::new(tm);
+    let mut b_reg = Array::<f32>::new(tn);
+    #[unroll]
+    for i in 0..comptime!(tm * tn) {
+        acc[i] = 0.0;
+    }
+
+    for kb in 0..k_blocks {
+        #[unroll]
+        for i in 0..comptime!(tm * tn) {
+            partial[i] = 0.0;
+        }
+        #[unroll]
+        for chunk in 0..comptime!(TILE_K / CHUNK_K) {
+            let word0 = kb * WORDS_PER_TILE + chunk * CHUNK_WORDS;
+            load_chunk(a, &mut a_sh, m0, m, word0, words_per_row, block_m, units, a_config, cfg.decode_a);
+            load_chunk(b, &mut b_sh, n0, n, word0, words_per_row, block_n, units, b_config, cfg.decode_b);
+            sync_cube();
+            for kk in 0..CHUNK_K {
+                #[unroll]
+                for i in 0..tm {
+                    a_reg[i] = a_sh[kk * block_m + uy + i * units_m];
+                }
+                #[unroll]
+                for j in 0..tn {
+                    b_reg[j] = b_sh[kk * block_n + ux + j * units_n];
+                }
+                #[unroll]
+                for i in 0..tm {
+                    #[unroll]
+                    for j in 0..tn {
+                        partial[i * tn + j] += a_reg[i] * b_reg[j];
+                    }
+                }
+            }
+            sync_cube();
+        }
+        // Promotion: scale this K block's partial sums once, accumulate in f32.
+        #[unroll]
+        for i in 0..tm {
+            let row = min(m0 + uy + i * units_m, m - 1);
+            a_reg[i] = a_scales[(row / comptime!(a_config.tile.rows())) * k_blocks + kb];
+        }
+        #[unroll]
+        for j in 0..tn {
+            let col = min(n0 + ux + j * units_n, n - 1);
+            b_reg[j] = b_scales[(col / comptime!(b_config.tile.rows())) * k_blocks + kb];
+        }
+        #[unroll]
+        for i in 0..tm {
+            #[unroll]
+            for j in 0..tn {
+                acc[i * tn + j] += partial[i * tn + j] * (a_reg[i] * b_reg[j]);
+            }
+        }
+    }
+
+    #[unroll]
+    for i in 0..tm {
+        let row = m0 + uy + i * units_m;
+        #[unroll]
+        for j in 0..tn {
+            let col = n0 + ux + j * units_n;
+            if row < m && col < n {
+                out[row * n + col] = acc[i * tn + j];
+            }
+        }
+    }
+}
+
+/// Launches the GEMM on packed operands: `a` `[M, 32·⌈K/128⌉]` words with its scales,
+/// `b` `[N, 32·⌈K/128⌉]` words with its scales, writing every element of `out`, a
+/// contiguous f32 `[M, N]` tensor.
+#[allow(clippy::too_many_arguments)]
+pub fn launch_gemm<R: CubeRuntime>(
+    a: CubeTensor<R>,
+    a_scales: CubeTensor<R>,
+    a_config: QuantConfig,
+    b: CubeTensor<R>,
+    b_scales: CubeTensor<R>,
+    b_config: QuantConfig,
+    out: CubeTensor<R>,
+    k: usize,
+) {
+    let client = a.client.clone();
+    let problem = GemmProblem { m: out.meta.shape()[0], n: out.meta.shape()[1], k };
+    if problem.m == 0 || problem.n == 0 {
+        return;
+    }
+    let cfg = select_gemm_config(
+        problem,
+        Fp8Decode::select(&client, a_config.format),
+        Fp8Decode::select(&client, b_config.format),
+    );
+    let cube_count = CubeCount::Static(
+        problem.n.div_ceil(cfg.block_n()) as u32,
+        problem.m.div_ceil(cfg.block_m()) as u32,
+        1,
+    );
+    // K = 0 runs no K block: the kernel writes zeros.
+    fp8_gemm_kernel::launch::<R>(
+        &client,
+        cube_count,
+        CubeDim::new_2d(cfg.units_n, cfg.units_m),
+        a.into_array_arg(),
+        a_scales.into_array_arg(),
+        b.into_array_arg(),
+        b_scales.into_array_arg(),
+        out.into_array_arg(),
+        problem.m,
+        problem.n,
+        k.div_ceil(TILE_K),
+        a_config,
+        b_config,
+        cfg,
+    );
+}
