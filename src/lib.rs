@@ -1,1 +1,24 @@
-//! root
+//! # burn-deepseek
+//!
+//! DeepSeek-V3's training and inference infrastructure for [Burn](https://burn.dev), as
+//! one umbrella over the workspace's crates:
+//!
+//! - [`fp8`] ([`burn_fp8`]): FP8 formats, tile-wise quantization and the tile-scaled FP8
+//!   GEMM, as CubeCL kernels with a plain-Burn reference.
+//! - [`moe`] ([`burn_moe`]): DeepSeekMoE routing, dispatch and grouped GEMM; Multi-head
+//!   Latent Attention (in progress).
+//! - [`dualpipe`] ([`burn_dualpipe`]): DualPipe pipeline parallelism (in progress).
+//!
+//! The cargo examples in `examples/` and the chapters in `docs/` show each piece in use.
+
+pub use burn_dualpipe as dualpipe;
+pub use burn_fp8 as fp8;
+pub use burn_moe as moe;
+
+#[doc = include_str!("../docs/fp8.md")]
+pub mod guide_fp8 {}
+
+/// The README's code compiles.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

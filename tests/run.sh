@@ -24,5 +24,5 @@ export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
 echo "== cargo build --workspace --all-targets --features cuda (compile check; runs only on NVIDIA)"
 cargo build --workspace --all-targets --features cuda
 
-echo "== cargo test --workspace"
-cargo test --workspace --no-fail-fast -- --test-threads=2
+echo "== cargo test --workspace --features cuda (same build; the CUDA runtime is only used on NVIDIA)"
+cargo test --workspace --features cuda --no-fail-fast -- --test-threads=2

@@ -51,11 +51,20 @@ impl Rng {
     }
 
     /// `[rows, cols]` normal values, each row scaled by 10^u with u uniform in [-2, 2], so
-    /// that tiles get scales across four decades.
+    /// that 1×128 tiles get scales across four decades (activations: tokens differ in size).
     pub fn matrix(&mut self, rows: usize, cols: usize) -> Vec<f32> {
+        self.matrix_blocks(rows, cols, 1)
+    }
+
+    /// As [`Rng::matrix`], with one magnitude per `block_rows` rows (weights: a 128×128
+    /// block shares its scale, so its rows are drawn at one magnitude).
+    pub fn matrix_blocks(&mut self, rows: usize, cols: usize, block_rows: usize) -> Vec<f32> {
         let mut out = Vec::with_capacity(rows * cols);
-        for _ in 0..rows {
-            let magnitude = 10f32.powf(self.uniform() * 4.0 - 2.0);
+        let mut magnitude = 1.0;
+        for r in 0..rows {
+            if r % block_rows == 0 {
+                magnitude = 10f32.powf(self.uniform() * 4.0 - 2.0);
+            }
             out.extend((0..cols).map(|_| self.normal() * magnitude));
         }
         out
