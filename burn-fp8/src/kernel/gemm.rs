@@ -63,16 +63,26 @@ impl GemmConfig {
     }
 }
 
-/// Picks the tiling for a problem: 64×64 output blocks (16×16 units of 4×4), or for
-/// decode-like problems with few rows (M ≤ 16) 8×128 blocks (32×8 units of 1×4), so that
-/// small-M GEMMs do not waste most of each cube. Pure: the same problem always gets the
-/// same config. Both fit lavapipe's 32 KiB of shared memory.
+/// Picks the tiling for a problem, so that a cube's rows match M where M is small and
+/// units own large register tiles where it is not (measured on lavapipe, where fewer units
+/// with more outputs each beat 256 units of 4×4; see docs/benchmarks.md):
+///
+/// | M | units (n×m) | outputs per unit | block (M×N) | shared memory |
+/// |---|---|---|---|---|
+/// | ≤ 4 | 32×1 | 1×4 | 1×128 | 16.1 KiB |
+/// | ≤ 16 | 8×4 | 4×8 | 16×64 | 10 KiB |
+/// | ≤ 64 | 8×8 | 8×8 | 64×64 | 16 KiB |
+/// | > 64 | 8×8 | 16×8 | 128×64 | 24 KiB |
+///
+/// Pure: the same problem always gets the same config. All fit lavapipe's 32 KiB.
 pub fn select_gemm_config(problem: GemmProblem, decode_a: Fp8Decode, decode_b: Fp8Decode) -> GemmConfig {
-    if problem.m <= 16 {
-        GemmConfig { units_n: 32, units_m: 8, tile_m: 1, tile_n: 4, decode_a, decode_b }
-    } else {
-        GemmConfig { units_n: 16, units_m: 16, tile_m: 4, tile_n: 4, decode_a, decode_b }
-    }
+    let (units_n, units_m, tile_m, tile_n) = match problem.m {
+        0..=4 => (32, 1, 1, 4),
+        5..=16 => (8, 4, 4, 8),
+        17..=64 => (8, 8, 8, 8),
+        _ => (8, 8, 16, 8),
+    };
+    GemmConfig { units_n, units_m, tile_m, tile_n, decode_a, decode_b }
 }
 
 /// Stages one `CHUNK_K`-code chunk of `rows` consecutive operand rows into shared memory,
