@@ -6,19 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v cargo >/dev/null; then
-    echo "cargo not found: install Rust >= 1.92 (https://rustup.rs) and run again" >&2
-    exit 1
-fi
-
-# A Vulkan driver: the loader plus at least one ICD (lavapipe on CPU-only machines).
-if ! ls /usr/share/vulkan/icd.d/*.json >/dev/null 2>&1 || ! ldconfig -p | grep -q libvulkan.so.1; then
-    echo "== installing Mesa lavapipe (mesa-vulkan-drivers libvulkan1)"
-    SUDO=""
-    [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mesa-vulkan-drivers libvulkan1 >/dev/null
-fi
+bash examples/setup.sh
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
 
 echo "== cargo build --workspace --all-targets --features cuda (compile check; runs only on NVIDIA)"
