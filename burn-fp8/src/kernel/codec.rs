@@ -40,7 +40,6 @@ pub const NAN_BITS: u32 = 0x7FC0_0000;
 /// saturation; NaN keeps its sign and becomes the canonical NaN code.
 #[cube]
 pub fn encode_fp8(v: f32, #[comptime] format: Fp8Format) -> u32 {
-    let m = comptime!(format.mantissa_bits());
     let shift = comptime!(23 - format.mantissa_bits());
     let half_minus_one = comptime!((1u32 << (22 - format.mantissa_bits())) - 1);
     let rebias = comptime!(((127 - format.bias()) as u32) << format.mantissa_bits());
@@ -70,7 +69,6 @@ pub fn encode_fp8(v: f32, #[comptime] format: Fp8Format) -> u32 {
     let subnormal = select(exp == 0 || total > 24, 0u32, sub_rounded >> total_clamped);
 
     let magnitude = min(select(exp >= min_normal_exp, normal, subnormal), max_code);
-    let _ = m;
     select(abs > 0x7F80_0000, sign | nan_code, sign | magnitude)
 }
 
