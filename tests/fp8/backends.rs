@@ -22,7 +22,7 @@ fn fused_backend_equals_kernels() {
         let x = tensor::<Fused>(&a, [m, k], &device) * 1.0;
         let qa = Fp8Tensor::quantize(x, QuantConfig::activation());
         let qb = quantize::<Fused>(&b, [n, k], QuantConfig::weight(), &device);
-        let d = (fp8_gemm(&qa, &qb) + 0.0).clone();
+        let d = fp8_gemm(&qa, &qb) + 0.0;
         let deq = qa.dequantize();
         assert_eq!(deq.dims(), [m, k]);
         run(HostFp8::from_tensor(&qa), HostFp8::from_tensor(&qb), to_vec(d))
