@@ -4,7 +4,8 @@
 //! one umbrella over the workspace's crates:
 //!
 //! - [`fp8`] ([`burn_fp8`]): FP8 formats, tile-wise quantization and the tile-scaled FP8
-//!   GEMM, as CubeCL kernels with a plain-Burn reference.
+//!   GEMM, as CubeCL kernels with a plain-Burn reference; `Fp8Linear`, a `Linear` that
+//!   trains with all three GEMMs in FP8 and a splittable backward.
 //! - [`moe`] ([`burn_moe`]): DeepSeekMoE routing, dispatch and grouped GEMM; Multi-head
 //!   Latent Attention (in progress).
 //! - [`dualpipe`] ([`burn_dualpipe`]): DualPipe pipeline parallelism (in progress).
@@ -17,6 +18,9 @@ pub use burn_moe as moe;
 
 #[doc = include_str!("../docs/fp8.md")]
 pub mod guide_fp8 {}
+
+#[doc = include_str!("../docs/fp8-training.md")]
+pub mod guide_fp8_training {}
 
 /// The README's code compiles.
 #[cfg(doctest)]

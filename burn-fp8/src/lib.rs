@@ -9,6 +9,9 @@
 //!   or 128×128 block (weights), and the transposed tiling the backward pass needs;
 //! - [`fp8_gemm`]: `A · Bᵀ` over FP8 operands with f32 accumulation, scales applied once
 //!   per 128-wide K block;
+//! - [`linear::Fp8Linear`]: a Burn `Linear` whose forward, input-gradient and
+//!   weight-gradient GEMMs run in FP8, with a backward that can be split into an
+//!   input step and a deferred weight step ([`linear::WeightGradQueue`]);
 //! - [`Fp8Backend`]: the backend extension trait. CubeCL backends (wgpu, CUDA, and Burn's
 //!   fused versions of them) run custom kernels; every other backend, e.g. `NdArray`, runs
 //!   the reference implementation written in plain Burn tensor ops ([`reference`]).
@@ -36,6 +39,7 @@ pub mod config;
 pub mod format;
 pub mod host;
 pub mod kernel;
+pub mod linear;
 pub mod reference;
 mod tensor;
 

@@ -9,4 +9,5 @@ mod backends;
 mod codec;
 mod common;
 mod gemm;
+mod linear;
 mod quantize;

@@ -4,13 +4,14 @@
 //! ops ([`crate::reference`]), so any backend gains FP8 support with an empty impl (as
 //! [`burn::backend::NdArray`] does here). CubeCL backends override them with the kernels of
 //! [`crate::kernel`]; `Fusion` registers them as custom operations; `Autodiff` forwards to
-//! its inner backend (the results carry no gradient: see `Fp8Linear` for a differentiable
-//! layer built on these ops).
+//! its inner backend for those, and records an FP8 backward for [`Fp8Backend::fp8_linear`],
+//! the op behind [`crate::linear::Fp8Linear`].
 
 mod autodiff;
 mod cube;
 mod fusion;
 
+use crate::linear::{ops, Fp8Recipe};
 use crate::reference;
 use crate::QuantConfig;
 use burn::tensor::{
@@ -93,6 +94,18 @@ pub trait Fp8Backend: Backend {
         reference::gemm(a_data, a_scales, a_layout, b_data, b_scales, b_layout)
             .into_primitive()
             .tensor()
+    }
+
+    /// `x [M, K] · w [K, N]` (Burn's `Linear` weight layout) as an FP8 GEMM with the
+    /// operands quantized per `recipe`: the Fprop of [`crate::linear::Fp8Linear`].
+    ///
+    /// The default composes the ops above and is what every non-autodiff backend uses.
+    /// `Autodiff` overrides it to record a backward whose Dgrad and Wgrad GEMMs also run
+    /// in FP8 ([`crate::linear::ops`]).
+    fn fp8_linear(x: FloatTensor<Self>, weight: FloatTensor<Self>, recipe: Fp8Recipe) -> FloatTensor<Self> {
+        let x = Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(x));
+        let weight = Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(weight));
+        ops::forward(x, weight, &recipe).into_primitive().tensor()
     }
 }
 
