@@ -6,7 +6,7 @@
 //! - [`fp8`] ([`burn_fp8`]): FP8 formats, tile-wise quantization and the tile-scaled FP8
 //!   GEMM, as CubeCL kernels with a plain-Burn reference; `Fp8Linear`, a `Linear` that
 //!   trains with all three GEMMs in FP8 and a splittable backward.
-//! - [`moe`] ([`burn_moe`]): DeepSeekMoE routing, dispatch and grouped GEMM; Multi-head
+//! - [`moe`] ([`burn_moe`]): DeepSeekMoE routing (available now), dispatch and grouped GEMM; Multi-head
 //!   Latent Attention (in progress).
 //! - [`dualpipe`] ([`burn_dualpipe`]): DualPipe pipeline parallelism (in progress).
 //!

@@ -1,5 +1,9 @@
 //! # burn-moe (in progress)
 //!
+//! Available now: [`router`], DeepSeekMoE routing (sigmoid or softmax scores,
+//! group-limited top-k, the balancing bias and its update, per-expert counts), in plain
+//! Burn tensor ops on any backend, with a naive host reference.
+//!
 //! This crate will hold DeepSeek-V3's mixture-of-experts and attention layers for Burn:
 //!
 //! - the DeepSeekMoE layer: sigmoid/softmax routing with group-limited top-k and the
@@ -10,4 +14,7 @@
 //! - expert parallelism over several devices with FP8 dispatch and expert-parallel load
 //!   balancing.
 //!
-//! Nothing is exported yet: the workspace's open issues track each of these.
+//! The workspace's open issues track each of these.
+#![warn(missing_docs)]
+
+pub mod router;
