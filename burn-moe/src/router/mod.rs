@@ -300,12 +300,16 @@ pub fn top_k<B: Backend>(x: Tensor<B, 2>, k: usize) -> (Tensor<B, 2>, Tensor<B, 
     (Tensor::cat(values, 1), Tensor::cat(indices, 1))
 }
 
-/// `[rows, k]` indices below `n` → `[rows, n]`, true where a row holds the index.
-fn one_hot_any<B: Backend>(indices: Tensor<B, 2, Int>, n: usize) -> Tensor<B, 2, burn::tensor::Bool> {
+/// `[rows, k]` indices below `n` → `[rows, n]`: how often each row holds each index.
+fn index_counts<B: Backend>(indices: Tensor<B, 2, Int>, n: usize) -> Tensor<B, 2, Int> {
     let [rows, k] = indices.dims();
     let index = Tensor::<B, 1, Int>::arange(0..n as i64, &indices.device()).reshape([1, 1, n]).expand([rows, k, n]);
-    let hits = indices.reshape([rows, k, 1]).expand([rows, k, n]).equal(index).int().sum_dim(1);
-    hits.reshape([rows, n]).greater_elem(0)
+    indices.reshape([rows, k, 1]).expand([rows, k, n]).equal(index).int().sum_dim(1).reshape([rows, n])
+}
+
+/// `[rows, k]` indices below `n` → `[rows, n]`, true where a row holds the index.
+fn one_hot_any<B: Backend>(indices: Tensor<B, 2, Int>, n: usize) -> Tensor<B, 2, burn::tensor::Bool> {
+    index_counts(indices, n).greater_elem(0)
 }
 
 /// Tokens per expert from `indices [T, k]`: `[E]`.
@@ -314,8 +318,7 @@ pub fn expert_counts<B: Backend>(indices: Tensor<B, 2, Int>, n_experts: usize) -
     if t * k == 0 {
         return Tensor::zeros([n_experts], &indices.device());
     }
-    let index = Tensor::<B, 1, Int>::arange(0..n_experts as i64, &indices.device()).reshape([1, n_experts]).expand([t * k, n_experts]);
-    indices.reshape([t * k, 1]).expand([t * k, n_experts]).equal(index).int().sum_dim(0).reshape([n_experts])
+    index_counts(indices.reshape([1, t * k]), n_experts).reshape([n_experts])
 }
 
 /// The auxiliary-loss-free balancing update (DeepSeek-V3 §2.1.2), run after the optimizer
