@@ -6,8 +6,9 @@
 //! - [`fp8`] ([`burn_fp8`]): FP8 formats, tile-wise quantization and the tile-scaled FP8
 //!   GEMM, as CubeCL kernels with a plain-Burn reference; `Fp8Linear`, a `Linear` that
 //!   trains with all three GEMMs in FP8 and a splittable backward.
-//! - [`moe`] ([`burn_moe`]): DeepSeekMoE routing (available now), dispatch and grouped GEMM; Multi-head
-//!   Latent Attention (in progress).
+//! - [`moe`] ([`burn_moe`]): the DeepSeekMoE layer — group-limited routing with the
+//!   balancing bias, dispatch and combine kernels, one grouped GEMM launch for all
+//!   experts, autodiff throughout; Multi-head Latent Attention (in progress).
 //! - [`dualpipe`] ([`burn_dualpipe`]): DualPipe pipeline parallelism (in progress).
 //!
 //! The cargo examples in `examples/` and the chapters in `docs/` show each piece in use.
@@ -21,6 +22,9 @@ pub mod guide_fp8 {}
 
 #[doc = include_str!("../docs/fp8-training.md")]
 pub mod guide_fp8_training {}
+
+#[doc = include_str!("../docs/moe.md")]
+pub mod guide_moe {}
 
 /// The README's code compiles.
 #[cfg(doctest)]

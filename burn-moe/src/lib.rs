@@ -1,20 +1,29 @@
-//! # burn-moe (in progress)
+//! # burn-moe
 //!
-//! Available now: [`router`], DeepSeekMoE routing (sigmoid or softmax scores,
-//! group-limited top-k, the balancing bias and its update, per-expert counts), in plain
-//! Burn tensor ops on any backend, with a naive host reference.
+//! DeepSeekMoE for Burn: the mixture-of-experts layer of DeepSeek-V3.
 //!
-//! This crate will hold DeepSeek-V3's mixture-of-experts and attention layers for Burn:
+//! - [`router`]: sigmoid/softmax scores, group-limited top-k, the auxiliary-loss-free
+//!   balancing bias and its update, per-expert counts, the sequence-wise balance loss;
+//! - [`dispatch`]: the dispatch plan, token dispatch and weighted combine, and the
+//!   grouped expert GEMM over the expert-contiguous layout: CubeCL kernels on wgpu and
+//!   CUDA, plain Burn ops elsewhere, all with autodiff backwards;
+//! - [`Moe`]: shared plus routed SwiGLU experts, dropless, with [`MoeConfig`] presets
+//!   for DeepSeek-V3 and a tiny size, and [`moe::forward_naive`], the loop-over-experts
+//!   baseline.
 //!
-//! - the DeepSeekMoE layer: sigmoid/softmax routing with group-limited top-k and the
-//!   auxiliary-loss-free balancing bias, token dispatch and combine kernels, and a grouped
-//!   expert GEMM (f32 and FP8 through `burn-fp8`);
-//! - Multi-head Latent Attention with a compressed, paged KV cache and an absorbed decode
-//!   kernel;
-//! - expert parallelism over several devices with FP8 dispatch and expert-parallel load
-//!   balancing.
+//! The backend trait [`MoeBackend`] is implemented for `CubeBackend`, `Fusion` (Burn's
+//! `Wgpu` and `Cuda`), `Autodiff` and `NdArray`.
 //!
-//! The workspace's open issues track each of these.
+//! Still to come (tracked by the workspace's issues): Multi-head Latent Attention with a
+//! paged latent cache, expert parallelism with FP8 dispatch and EPLB.
 #![warn(missing_docs)]
 
+pub mod backend;
+pub mod dispatch;
+pub mod kernel;
+pub mod moe;
+pub mod reference;
 pub mod router;
+
+pub use backend::MoeBackend;
+pub use moe::{Moe, MoeConfig, MoeOutput};

@@ -2,4 +2,7 @@
 //! machine) and on the reference backend. Inputs are fresh random values each run; the
 //! seed is printed and `MOE_TEST_SEED=<n>` replays a run.
 
+mod common;
+mod dispatch;
+mod layer;
 mod router;

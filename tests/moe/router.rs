@@ -6,43 +6,7 @@
 use burn::tensor::{backend::Backend, Distribution, Int, Tensor, TensorData};
 use burn_moe::router::{expert_counts, route, route_host, scores, update_bias, GroupScore, RouterConfig, RouterError, ScoreFn};
 
-type Cube = burn_cubecl::CubeBackend<burn::backend::wgpu::WgpuRuntime, f32, i32, u32>;
-type Ref = burn::backend::NdArray<f32>;
-
-/// Seeded xorshift; the seed comes from `MOE_TEST_SEED` or the clock.
-struct Rng(u64);
-
-impl Rng {
-    fn new(test: &str) -> Self {
-        let seed = std::env::var("MOE_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
-        });
-        eprintln!("{test}: MOE_TEST_SEED={seed}");
-        Rng(seed | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    /// Uniform in [-2, 2).
-    fn uniform(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
-    }
-    /// Values from {-1, -0.5, 0, 0.5, 1}: most rows hold ties.
-    fn coarse(&mut self) -> f32 {
-        (self.next() % 5) as f32 * 0.5 - 1.0
-    }
-}
-
-fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().to_vec().unwrap()
-}
-
-fn host_int<B: Backend, const D: usize>(t: Tensor<B, D, Int>) -> Vec<i64> {
-    t.into_data().convert::<i64>().to_vec().unwrap()
-}
+use crate::common::{host, host_int, Ref, Rng, Cube};
 
 /// Routes on backend `B` and compares with the host router fed the same device scores.
 fn check<B: Backend>(what: &str, config: &RouterConfig, logits: &[f32], bias: Option<&[f32]>, t: usize, device: &B::Device) {

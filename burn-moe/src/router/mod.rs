@@ -15,7 +15,9 @@
 //! Ties go to the lower index, at every step, on every backend (top-k here is `k` rounds
 //! of max plus lowest-index-at-max, not a sort whose tie order depends on the backend).
 
+mod balance;
 mod reference;
+pub use balance::sequence_balance_loss;
 pub use reference::route_host;
 
 use burn::tensor::activation::{sigmoid, softmax};
@@ -301,7 +303,7 @@ pub fn top_k<B: Backend>(x: Tensor<B, 2>, k: usize) -> (Tensor<B, 2>, Tensor<B, 
 }
 
 /// `[rows, k]` indices below `n` → `[rows, n]`: how often each row holds each index.
-fn index_counts<B: Backend>(indices: Tensor<B, 2, Int>, n: usize) -> Tensor<B, 2, Int> {
+pub(crate) fn index_counts<B: Backend>(indices: Tensor<B, 2, Int>, n: usize) -> Tensor<B, 2, Int> {
     let [rows, k] = indices.dims();
     let index = Tensor::<B, 1, Int>::arange(0..n as i64, &indices.device()).reshape([1, 1, n]).expand([rows, k, n]);
     indices.reshape([rows, k, 1]).expand([rows, k, n]).equal(index).int().sum_dim(1).reshape([rows, n])

@@ -1,0 +1,150 @@
+//! `Fusion<B>` (Burn's default wgpu and CUDA backends): each op is registered as a custom
+//! operation in the fusion stream and runs `B`'s implementation when the stream executes.
+//! Plan tensors are declared `u32`, as the CubeCL implementation produces them.
+
+use super::{MoeBackend, PlanPrimitive};
+use burn::tensor::{
+    ops::{FloatTensor, IntTensor},
+    DType, Element, Shape,
+};
+use burn_fusion::{
+    stream::{Operation, OperationStreams},
+    Fusion, FusionBackend, FusionRuntime, FusionTensor,
+};
+use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
+use core::marker::PhantomData;
+
+type Handles<B> = HandleContainer<<<B as FusionBackend>::FusionRuntime as FusionRuntime>::FusionHandle>;
+type Ft<B> = FusionTensor<<B as FusionBackend>::FusionRuntime>;
+
+/// The op to run when the stream executes, with its static arguments. Inputs are laid
+/// out as: tensors, then the plan's three tensors where the op takes a plan, then the
+/// optional weights.
+#[derive(Clone, Copy, Debug)]
+enum MoeOp {
+    Plan,
+    Gather { top_k: usize, weighted: bool },
+    Combine { top_k: usize, weighted: bool },
+    GateGrad { top_k: usize },
+    GroupedMatmul { transpose_b: bool },
+    GroupedWgrad,
+}
+
+#[derive(Clone, Debug)]
+struct MoeCustom<B> {
+    desc: CustomOpIr,
+    op: MoeOp,
+    _backend: PhantomData<B>,
+}
+
+fn plan_at<B: FusionBackend + MoeBackend>(h: &mut Handles<B>, ir: &[TensorIr]) -> PlanPrimitive<B> {
+    PlanPrimitive {
+        positions: h.get_int_tensor::<B>(&ir[0]),
+        row_slots: h.get_int_tensor::<B>(&ir[1]),
+        offsets: h.get_int_tensor::<B>(&ir[2]),
+    }
+}
+
+impl<B: FusionBackend + MoeBackend> Operation<B::FusionRuntime> for MoeCustom<B> {
+    fn execute(&self, h: &mut Handles<B>) {
+        let (inp, out) = (&self.desc.inputs, &self.desc.outputs);
+        let float = |h: &mut Handles<B>, i: usize| h.get_float_tensor::<B>(&inp[i]);
+        match self.op {
+            MoeOp::Plan => {
+                let p = B::moe_plan(h.get_int_tensor::<B>(&inp[0]), h.get_int_tensor::<B>(&inp[1]));
+                h.register_int_tensor::<B>(&out[0].id, p.positions);
+                h.register_int_tensor::<B>(&out[1].id, p.row_slots);
+                h.register_int_tensor::<B>(&out[2].id, p.offsets);
+            }
+            MoeOp::Gather { top_k, weighted } => {
+                let x = float(h, 0);
+                let plan = plan_at::<B>(h, &inp[1..4]);
+                let w = weighted.then(|| float(h, 4));
+                h.register_float_tensor::<B>(&out[0].id, B::moe_gather(x, plan, top_k, w));
+            }
+            MoeOp::Combine { top_k, weighted } => {
+                let rows = float(h, 0);
+                let plan = plan_at::<B>(h, &inp[1..4]);
+                let w = weighted.then(|| float(h, 4));
+                h.register_float_tensor::<B>(&out[0].id, B::moe_combine(rows, plan, top_k, w));
+            }
+            MoeOp::GateGrad { top_k } => {
+                let (a, rows) = (float(h, 0), float(h, 1));
+                let plan = plan_at::<B>(h, &inp[2..5]);
+                h.register_float_tensor::<B>(&out[0].id, B::moe_gate_grad(a, rows, plan, top_k));
+            }
+            MoeOp::GroupedMatmul { transpose_b } => {
+                let (a, b, offsets) = (float(h, 0), float(h, 1), h.get_int_tensor::<B>(&inp[2]));
+                h.register_float_tensor::<B>(&out[0].id, B::moe_grouped_matmul(a, b, offsets, transpose_b));
+            }
+            MoeOp::GroupedWgrad => {
+                let (a, d, offsets) = (float(h, 0), float(h, 1), h.get_int_tensor::<B>(&inp[2]));
+                h.register_float_tensor::<B>(&out[0].id, B::moe_grouped_wgrad(a, d, offsets));
+            }
+        }
+    }
+}
+
+/// Registers `op` on `inputs`, producing outputs of the given shapes and dtypes.
+fn register<B: FusionBackend + MoeBackend>(name: &'static str, inputs: Vec<Ft<B>>, outputs: &[(Vec<usize>, DType)], op: MoeOp) -> Vec<Ft<B>> {
+    let client = inputs[0].client.clone();
+    let outputs: Vec<TensorIr> =
+        outputs.iter().map(|(shape, dtype)| TensorIr::uninit(client.create_empty_handle(), Shape::from(shape.clone()), *dtype)).collect();
+    let streams = OperationStreams::with_inputs(inputs.iter());
+    let irs: Vec<TensorIr> = inputs.into_iter().map(|t| t.into_ir()).collect();
+    let desc = CustomOpIr::new(name, &irs, &outputs);
+    client.register(streams, OperationIr::Custom(desc.clone()), MoeCustom::<B> { desc, op, _backend: PhantomData })
+}
+
+fn with_plan<B: FusionBackend>(mut inputs: Vec<Ft<B>>, plan: PlanPrimitive<Fusion<B>>, weights: Option<Ft<B>>) -> Vec<Ft<B>> {
+    inputs.extend([plan.positions, plan.row_slots, plan.offsets]);
+    inputs.extend(weights);
+    inputs
+}
+
+fn float_dtype<B: FusionBackend>() -> DType {
+    B::FloatElem::dtype()
+}
+
+fn single<B: FusionBackend>(mut out: Vec<Ft<B>>) -> Ft<B> {
+    out.pop().expect("one output")
+}
+
+impl<B: FusionBackend + MoeBackend> MoeBackend for Fusion<B> {
+    fn moe_plan(indices: IntTensor<Self>, counts: IntTensor<Self>) -> PlanPrimitive<Self> {
+        let (s, e) = (indices.shape[0], counts.shape[0]);
+        let outputs = [(vec![s], DType::U32), (vec![s], DType::U32), (vec![e + 1], DType::U32)];
+        let [positions, row_slots, offsets]: [Ft<B>; 3] =
+            register::<B>("moe_plan", vec![indices, counts], &outputs, MoeOp::Plan).try_into().expect("three outputs");
+        PlanPrimitive { positions, row_slots, offsets }
+    }
+
+    fn moe_gather(x: FloatTensor<Self>, plan: PlanPrimitive<Self>, top_k: usize, weights: Option<FloatTensor<Self>>) -> FloatTensor<Self> {
+        let shape = vec![plan.row_slots.shape[0], x.shape[1]];
+        let op = MoeOp::Gather { top_k, weighted: weights.is_some() };
+        single::<B>(register::<B>("moe_gather", with_plan::<B>(vec![x], plan, weights), &[(shape, float_dtype::<B>())], op))
+    }
+
+    fn moe_combine(rows: FloatTensor<Self>, plan: PlanPrimitive<Self>, top_k: usize, weights: Option<FloatTensor<Self>>) -> FloatTensor<Self> {
+        let shape = vec![plan.positions.shape[0] / top_k, rows.shape[1]];
+        let op = MoeOp::Combine { top_k, weighted: weights.is_some() };
+        single::<B>(register::<B>("moe_combine", with_plan::<B>(vec![rows], plan, weights), &[(shape, float_dtype::<B>())], op))
+    }
+
+    fn moe_gate_grad(a: FloatTensor<Self>, rows: FloatTensor<Self>, plan: PlanPrimitive<Self>, top_k: usize) -> FloatTensor<Self> {
+        let shape = vec![plan.positions.shape[0]];
+        let op = MoeOp::GateGrad { top_k };
+        single::<B>(register::<B>("moe_gate_grad", with_plan::<B>(vec![a, rows], plan, None), &[(shape, float_dtype::<B>())], op))
+    }
+
+    fn moe_grouped_matmul(a: FloatTensor<Self>, b: FloatTensor<Self>, offsets: IntTensor<Self>, transpose_b: bool) -> FloatTensor<Self> {
+        let shape = vec![a.shape[0], b.shape[if transpose_b { 1 } else { 2 }]];
+        let op = MoeOp::GroupedMatmul { transpose_b };
+        single::<B>(register::<B>("moe_grouped_matmul", vec![a, b, offsets], &[(shape, float_dtype::<B>())], op))
+    }
+
+    fn moe_grouped_wgrad(a: FloatTensor<Self>, d: FloatTensor<Self>, offsets: IntTensor<Self>) -> FloatTensor<Self> {
+        let shape = vec![offsets.shape[0] - 1, a.shape[1], d.shape[1]];
+        single::<B>(register::<B>("moe_grouped_wgrad", vec![a, d, offsets], &[(shape, float_dtype::<B>())], MoeOp::GroupedWgrad))
+    }
+}

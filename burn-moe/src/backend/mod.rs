@@ -1,0 +1,109 @@
+//! The backend extension trait and its implementations.
+//!
+//! [`MoeBackend`]'s default methods are the plain-Burn reference ([`crate::reference`]),
+//! so any backend gains the ops with an empty impl (as [`burn::backend::NdArray`] does
+//! here). CubeCL backends override them with the kernels of [`crate::kernel`]; `Fusion`
+//! registers them as custom operations; `Autodiff` records backwards for the three
+//! differentiable ops (gather, combine, grouped matmul), each expressed with the others.
+//!
+//! Shapes are checked by the tensor-level API ([`crate::dispatch`]) and empty inputs
+//! handled there, before these are called.
+
+mod autodiff;
+mod cube;
+mod fusion;
+
+use crate::reference;
+use burn::tensor::{
+    backend::Backend,
+    ops::{FloatTensor, IntTensor},
+    Int, Tensor, TensorPrimitive,
+};
+
+/// Where each routed slot goes, as backend primitives (see [`crate::dispatch::DispatchPlan`]).
+///
+/// The integer dtype is backend-defined (`u32` on CubeCL backends, the backend's `IntElem`
+/// on the reference path).
+pub struct PlanPrimitive<B: Backend> {
+    /// `[T·k]`: the expert-ordered row of slot `t·k + j`.
+    pub positions: IntTensor<B>,
+    /// `[T·k]`: the slot that row `r` holds (the inverse permutation).
+    pub row_slots: IntTensor<B>,
+    /// `[E + 1]`: expert `e` owns rows `offsets[e]..offsets[e + 1]`.
+    pub offsets: IntTensor<B>,
+}
+
+impl<B: Backend> Clone for PlanPrimitive<B> {
+    fn clone(&self) -> Self {
+        Self { positions: self.positions.clone(), row_slots: self.row_slots.clone(), offsets: self.offsets.clone() }
+    }
+}
+
+impl<B: Backend> core::fmt::Debug for PlanPrimitive<B> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("PlanPrimitive")
+            .field("positions", &self.positions)
+            .field("row_slots", &self.row_slots)
+            .field("offsets", &self.offsets)
+            .finish()
+    }
+}
+
+fn float<B: Backend, const D: usize>(x: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(x))
+}
+
+fn int<B: Backend, const D: usize>(x: IntTensor<B>) -> Tensor<B, D, Int> {
+    Tensor::from_primitive(x)
+}
+
+fn prim<B: Backend, const D: usize>(x: Tensor<B, D>) -> FloatTensor<B> {
+    x.into_primitive().tensor()
+}
+
+/// Token dispatch, combine and grouped expert GEMM.
+///
+/// In the docs below `T` is tokens, `k` experts per token, `S = T·k` slots (and rows of
+/// the expert-ordered layout), `E` experts, `d` the row width.
+pub trait MoeBackend: Backend {
+    /// The plan of flat expert `indices [S]` with their `counts [E]`.
+    fn moe_plan(indices: IntTensor<Self>, counts: IntTensor<Self>) -> PlanPrimitive<Self> {
+        let [positions, row_slots, offsets] = reference::plan::<Self>(int(indices), int(counts));
+        PlanPrimitive {
+            positions: positions.into_primitive(),
+            row_slots: row_slots.into_primitive(),
+            offsets: offsets.into_primitive(),
+        }
+    }
+
+    /// Dispatch: `x [T, d]` → `[S, d]`, row `r` = `w[s] · x[s / k]` with `s =
+    /// row_slots[r]`, `weights [S]` or `None` for 1.
+    fn moe_gather(x: FloatTensor<Self>, plan: PlanPrimitive<Self>, top_k: usize, weights: Option<FloatTensor<Self>>) -> FloatTensor<Self> {
+        prim(reference::gather::<Self>(float(x), int(plan.row_slots), top_k, weights.map(float)))
+    }
+
+    /// Combine: `rows [S, d]` → `[T, d]`, `out[t] = Σ_j w[t·k + j] · rows[positions[t·k + j]]`.
+    fn moe_combine(rows: FloatTensor<Self>, plan: PlanPrimitive<Self>, top_k: usize, weights: Option<FloatTensor<Self>>) -> FloatTensor<Self> {
+        prim(reference::combine::<Self>(float(rows), int(plan.positions), top_k, weights.map(float)))
+    }
+
+    /// The weight derivative of both: `out[s] = ⟨a[s / k], rows[positions[s]]⟩`, `a [T, d]`,
+    /// `rows [S, d]` → `[S]`.
+    fn moe_gate_grad(a: FloatTensor<Self>, rows: FloatTensor<Self>, plan: PlanPrimitive<Self>, top_k: usize) -> FloatTensor<Self> {
+        prim(reference::gate_grad::<Self>(float(a), float(rows), int(plan.positions), top_k))
+    }
+
+    /// `a [S, K]` → `[S, N]`, the rows of expert `e` times `b[e]` (`b [E, K, N]`, or
+    /// `[E, N, K]` used transposed).
+    fn moe_grouped_matmul(a: FloatTensor<Self>, b: FloatTensor<Self>, offsets: IntTensor<Self>, transpose_b: bool) -> FloatTensor<Self> {
+        prim(reference::grouped_matmul::<Self>(float(a), float(b), int(offsets), transpose_b))
+    }
+
+    /// `a [S, K]`, `d [S, N]` → `[E, K, N]`, per expert `a_eᵀ · d_e`.
+    fn moe_grouped_wgrad(a: FloatTensor<Self>, d: FloatTensor<Self>, offsets: IntTensor<Self>) -> FloatTensor<Self> {
+        prim(reference::grouped_wgrad::<Self>(float(a), float(d), int(offsets)))
+    }
+}
+
+#[cfg(feature = "ndarray")]
+impl MoeBackend for burn::backend::NdArray {}

@@ -1,0 +1,79 @@
+//! The expert MLPs: routed experts as stacked SwiGLU weights run by the grouped GEMM, and
+//! the dense SwiGLU of the shared experts.
+
+use crate::backend::MoeBackend;
+use crate::dispatch::{grouped_matmul, DispatchPlan};
+use burn::module::{Module, Param};
+use burn::nn::{Initializer, Linear, LinearConfig};
+use burn::tensor::{activation::silu, backend::Backend, Tensor};
+
+/// `E` SwiGLU experts `x ↦ (silu(x·W_gate) ⊙ (x·W_up)) · W_down`, stacked.
+///
+/// # Shapes
+/// - w_gate, w_up: `[E, d_model, d_expert]`
+/// - w_down: `[E, d_expert, d_model]`
+#[derive(Module, Debug)]
+pub struct RoutedExperts<B: Backend> {
+    /// Gate projections.
+    pub w_gate: Param<Tensor<B, 3>>,
+    /// Up projections.
+    pub w_up: Param<Tensor<B, 3>>,
+    /// Down projections.
+    pub w_down: Param<Tensor<B, 3>>,
+}
+
+impl<B: Backend> RoutedExperts<B> {
+    /// `n_experts` experts of width `d_model → d_expert → d_model`.
+    pub fn new(n_experts: usize, d_model: usize, d_expert: usize, init: &Initializer, device: &B::Device) -> Self {
+        let w = |shape: [usize; 3], fan_in: usize, fan_out: usize| init.init_with(shape, Some(fan_in), Some(fan_out), device);
+        Self {
+            w_gate: w([n_experts, d_model, d_expert], d_model, d_expert),
+            w_up: w([n_experts, d_model, d_expert], d_model, d_expert),
+            w_down: w([n_experts, d_expert, d_model], d_expert, d_model),
+        }
+    }
+
+    /// Expert count `E`.
+    pub fn n_experts(&self) -> usize {
+        self.w_gate.dims()[0]
+    }
+}
+
+impl<B: MoeBackend> RoutedExperts<B> {
+    /// Runs each row through its expert (rows in the plan's expert order).
+    ///
+    /// # Shapes
+    /// - rows: `[T·k, d_model]` → `[T·k, d_model]`
+    pub fn forward(&self, rows: Tensor<B, 2>, plan: &DispatchPlan<B>) -> Tensor<B, 2> {
+        let gate = grouped_matmul(rows.clone(), self.w_gate.val(), plan);
+        let up = grouped_matmul(rows, self.w_up.val(), plan);
+        grouped_matmul(silu(gate) * up, self.w_down.val(), plan)
+    }
+}
+
+/// A dense SwiGLU MLP (the shared experts, fused into one of width `n_shared · d_expert`).
+///
+/// # Shapes
+/// - input `[..., d_model]` → `[..., d_model]`
+#[derive(Module, Debug)]
+pub struct SwiGluMlp<B: Backend> {
+    /// `d_model → d_hidden`.
+    pub gate: Linear<B>,
+    /// `d_model → d_hidden`.
+    pub up: Linear<B>,
+    /// `d_hidden → d_model`.
+    pub down: Linear<B>,
+}
+
+impl<B: Backend> SwiGluMlp<B> {
+    /// Bias-free projections initialized with `init`.
+    pub fn new(d_model: usize, d_hidden: usize, init: &Initializer, device: &B::Device) -> Self {
+        let linear = |i, o| LinearConfig::new(i, o).with_bias(false).with_initializer(init.clone()).init(device);
+        Self { gate: linear(d_model, d_hidden), up: linear(d_model, d_hidden), down: linear(d_hidden, d_model) }
+    }
+
+    /// `(silu(x·W_gate) ⊙ (x·W_up)) · W_down`.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        self.down.forward(silu(self.gate.forward(x.clone())) * self.up.forward(x))
+    }
+}

@@ -1,0 +1,171 @@
+//! The DeepSeekMoE layer: a correctness check and a benchmark against the naive way on
+//! the same device, in the same run.
+//!
+//! ```text
+//! cargo run --release --example moe_layer                          # wgpu (GPU or lavapipe)
+//! cargo run --release --example moe_layer -- --config tiny --tokens 256,2048
+//! cargo run --release --features cuda --example moe_layer -- --backend cuda --config v3
+//! ```
+//!
+//! Two tables:
+//! - the layer, `Moe::forward` (route → dispatch kernel → three grouped GEMMs → combine
+//!   kernel) against `moe::forward_naive` (read the routing back, then per expert `select`,
+//!   three matmuls, `select_assign`), in tokens/s for the forward and for forward +
+//!   backward;
+//! - the dispatch and combine kernels against the same movement in Burn's ops (`select`
+//!   of token rows; `select` of expert rows, weight and `sum_dim`), in GB/s of rows moved.
+
+use burn::backend::Autodiff;
+use burn::tensor::{backend::Backend, Distribution, ElementConversion, Int, Tensor};
+use burn_moe::dispatch::{combine, dispatch, DispatchPlan};
+use burn_moe::moe::forward_naive;
+use burn_moe::router::{route, RouterConfig};
+use burn_moe::{Moe, MoeBackend, MoeConfig};
+use std::time::{Duration, Instant};
+
+struct Args {
+    backend: String,
+    config: String,
+    tokens: Vec<usize>,
+    min_time: Duration,
+}
+
+fn parse_args() -> Args {
+    let mut args = Args { backend: "wgpu".into(), config: String::new(), tokens: Vec::new(), min_time: Duration::from_millis(1500) };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+        match flag.as_str() {
+            "--backend" => args.backend = value(),
+            "--config" => args.config = value(),
+            "--tokens" => args.tokens = value().split(',').map(|t| t.parse().expect("token count")).collect(),
+            "--min-time-ms" => args.min_time = Duration::from_millis(value().parse().expect("milliseconds")),
+            "--help" | "-h" => {
+                println!("moe_layer [--backend wgpu|cuda|ndarray] [--config tiny|v3-slim|v3] [--tokens T,...] [--min-time-ms N]");
+                std::process::exit(0);
+            }
+            other => panic!("unknown flag {other}; see --help"),
+        }
+    }
+    args
+}
+
+/// The layer sizes: `tiny`; `v3-slim`, DeepSeek-V3's routing rules (top-8 of 8 groups,
+/// 4 groups per token) over 64 experts at 1/8 of its widths; `v3`, the full layer.
+fn config(name: &str) -> MoeConfig {
+    match name {
+        "tiny" => MoeConfig::tiny(),
+        "v3-slim" => MoeConfig::new(896, 256, 1, RouterConfig { n_experts: 64, ..RouterConfig::deepseek_v3() }),
+        "v3" => MoeConfig::deepseek_v3(),
+        other => panic!("unknown config {other:?}: tiny, v3-slim or v3"),
+    }
+}
+
+/// Mean time of `f` over at least 3 runs and `min_time`, after one warm-up run.
+fn time<B: Backend>(device: &B::Device, min_time: Duration, mut f: impl FnMut()) -> Duration {
+    f();
+    B::sync(device).expect("device sync");
+    let start = Instant::now();
+    let mut runs = 0u32;
+    while runs < 3 || start.elapsed() < min_time {
+        f();
+        B::sync(device).expect("device sync");
+        runs += 1;
+    }
+    start.elapsed() / runs
+}
+
+fn layer<B: MoeBackend>(device: &B::Device, config: &MoeConfig, tokens: &[usize], min_time: Duration) {
+    let d = config.d_model;
+    let moe: Moe<B> = config.init(device);
+    let train: Moe<Autodiff<B>> = config.init(device);
+    println!("\nMoe layer vs the naive loop over experts: d_model {d}, {} experts of width {}, top-{}, {} shared", config.router.n_experts, config.d_expert, config.router.top_k, config.n_shared_experts);
+    println!("{:>7} | {:>12} {:>12} {:>8} | {:>12} {:>12} {:>8} | {:>9}", "tokens", "fwd tok/s", "naive tok/s", "speedup", "f+b tok/s", "naive tok/s", "speedup", "max diff");
+    for &t in tokens {
+        let x = Tensor::<B, 3>::random([1, t, d], Distribution::Normal(0.0, 1.0), device);
+        let fast = moe.forward(x.clone()).output;
+        let naive = forward_naive(&moe, x.clone()).output;
+        let scale = naive.clone().abs().max().into_scalar().elem::<f64>();
+        let diff = (fast - naive).abs().max().into_scalar().elem::<f64>() / scale;
+
+        let t_fwd = time::<B>(device, min_time, || drop(moe.forward(x.clone()).output));
+        let t_naive = time::<B>(device, min_time, || drop(forward_naive(&moe, x.clone()).output));
+        let xa = Tensor::<Autodiff<B>, 3>::from_inner(x.clone()).require_grad();
+        let step = |naive: bool| {
+            let out = if naive { forward_naive(&train, xa.clone()) } else { train.forward(xa.clone()) };
+            drop((out.output.powi_scalar(2).mean() + out.balance_loss.unwrap()).backward());
+        };
+        let t_train = time::<B>(device, min_time, || step(false));
+        let t_train_naive = time::<B>(device, min_time, || step(true));
+        let rate = |time: Duration| t as f64 / time.as_secs_f64();
+        println!(
+            "{t:>7} | {:>12.0} {:>12.0} {:>7.2}x | {:>12.0} {:>12.0} {:>7.2}x | {diff:>9.1e}",
+            rate(t_fwd),
+            rate(t_naive),
+            t_naive.as_secs_f64() / t_fwd.as_secs_f64(),
+            rate(t_train),
+            rate(t_train_naive),
+            t_train_naive.as_secs_f64() / t_train.as_secs_f64()
+        );
+    }
+    println!("speedup = naive time / Moe time; max diff = max|Moe − naive| / max|naive| of the forward.");
+}
+
+fn movement<B: MoeBackend>(device: &B::Device, config: &MoeConfig, tokens: &[usize], min_time: Duration) {
+    let (d, k, e) = (config.d_model, config.router.top_k, config.router.n_experts);
+    println!("\nDispatch and combine kernels vs Burn's select path: d {d}, top-{k} of {e}");
+    println!("{:>7} | {:>10} {:>10} {:>8} | {:>10} {:>10} {:>8}", "tokens", "dispatch", "select", "speedup", "combine", "select+sum", "speedup");
+    for &t in tokens {
+        let logits = Tensor::<B, 2>::random([t, e], Distribution::Normal(0.0, 1.0), device);
+        let routing = route(logits, None, &config.router).expect("routing");
+        let plan = DispatchPlan::from_routing(&routing);
+        let x = Tensor::<B, 2>::random([t, d], Distribution::Normal(0.0, 1.0), device);
+        // Burn's way with the same plan: select token rows into expert order; select each
+        // slot's expert row back, weight and sum over k.
+        let tokens_of_rows: Tensor<B, 1, Int> = plan.row_slots().div_scalar(k as i64);
+        let rows = dispatch(x.clone(), &plan);
+        let burn_rows = x.clone().select(0, tokens_of_rows.clone());
+        assert_eq!(rows.to_data(), burn_rows.to_data(), "dispatch and select disagree");
+        let burn_combine = |rows: Tensor<B, 2>| (rows.select(0, plan.positions()).reshape([t, k, d]) * routing.weights.clone().unsqueeze_dim(2)).sum_dim(1).reshape([t, d]);
+
+        let t_dispatch = time::<B>(device, min_time, || drop(dispatch(x.clone(), &plan)));
+        let t_select = time::<B>(device, min_time, || drop(x.clone().select(0, tokens_of_rows.clone())));
+        let t_combine = time::<B>(device, min_time, || drop(combine(rows.clone(), routing.weights.clone(), &plan)));
+        let t_burn = time::<B>(device, min_time, || drop(burn_combine(rows.clone())));
+        // Bytes moved: T·k rows of d f32 read or written once each way, plus T rows.
+        let bytes = ((t * k + t) * d * 4) as f64;
+        let gbs = |time: Duration| bytes / time.as_secs_f64() / 1e9;
+        println!(
+            "{t:>7} | {:>6.2} GB/s {:>6.2} GB/s {:>7.2}x | {:>6.2} GB/s {:>6.2} GB/s {:>7.2}x",
+            gbs(t_dispatch),
+            gbs(t_select),
+            t_select.as_secs_f64() / t_dispatch.as_secs_f64(),
+            gbs(t_combine),
+            gbs(t_burn),
+            t_burn.as_secs_f64() / t_combine.as_secs_f64()
+        );
+    }
+    println!("speedup = Burn ops time / kernel time.");
+}
+
+fn bench<B: MoeBackend>(device: B::Device, name: &str, args: &Args, default_config: &str, default_tokens: &[usize]) {
+    let name_config = if args.config.is_empty() { default_config } else { &args.config };
+    let tokens = if args.tokens.is_empty() { default_tokens } else { &args.tokens };
+    let config = config(name_config);
+    println!("burn-moe on {name} ({device:?}), config {name_config}");
+    layer::<B>(&device, &config, tokens, args.min_time);
+    movement::<B>(&device, &config, tokens, args.min_time);
+}
+
+fn main() {
+    let args = parse_args();
+    match args.backend.as_str() {
+        #[cfg(feature = "wgpu")]
+        "wgpu" => bench::<burn::backend::Wgpu>(burn::backend::wgpu::WgpuDevice::DefaultDevice, "wgpu", &args, "v3-slim", &[64, 512]),
+        #[cfg(feature = "cuda")]
+        "cuda" => bench::<burn::backend::Cuda>(Default::default(), "cuda", &args, "v3-slim", &[512, 4096, 16384]),
+        #[cfg(feature = "ndarray")]
+        "ndarray" => bench::<burn::backend::NdArray>(Default::default(), "ndarray (reference ops)", &args, "v3-slim", &[64, 512]),
+        other => panic!("backend {other:?} is not compiled in; build with --features {other}"),
+    }
+}
