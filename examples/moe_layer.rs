@@ -61,15 +61,19 @@ fn config(name: &str) -> MoeConfig {
     }
 }
 
-/// Mean time of `f` over at least 3 runs and `min_time`, after one warm-up run.
-fn time<B: Backend>(device: &B::Device, min_time: Duration, mut f: impl FnMut()) -> Duration {
-    f();
+/// Mean time of `f` over at least 3 runs and `min_time`, after one warm-up run. What `f`
+/// returns is kept until the device is synced: a fused backend may skip work whose
+/// result is dropped unread, which would time nothing.
+fn time<B: Backend, T>(device: &B::Device, min_time: Duration, mut f: impl FnMut() -> T) -> Duration {
+    let kept = f();
     B::sync(device).expect("device sync");
+    drop(kept);
     let start = Instant::now();
     let mut runs = 0u32;
     while runs < 3 || start.elapsed() < min_time {
-        f();
+        let kept = f();
         B::sync(device).expect("device sync");
+        drop(kept);
         runs += 1;
     }
     start.elapsed() / runs
@@ -88,15 +92,15 @@ fn layer<B: MoeBackend>(device: &B::Device, config: &MoeConfig, tokens: &[usize]
         let scale = naive.clone().abs().max().into_scalar().elem::<f64>();
         let diff = (fast - naive).abs().max().into_scalar().elem::<f64>() / scale;
 
-        let t_fwd = time::<B>(device, min_time, || drop(moe.forward(x.clone()).output));
-        let t_naive = time::<B>(device, min_time, || drop(forward_naive(&moe, x.clone()).output));
+        let t_fwd = time::<B, _>(device, min_time, || moe.forward(x.clone()).output);
+        let t_naive = time::<B, _>(device, min_time, || forward_naive(&moe, x.clone()).output);
         let xa = Tensor::<Autodiff<B>, 3>::from_inner(x.clone()).require_grad();
         let step = |naive: bool| {
             let out = if naive { forward_naive(&train, xa.clone()) } else { train.forward(xa.clone()) };
-            drop((out.output.powi_scalar(2).mean() + out.balance_loss.unwrap()).backward());
+            (out.output.powi_scalar(2).mean() + out.balance_loss.unwrap()).backward()
         };
-        let t_train = time::<B>(device, min_time, || step(false));
-        let t_train_naive = time::<B>(device, min_time, || step(true));
+        let t_train = time::<B, _>(device, min_time, || step(false));
+        let t_train_naive = time::<B, _>(device, min_time, || step(true));
         let rate = |time: Duration| t as f64 / time.as_secs_f64();
         println!(
             "{t:>7} | {:>12.0} {:>12.0} {:>7.2}x | {:>12.0} {:>12.0} {:>7.2}x | {diff:>9.1e}",
@@ -128,10 +132,10 @@ fn movement<B: MoeBackend>(device: &B::Device, config: &MoeConfig, tokens: &[usi
         assert_eq!(rows.to_data(), burn_rows.to_data(), "dispatch and select disagree");
         let burn_combine = |rows: Tensor<B, 2>| (rows.select(0, plan.positions()).reshape([t, k, d]) * routing.weights.clone().unsqueeze_dim(2)).sum_dim(1).reshape([t, d]);
 
-        let t_dispatch = time::<B>(device, min_time, || drop(dispatch(x.clone(), &plan)));
-        let t_select = time::<B>(device, min_time, || drop(x.clone().select(0, tokens_of_rows.clone())));
-        let t_combine = time::<B>(device, min_time, || drop(combine(rows.clone(), routing.weights.clone(), &plan)));
-        let t_burn = time::<B>(device, min_time, || drop(burn_combine(rows.clone())));
+        let t_dispatch = time::<B, _>(device, min_time, || dispatch(x.clone(), &plan));
+        let t_select = time::<B, _>(device, min_time, || x.clone().select(0, tokens_of_rows.clone()));
+        let t_combine = time::<B, _>(device, min_time, || combine(rows.clone(), routing.weights.clone(), &plan));
+        let t_burn = time::<B, _>(device, min_time, || burn_combine(rows.clone()));
         // Bytes moved: T·k rows of d f32 read or written once each way, plus T rows.
         let bytes = ((t * k + t) * d * 4) as f64;
         let gbs = |time: Duration| bytes / time.as_secs_f64() / 1e9;
