@@ -87,59 +87,37 @@ fn elementwise<R: CubeRuntime>(out: &CubeTensor<R>) -> Option<(CubeCount, CubeDi
     Some((cubecl::calculate_cube_count_elemwise(&out.client, n, cube_dim), cube_dim))
 }
 
-/// `out [R, d]` (contiguous f32) `= w[s] · src[s / top_k]`, `s = row_slots[r]`; `weights`
-/// is `[T·k]` or `None` for 1.
-pub fn launch_gather<R: CubeRuntime>(
-    src: CubeTensor<R>,
-    row_slots: CubeTensor<R>,
-    weights: Option<CubeTensor<R>>,
-    out: CubeTensor<R>,
-    top_k: usize,
-) {
+/// Gather (dispatch) or combine: the two row movements share their launch.
+#[derive(Clone, Copy, Debug)]
+enum Movement {
+    Gather,
+    Combine,
+}
+
+/// Launches `movement` over `src` with its plan index (`row_slots` for gather,
+/// `positions` for combine); without weights the kernel's weight input is a dummy (`src`).
+fn launch_movement<R: CubeRuntime>(movement: Movement, src: CubeTensor<R>, index: CubeTensor<R>, weights: Option<CubeTensor<R>>, out: CubeTensor<R>, top_k: usize) {
     let Some((count, dim)) = elementwise(&out) else { return };
     let client = src.client.clone();
     let width = out.meta.shape()[1];
     let weighted = weights.is_some();
     let weights = weights.unwrap_or_else(|| src.clone());
-    gather_kernel::launch::<R>(
-        &client,
-        count,
-        dim,
-        src.into_array_arg(),
-        row_slots.into_array_arg(),
-        weights.into_array_arg(),
-        out.into_array_arg(),
-        width,
-        top_k,
-        weighted,
-    );
+    let (src, index, weights, out) = (src.into_array_arg(), index.into_array_arg(), weights.into_array_arg(), out.into_array_arg());
+    match movement {
+        Movement::Gather => gather_kernel::launch::<R>(&client, count, dim, src, index, weights, out, width, top_k, weighted),
+        Movement::Combine => combine_kernel::launch::<R>(&client, count, dim, src, index, weights, out, width, top_k, weighted),
+    }
+}
+
+/// `out [R, d]` (contiguous f32) `= w[s] · src[s / top_k]`, `s = row_slots[r]`; `weights`
+/// is `[T·k]` or `None` for 1.
+pub fn launch_gather<R: CubeRuntime>(src: CubeTensor<R>, row_slots: CubeTensor<R>, weights: Option<CubeTensor<R>>, out: CubeTensor<R>, top_k: usize) {
+    launch_movement(Movement::Gather, src, row_slots, weights, out, top_k);
 }
 
 /// `out [T, d]` (contiguous f32) `= Σ_j w[t·k + j] · rows[positions[t·k + j]]`.
-pub fn launch_combine<R: CubeRuntime>(
-    rows: CubeTensor<R>,
-    positions: CubeTensor<R>,
-    weights: Option<CubeTensor<R>>,
-    out: CubeTensor<R>,
-    top_k: usize,
-) {
-    let Some((count, dim)) = elementwise(&out) else { return };
-    let client = rows.client.clone();
-    let width = out.meta.shape()[1];
-    let weighted = weights.is_some();
-    let weights = weights.unwrap_or_else(|| rows.clone());
-    combine_kernel::launch::<R>(
-        &client,
-        count,
-        dim,
-        rows.into_array_arg(),
-        positions.into_array_arg(),
-        weights.into_array_arg(),
-        out.into_array_arg(),
-        width,
-        top_k,
-        weighted,
-    );
+pub fn launch_combine<R: CubeRuntime>(rows: CubeTensor<R>, positions: CubeTensor<R>, weights: Option<CubeTensor<R>>, out: CubeTensor<R>, top_k: usize) {
+    launch_movement(Movement::Combine, rows, positions, weights, out, top_k);
 }
 
 /// `out [T·k]` (contiguous f32) `= ⟨a[s / top_k], rows[positions[s]]⟩`.
