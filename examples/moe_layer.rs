@@ -19,6 +19,7 @@ use burn::backend::Autodiff;
 use burn::tensor::{backend::Backend, Distribution, ElementConversion, Int, Tensor};
 use burn_moe::dispatch::{combine, dispatch, DispatchPlan};
 use burn_moe::moe::forward_naive;
+use burn_moe::reference;
 use burn_moe::router::{route, RouterConfig};
 use burn_moe::{Moe, MoeBackend, MoeConfig};
 use std::time::{Duration, Instant};
@@ -124,13 +125,13 @@ fn movement<B: MoeBackend>(device: &B::Device, config: &MoeConfig, tokens: &[usi
         let routing = route(logits, None, &config.router).expect("routing");
         let plan = DispatchPlan::from_routing(&routing);
         let x = Tensor::<B, 2>::random([t, d], Distribution::Normal(0.0, 1.0), device);
-        // Burn's way with the same plan: select token rows into expert order; select each
-        // slot's expert row back, weight and sum over k.
+        // Burn's way with the same plan — the crate's plain-Burn reference ops: `select` of
+        // token rows into expert order; `select` of each slot's row back, weight, sum over k.
         let tokens_of_rows: Tensor<B, 1, Int> = plan.row_slots().div_scalar(k as i64);
         let rows = dispatch(x.clone(), &plan);
-        let burn_rows = x.clone().select(0, tokens_of_rows.clone());
-        assert_eq!(rows.to_data(), burn_rows.to_data(), "dispatch and select disagree");
-        let burn_combine = |rows: Tensor<B, 2>| (rows.select(0, plan.positions()).reshape([t, k, d]) * routing.weights.clone().unsqueeze_dim(2)).sum_dim(1).reshape([t, d]);
+        assert_eq!(rows.to_data(), x.clone().select(0, tokens_of_rows.clone()).to_data(), "dispatch and select disagree");
+        let flat_weights = routing.weights.clone().reshape([t * k]);
+        let burn_combine = |rows: Tensor<B, 2>| reference::combine(rows, plan.positions(), k, Some(flat_weights.clone()));
 
         let t_dispatch = time::<B, _>(device, min_time, || dispatch(x.clone(), &plan));
         let t_select = time::<B, _>(device, min_time, || x.clone().select(0, tokens_of_rows.clone()));
