@@ -7,17 +7,22 @@
 //! cargo run --release --features cuda --example moe_layer -- --backend cuda --config v3
 //! ```
 //!
-//! Two tables:
+//! Three tables:
 //! - the layer, `Moe::forward` (route → dispatch kernel → three grouped GEMMs → combine
 //!   kernel) against `moe::forward_naive` (read the routing back, then per expert `select`,
 //!   three matmuls, `select_assign`), in tokens/s for the forward and for forward +
-//!   backward;
+//!   backward, and the forward with FP8 experts;
+//! - the expert GEMM (the up projection over the routed rows): the f32 grouped kernel,
+//!   the FP8 grouped GEMM (with the quantization of rows and weights it includes, and on
+//!   operands quantized beforehand), against one Burn matmul per expert, in GFLOP/s;
 //! - the dispatch and combine kernels against the same movement in Burn's ops (`select`
 //!   of token rows; `select` of expert rows, weight and `sum_dim`), in GB/s of rows moved.
 
 use burn::backend::Autodiff;
 use burn::tensor::{backend::Backend, Distribution, ElementConversion, Int, Tensor};
-use burn_moe::dispatch::{combine, dispatch, DispatchPlan};
+use burn_fp8::linear::Fp8Recipe;
+use burn_fp8::{fp8_grouped_gemm, Fp8Tensor};
+use burn_moe::dispatch::{combine, dispatch, grouped_matmul, grouped_matmul_fp8, DispatchPlan};
 use burn_moe::moe::forward_naive;
 use burn_moe::reference;
 use burn_moe::router::{route, RouterConfig};
@@ -29,10 +34,11 @@ struct Args {
     config: String,
     tokens: Vec<usize>,
     min_time: Duration,
+    tables: Vec<String>,
 }
 
 fn parse_args() -> Args {
-    let mut args = Args { backend: "wgpu".into(), config: String::new(), tokens: Vec::new(), min_time: Duration::from_millis(1500) };
+    let mut args = Args { backend: "wgpu".into(), config: String::new(), tokens: Vec::new(), min_time: Duration::from_millis(1500), tables: vec!["layer".into(), "gemm".into(), "movement".into()] };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
@@ -41,8 +47,9 @@ fn parse_args() -> Args {
             "--config" => args.config = value(),
             "--tokens" => args.tokens = value().split(',').map(|t| t.parse().expect("token count")).collect(),
             "--min-time-ms" => args.min_time = Duration::from_millis(value().parse().expect("milliseconds")),
+            "--tables" => args.tables = value().split(',').map(String::from).collect(),
             "--help" | "-h" => {
-                println!("moe_layer [--backend wgpu|cuda|ndarray] [--config tiny|v3-slim|v3] [--tokens T,...] [--min-time-ms N]");
+                println!("moe_layer [--backend wgpu|cuda|ndarray] [--config tiny|v3-slim|v3] [--tokens T,...] [--min-time-ms N] [--tables layer,gemm,movement]");
                 std::process::exit(0);
             }
             other => panic!("unknown flag {other}; see --help"),
@@ -83,9 +90,13 @@ fn time<B: Backend, T>(device: &B::Device, min_time: Duration, mut f: impl FnMut
 fn layer<B: MoeBackend>(device: &B::Device, config: &MoeConfig, tokens: &[usize], min_time: Duration) {
     let d = config.d_model;
     let moe: Moe<B> = config.init(device);
+    let moe_fp8: Moe<B> = MoeConfig { fp8: Some(Fp8Recipe::deepseek_v3()), ..config.clone() }.init(device);
     let train: Moe<Autodiff<B>> = config.init(device);
     println!("\nMoe layer vs the naive loop over experts: d_model {d}, {} experts of width {}, top-{}, {} shared", config.router.n_experts, config.d_expert, config.router.top_k, config.n_shared_experts);
-    println!("{:>7} | {:>12} {:>12} {:>8} | {:>12} {:>12} {:>8} | {:>9}", "tokens", "fwd tok/s", "naive tok/s", "speedup", "f+b tok/s", "naive tok/s", "speedup", "max diff");
+    println!(
+        "{:>7} | {:>12} {:>12} {:>8} | {:>12} {:>12} {:>8} | {:>9} | {:>12} {:>8}",
+        "tokens", "fwd tok/s", "naive tok/s", "speedup", "f+b tok/s", "naive tok/s", "speedup", "max diff", "fp8 fwd", "speedup"
+    );
     for &t in tokens {
         let x = Tensor::<B, 3>::random([1, t, d], Distribution::Normal(0.0, 1.0), device);
         let fast = moe.forward(x.clone()).output;
@@ -102,18 +113,69 @@ fn layer<B: MoeBackend>(device: &B::Device, config: &MoeConfig, tokens: &[usize]
         };
         let t_train = time::<B, _>(device, min_time, || step(false));
         let t_train_naive = time::<B, _>(device, min_time, || step(true));
+        let t_fp8 = time::<B, _>(device, min_time, || moe_fp8.forward(x.clone()).output);
         let rate = |time: Duration| t as f64 / time.as_secs_f64();
         println!(
-            "{t:>7} | {:>12.0} {:>12.0} {:>7.2}x | {:>12.0} {:>12.0} {:>7.2}x | {diff:>9.1e}",
+            "{t:>7} | {:>12.0} {:>12.0} {:>7.2}x | {:>12.0} {:>12.0} {:>7.2}x | {diff:>9.1e} | {:>12.0} {:>7.2}x",
             rate(t_fwd),
             rate(t_naive),
             t_naive.as_secs_f64() / t_fwd.as_secs_f64(),
             rate(t_train),
             rate(t_train_naive),
-            t_train_naive.as_secs_f64() / t_train.as_secs_f64()
+            t_train_naive.as_secs_f64() / t_train.as_secs_f64(),
+            rate(t_fp8),
+            t_naive.as_secs_f64() / t_fp8.as_secs_f64()
         );
     }
-    println!("speedup = naive time / Moe time; max diff = max|Moe − naive| / max|naive| of the forward.");
+    println!("speedup = naive time / Moe time; max diff = max|Moe − naive| / max|naive| of the forward;");
+    println!("fp8 fwd = the layer with FP8 experts (Fp8Recipe::deepseek_v3), against the same naive time.");
+}
+
+/// DeepGEMM's `calc_diff`: `1 − 2Σxy / Σ(x² + y²)`.
+fn calc_diff<B: Backend>(x: Tensor<B, 2>, y: Tensor<B, 2>) -> f64 {
+    let xy = (x.clone() * y.clone()).sum().into_scalar().elem::<f64>();
+    let sq = (x.powi_scalar(2) + y.powi_scalar(2)).sum().into_scalar().elem::<f64>();
+    1.0 - 2.0 * xy / sq
+}
+
+fn expert_gemm<B: MoeBackend>(device: &B::Device, config: &MoeConfig, tokens: &[usize], min_time: Duration) {
+    let (d, f, k, e) = (config.d_model, config.d_expert, config.router.top_k, config.router.n_experts);
+    let recipe = Fp8Recipe::deepseek_v3();
+    println!("\nExpert GEMM (up projection, [T·k, {d}] · [{d}, {f}] per expert, {e} experts) vs one Burn matmul per expert");
+    println!(
+        "{:>7} | {:>10} {:>8} | {:>10} {:>8} | {:>10} {:>8} | {:>10} | {:>9}",
+        "tokens", "f32 GF/s", "speedup", "fp8 GF/s", "speedup", "fp8q GF/s", "speedup", "naive GF/s", "fp8 diff"
+    );
+    for &t in tokens {
+        let logits = Tensor::<B, 2>::random([t, e], Distribution::Normal(0.0, 1.0), device);
+        let plan = DispatchPlan::from_routing(&route(logits, None, &config.router).expect("routing"));
+        let rows = dispatch(Tensor::<B, 2>::random([t, d], Distribution::Normal(0.0, 1.0), device), &plan);
+        let w = Tensor::<B, 3>::random([e, d, f], Distribution::Normal(0.0, 0.02), device);
+        let rows_q = Fp8Tensor::quantize(rows.clone(), recipe.input);
+        let w_q = Fp8Tensor::quantize(w.clone().swap_dims(1, 2).reshape([e * f, d]), recipe.weight);
+        let diff = calc_diff(grouped_matmul_fp8(rows.clone(), w.clone(), &plan, recipe), grouped_matmul(rows.clone(), w.clone(), &plan));
+
+        let t_f32 = time::<B, _>(device, min_time, || grouped_matmul(rows.clone(), w.clone(), &plan));
+        let t_fp8 = time::<B, _>(device, min_time, || grouped_matmul_fp8(rows.clone(), w.clone(), &plan, recipe));
+        let t_fp8q = time::<B, _>(device, min_time, || fp8_grouped_gemm(&rows_q, &w_q, plan.offsets()));
+        let t_naive = time::<B, _>(device, min_time, || reference::grouped_matmul(rows.clone(), w.clone(), plan.offsets(), false));
+        let flops = 2.0 * (t * k * d * f) as f64;
+        let gf = |time: Duration| flops / time.as_secs_f64() / 1e9;
+        let x = |time: Duration| t_naive.as_secs_f64() / time.as_secs_f64();
+        println!(
+            "{t:>7} | {:>10.2} {:>7.2}x | {:>10.2} {:>7.2}x | {:>10.2} {:>7.2}x | {:>10.2} | {diff:>9.1e}",
+            gf(t_f32),
+            x(t_f32),
+            gf(t_fp8),
+            x(t_fp8),
+            gf(t_fp8q),
+            x(t_fp8q),
+            gf(t_naive)
+        );
+    }
+    println!("speedup = naive time / kernel time; fp8 includes quantizing rows and weights, fp8q runs on operands");
+    println!("quantized beforehand; naive = reference::grouped_matmul (read the offsets, one matmul per expert);");
+    println!("fp8 diff = calc_diff of the FP8 output against the f32 kernel's.");
 }
 
 fn movement<B: MoeBackend>(device: &B::Device, config: &MoeConfig, tokens: &[usize], min_time: Duration) {
@@ -158,8 +220,14 @@ fn bench<B: MoeBackend>(device: B::Device, name: &str, args: &Args, default_conf
     let tokens = if args.tokens.is_empty() { default_tokens } else { &args.tokens };
     let config = config(name_config);
     println!("burn-moe on {name} ({device:?}), config {name_config}");
-    layer::<B>(&device, &config, tokens, args.min_time);
-    movement::<B>(&device, &config, tokens, args.min_time);
+    for table in &args.tables {
+        match table.as_str() {
+            "layer" => layer::<B>(&device, &config, tokens, args.min_time),
+            "gemm" => expert_gemm::<B>(&device, &config, tokens, args.min_time),
+            "movement" => movement::<B>(&device, &config, tokens, args.min_time),
+            other => panic!("unknown table {other:?}: layer, gemm or movement"),
+        }
+    }
 }
 
 fn main() {

@@ -1,9 +1,29 @@
-//! # burn-dualpipe (in progress)
+//! # burn-dualpipe
 //!
-//! This crate will hold pipeline parallelism over Burn's autodiff: DualPipe, DualPipeV,
-//! 1F1B and ZB1P schedules generated as data, a validator and a cost simulator for them, and
-//! one executor that runs any schedule over several Burn devices, with the backward split
-//! into input-gradient and deferred weight-gradient steps (as `burn-fp8`'s FP8 layers
-//! provide).
+//! Pipeline parallelism for Burn after DeepSeek-V3's DualPipe (technical report §3.2.1):
 //!
-//! Nothing is exported yet: the workspace's open issues track it.
+//! - [`schedule`]: DualPipe, DualPipeV, 1F1B and ZB1P generated as data — per-rank
+//!   instruction lists of forwards, backwards (full, input-gradient, deferred
+//!   weight-gradient), overlapped forward-and-backward pairs, sends and receives — and
+//!   [`schedule::validate`], which checks their invariants;
+//! - [`simulate()`]: the cost simulator, per-rank [`Timeline`]s and bubbles from pass
+//!   times, drawn as SVG ([`Timeline::to_svg`]).
+//!
+//! ```
+//! use burn_dualpipe::schedule::{validate, Schedule, ScheduleKind};
+//! use burn_dualpipe::{simulate, Costs};
+//!
+//! let schedule = Schedule::new(ScheduleKind::DualPipe, 8, 20).unwrap();
+//! validate(&schedule).unwrap();
+//! let timeline = simulate(&schedule, &Costs::unit()).unwrap();
+//! assert!(timeline.bubble_fraction() < 0.25);
+//! let _svg = timeline.to_svg("DualPipe, 8 ranks, 20 micro-batches");
+//! ```
+#![warn(missing_docs)]
+
+pub mod schedule;
+mod simulate;
+mod timeline;
+
+pub use simulate::{simulate, Costs};
+pub use timeline::{Span, Timeline};

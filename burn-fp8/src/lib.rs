@@ -8,7 +8,8 @@
 //! - [`Fp8Tensor`]: tile-wise quantization with f32 scales, per 1×128 tile (activations)
 //!   or 128×128 block (weights), and the transposed tiling the backward pass needs;
 //! - [`fp8_gemm`]: `A · Bᵀ` over FP8 operands with f32 accumulation, scales applied once
-//!   per 128-wide K block;
+//!   per 128-wide K block, and [`fp8_grouped_gemm`], its grouped form (one launch for all
+//!   the experts of a MoE layer, rows grouped by offsets);
 //! - [`linear::Fp8Linear`]: a Burn `Linear` whose forward, input-gradient and
 //!   weight-gradient GEMMs run in FP8, with a backward that can be split into an
 //!   input step and a deferred weight step ([`linear::WeightGradQueue`]);
@@ -46,4 +47,4 @@ mod tensor;
 pub use backend::{Fp8Backend, Fp8Layout, Fp8Primitive};
 pub use config::{QuantConfig, ScaleMode, TileScale, TileShape, TILE_K};
 pub use format::Fp8Format;
-pub use tensor::{fp8_gemm, Fp8Error, Fp8Tensor};
+pub use tensor::{fp8_gemm, fp8_grouped_gemm, Fp8Error, Fp8Tensor};

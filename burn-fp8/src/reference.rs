@@ -174,6 +174,36 @@ pub fn dequantize<B: Backend>(data: Tensor<B, 2, Int>, scales: Tensor<B, 2>, lay
     (values * scales).slice([0..rows, 0..cols])
 }
 
+/// A quantized operand as the GEMM reads it: decoded codes `[k_blocks, rows, 128]` and one
+/// scale per row and K block, `[k_blocks, rows]`.
+struct Decoded<B: Backend> {
+    values: Tensor<B, 3>,
+    scales: Tensor<B, 2>,
+}
+
+impl<B: Backend> Decoded<B> {
+    fn new(data: Tensor<B, 2, Int>, scales: Tensor<B, 2>, layout: Fp8Layout) -> Self {
+        let [rows, k] = layout.shape;
+        let k_blocks = k.div_ceil(TILE_K);
+        let values = decode_codes(data, layout.config.format).reshape([rows, k_blocks, TILE_K]).swap_dims(0, 1);
+        Self { values, scales: row_scales(scales, layout).transpose() }
+    }
+
+    fn rows(&self, range: core::ops::Range<usize>) -> Self {
+        Self { values: self.values.clone().slice([0..self.values.dims()[0], range.clone()]), scales: self.scales.clone().slice([0..self.scales.dims()[0], range]) }
+    }
+}
+
+/// `a · bᵀ`: per 128-wide K block, an f32 product of the decoded codes, scaled once by
+/// `scale_a[m] · scale_b[n]`, then summed over blocks.
+fn product<B: Backend>(a: Decoded<B>, b: Decoded<B>) -> Tensor<B, 2> {
+    let [k_blocks, m, _] = a.values.dims();
+    let n = b.values.dims()[1];
+    let partial = a.values.matmul(b.values.swap_dims(1, 2)); // [k_blocks, m, n]
+    let scales = a.scales.reshape([k_blocks, m, 1]) * b.scales.reshape([k_blocks, 1, n]);
+    (partial * scales).sum_dim(0).reshape([m, n])
+}
+
 /// `D = A · Bᵀ`: per 128-wide K block, an f32 product of the decoded codes, scaled once by
 /// `scale_a[m] · scale_b[n]`, then summed over blocks.
 pub fn gemm<B: Backend>(
@@ -184,17 +214,41 @@ pub fn gemm<B: Backend>(
     b_scales: Tensor<B, 2>,
     b_layout: Fp8Layout,
 ) -> Tensor<B, 2> {
-    let device = a_data.device();
     let [m, k] = a_layout.shape;
     let n = b_layout.shape[0];
-    let k_blocks = k.div_ceil(TILE_K);
     if m == 0 || n == 0 || k == 0 {
-        return Tensor::zeros([m, n], &device);
+        return Tensor::zeros([m, n], &a_data.device());
     }
-    let a = decode_codes(a_data, a_layout.config.format).reshape([m, k_blocks, TILE_K]).swap_dims(0, 1);
-    let b = decode_codes(b_data, b_layout.config.format).reshape([n, k_blocks, TILE_K]).permute([1, 2, 0]);
-    let partial = a.matmul(b); // [k_blocks, m, n]
-    let sa = row_scales(a_scales, a_layout).transpose().reshape([k_blocks, m, 1]);
-    let sb = row_scales(b_scales, b_layout).transpose().reshape([k_blocks, 1, n]);
-    (partial * (sa * sb)).sum_dim(0).reshape([m, n])
+    product(Decoded::new(a_data, a_scales, a_layout), Decoded::new(b_data, b_scales, b_layout))
+}
+
+/// The grouped GEMM: rows `offsets[g]..offsets[g + 1]` of `A [R, K]` times `B_gᵀ`, `B_g`
+/// rows `g·N..(g + 1)·N` of `B [G·N, K]`; one product per non-empty group (the offsets
+/// are read back to the host).
+#[allow(clippy::too_many_arguments)]
+pub fn grouped_gemm<B: Backend>(
+    a_data: Tensor<B, 2, Int>,
+    a_scales: Tensor<B, 2>,
+    a_layout: Fp8Layout,
+    b_data: Tensor<B, 2, Int>,
+    b_scales: Tensor<B, 2>,
+    b_layout: Fp8Layout,
+    offsets: Tensor<B, 1, Int>,
+) -> Tensor<B, 2> {
+    let device = a_data.device();
+    let [r, k] = a_layout.shape;
+    let groups = offsets.dims()[0] - 1;
+    let n = b_layout.shape[0] / groups.max(1);
+    if r == 0 || n == 0 || k == 0 {
+        return Tensor::zeros([r, n], &device);
+    }
+    let offsets: Vec<i64> = offsets.into_data().convert::<i64>().to_vec().expect("offsets");
+    let (a, b) = (Decoded::new(a_data, a_scales, a_layout), Decoded::new(b_data, b_scales, b_layout));
+    let parts: Vec<_> = offsets
+        .windows(2)
+        .enumerate()
+        .filter(|(_, w)| w[1] > w[0])
+        .map(|(g, w)| product(a.rows(w[0] as usize..w[1] as usize), b.rows(g * n..(g + 1) * n)))
+        .collect();
+    Tensor::cat(parts, 0)
 }

@@ -242,3 +242,61 @@ pub fn fp8_gemm<B: Fp8Backend>(a: &Fp8Tensor<B>, b: &Fp8Tensor<B>) -> Tensor<B, 
     );
     Tensor::from_primitive(TensorPrimitive::Float(B::fp8_gemm(a.primitive(), a.layout, b.primitive(), b.layout)))
 }
+
+/// Grouped tile-scaled FP8 GEMM, one launch for every group (the expert GEMM of a MoE
+/// layer): `D[r, :] = A[r, :] · B_gᵀ` for the rows `offsets[g] ≤ r < offsets[g + 1]` of
+/// group `g`, where `B_g` is rows `g·N..(g + 1)·N` of `b`. Arithmetic as [`fp8_gemm`].
+///
+/// `offsets` are not read back to the host: they must start at 0, not decrease and end at
+/// `R` (as a MoE dispatch plan's do); rows outside every group are left unwritten. Empty
+/// groups are allowed and cost nothing. With 128×128 blocks for `b`, keep `N` a multiple
+/// of 128 so that no block spans two groups (DeepSeek-V3's expert widths are); otherwise
+/// a block's scale covers rows of both.
+///
+/// # Shapes
+/// - a: `[R, K]`
+/// - b: `[G·N, K]`
+/// - offsets: `[G + 1]`
+/// - output: `[R, N]`
+///
+/// # Panics
+/// If the K dimensions differ, `G` is zero, or `b`'s rows are not a multiple of `G`.
+///
+/// # Example
+/// ```
+/// use burn::backend::NdArray;
+/// use burn::tensor::{Distribution, Int, Tensor};
+/// use burn_fp8::{fp8_gemm, fp8_grouped_gemm, Fp8Tensor, QuantConfig};
+///
+/// let device = Default::default();
+/// // Rows 0..3 go to group 0, none to group 1, rows 3..5 to group 2.
+/// let x = Tensor::<NdArray, 2>::random([5, 256], Distribution::Normal(0.0, 1.0), &device);
+/// let w = Tensor::<NdArray, 2>::random([3 * 128, 256], Distribution::Normal(0.0, 1.0), &device);
+/// let offsets = Tensor::<NdArray, 1, Int>::from_ints([0, 3, 3, 5], &device);
+/// let (xq, wq) = (Fp8Tensor::quantize(x.clone(), QuantConfig::activation()), Fp8Tensor::quantize(w.clone(), QuantConfig::weight()));
+/// let y = fp8_grouped_gemm(&xq, &wq, offsets); // [5, 128]
+/// let last = fp8_gemm(&Fp8Tensor::quantize(x.slice([3..5]), QuantConfig::activation()), &Fp8Tensor::quantize(w.slice([256..384]), QuantConfig::weight()));
+/// y.slice([3..5]).into_data().assert_approx_eq::<f32>(&last.into_data(), Default::default());
+/// ```
+pub fn fp8_grouped_gemm<B: Fp8Backend>(a: &Fp8Tensor<B>, b: &Fp8Tensor<B>, offsets: Tensor<B, 1, Int>) -> Tensor<B, 2> {
+    let [groups_plus_one] = offsets.dims();
+    let groups = groups_plus_one.saturating_sub(1);
+    assert!(
+        a.layout.shape[1] == b.layout.shape[1] && groups > 0 && b.layout.shape[0] % groups == 0,
+        "fp8_grouped_gemm needs A [R, K], B [G·N, K] with the same K and offsets [G + 1] with G > 0; got A {:?}, B {:?}, offsets [{groups_plus_one}]",
+        a.layout.shape,
+        b.layout.shape
+    );
+    let n = b.layout.shape[0] / groups;
+    let [r, k] = a.layout.shape;
+    if r == 0 || n == 0 || k == 0 {
+        return Tensor::zeros([r, n], &a.data.device());
+    }
+    Tensor::from_primitive(TensorPrimitive::Float(B::fp8_grouped_gemm(
+        a.primitive(),
+        a.layout,
+        b.primitive(),
+        b.layout,
+        offsets.into_primitive(),
+    )))
+}

@@ -41,6 +41,7 @@
 
 use crate::backend::{MoeBackend, PlanPrimitive};
 use crate::router::Routing;
+use burn_fp8::linear::Fp8Recipe;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorPrimitive};
 
 /// Where each routed slot goes in the expert-contiguous layout.
@@ -174,6 +175,22 @@ pub fn combine<B: MoeBackend>(rows: Tensor<B, 2>, weights: Tensor<B, 2>, plan: &
     float(B::moe_combine(rows.into_primitive().tensor(), plan.primitive(), plan.top_k, Some(w)))
 }
 
+/// Checks `rows [T·k, K]` and `weights [E, K, N]` against the plan; returns `N`, or
+/// `None` when the product is empty.
+fn grouped_dims<B: Backend>(op: &str, rows: &Tensor<B, 2>, weights: &Tensor<B, 3>, plan: &DispatchPlan<B>) -> Option<usize> {
+    let [r, k] = rows.dims();
+    let [e, wk, n] = weights.dims();
+    assert!(
+        r == plan.rows() && e == plan.n_experts && wk == k,
+        "{op}: rows {:?} and weights {:?} must be [T·k, K] = [{}, K] and [E, K, N] with E = {}",
+        [r, k],
+        [e, wk, n],
+        plan.rows(),
+        plan.n_experts
+    );
+    (r > 0 && n > 0 && k > 0).then_some(n)
+}
+
 /// Multiplies each expert's rows by its matrix: `out[r] = rows[r] · weights[e]` for the
 /// rows `r` of expert `e`, all experts in one launch.
 ///
@@ -183,23 +200,40 @@ pub fn combine<B: MoeBackend>(rows: Tensor<B, 2>, weights: Tensor<B, 2>, plan: &
 /// # Panics
 /// If the shapes do not match the plan.
 pub fn grouped_matmul<B: MoeBackend>(rows: Tensor<B, 2>, weights: Tensor<B, 3>, plan: &DispatchPlan<B>) -> Tensor<B, 2> {
-    let [r, k] = rows.dims();
-    let [e, wk, n] = weights.dims();
-    assert!(
-        r == plan.rows() && e == plan.n_experts && wk == k,
-        "grouped_matmul: rows {:?} and weights {:?} must be [T·k, K] = [{}, K] and [E, K, N] with E = {}",
-        [r, k],
-        [e, wk, n],
-        plan.rows(),
-        plan.n_experts
-    );
-    if r == 0 || n == 0 || k == 0 {
-        return Tensor::zeros([r, n], &rows.device());
-    }
+    let Some(_) = grouped_dims("grouped_matmul", &rows, &weights, plan) else {
+        return Tensor::zeros([rows.dims()[0], weights.dims()[2]], &rows.device());
+    };
     float(B::moe_grouped_matmul(
         rows.into_primitive().tensor(),
         weights.into_primitive().tensor(),
         plan.offsets.clone().into_primitive(),
         false,
+    ))
+}
+
+/// [`grouped_matmul`] in FP8 (DeepSeek-V3's expert GEMM): the rows quantized in 1×128
+/// tiles and each expert's matrix in 128×128 blocks (per `recipe`), multiplied by
+/// burn-fp8's grouped tile-scaled GEMM ([`burn_fp8::fp8_grouped_gemm`]) with f32
+/// accumulation, one launch for all experts. Under `Autodiff` the input gradient runs in
+/// FP8 too (the output gradient in `recipe.grad` tiles) and the weight gradient in f32.
+///
+/// Keep `N` a multiple of 128 so that no weight block spans two experts (see
+/// [`burn_fp8::fp8_grouped_gemm`]).
+///
+/// # Shapes
+/// - rows: `[T·k, K]`, weights: `[E, K, N]` → `[T·k, N]`
+///
+/// # Panics
+/// If the shapes do not match the plan.
+pub fn grouped_matmul_fp8<B: MoeBackend>(rows: Tensor<B, 2>, weights: Tensor<B, 3>, plan: &DispatchPlan<B>, recipe: Fp8Recipe) -> Tensor<B, 2> {
+    let Some(_) = grouped_dims("grouped_matmul_fp8", &rows, &weights, plan) else {
+        return Tensor::zeros([rows.dims()[0], weights.dims()[2]], &rows.device());
+    };
+    float(B::moe_grouped_matmul_fp8(
+        rows.into_primitive().tensor(),
+        weights.into_primitive().tensor(),
+        plan.offsets.clone().into_primitive(),
+        false,
+        recipe,
     ))
 }

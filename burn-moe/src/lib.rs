@@ -5,8 +5,9 @@
 //! - [`router`]: sigmoid/softmax scores, group-limited top-k, the auxiliary-loss-free
 //!   balancing bias and its update, per-expert counts, the sequence-wise balance loss;
 //! - [`dispatch`]: the dispatch plan, token dispatch and weighted combine, and the
-//!   grouped expert GEMM over the expert-contiguous layout: CubeCL kernels on wgpu and
-//!   CUDA, plain Burn ops elsewhere, all with autodiff backwards;
+//!   grouped expert GEMM over the expert-contiguous layout, in f32 or in FP8 through
+//!   burn-fp8's grouped tile-scaled GEMM: CubeCL kernels on wgpu and CUDA, plain Burn ops
+//!   elsewhere, all with autodiff backwards;
 //! - [`Moe`]: shared plus routed SwiGLU experts, dropless, with [`MoeConfig`] presets
 //!   for DeepSeek-V3 and a tiny size, and [`moe::forward_naive`], the loop-over-experts
 //!   baseline.

@@ -194,6 +194,7 @@ fn every_output_is_written_and_empty_k_gives_zeros() {
             prim(b.data()),
             fprim(b.scales()),
             b.config(),
+            None,
             fprim(&out),
             k,
         );

@@ -9,5 +9,6 @@ mod backends;
 mod codec;
 mod common;
 mod gemm;
+mod grouped;
 mod linear;
 mod quantize;

@@ -18,17 +18,17 @@ use crate::common::{assert_close, host, host_int, wgpu_device, Cube, Ref, Rng, W
 
 const TOL: f64 = 1e-5;
 
-struct Case {
-    name: &'static str,
-    t: usize,
-    k: usize,
-    e: usize,
+pub struct Case {
+    pub name: &'static str,
+    pub t: usize,
+    pub k: usize,
+    pub e: usize,
     /// Row width `K` of the grouped matmul input.
-    d: usize,
+    pub d: usize,
     /// Output width `N`.
-    n: usize,
+    pub n: usize,
     /// Experts that receive no token.
-    empty: &'static [usize],
+    pub empty: &'static [usize],
 }
 
 const CASES: &[Case] = &[
@@ -38,21 +38,22 @@ const CASES: &[Case] = &[
     Case { name: "one expert takes all", t: 70, k: 1, e: 4, d: 33, n: 70, empty: &[0, 1, 3] },
     Case { name: "V3 routing (256 experts, top-8), narrow", t: 24, k: 8, e: 256, d: 64, n: 48, empty: &[] },
     Case { name: "512 rows", t: 128, k: 4, e: 16, d: 96, n: 64, empty: &[7] },
+    Case { name: "large experts (8-row unit tiles), N tail", t: 200, k: 2, e: 4, d: 72, n: 130, empty: &[] },
 ];
 
 /// Random routing (k distinct experts per token, none of `empty`) and operands.
-struct Inputs {
-    indices: Vec<i64>,
-    counts: Vec<i64>,
-    x: Vec<f32>,
-    w: Vec<f32>,
-    gates: Vec<f32>,
+pub struct Inputs {
+    pub indices: Vec<i64>,
+    pub counts: Vec<i64>,
+    pub x: Vec<f32>,
+    pub w: Vec<f32>,
+    pub gates: Vec<f32>,
     /// The upstream gradient of the combined output.
-    dy: Vec<f32>,
+    pub dy: Vec<f32>,
 }
 
 impl Inputs {
-    fn new(c: &Case, rng: &mut Rng) -> Self {
+    pub fn new(c: &Case, rng: &mut Rng) -> Self {
         let allowed: Vec<i64> = (0..c.e as i64).filter(|e| !c.empty.contains(&(*e as usize))).collect();
         let mut indices = Vec::with_capacity(c.t * c.k);
         for _ in 0..c.t {
@@ -120,11 +121,11 @@ fn expected(c: &Case, inp: &Inputs, abs: bool) -> Expected {
     Expected { positions, offsets, rows, hidden, y, dx, dw, dgates }
 }
 
-fn float<B: Backend, const D: usize>(v: &[f32], shape: [usize; D], device: &B::Device) -> Tensor<B, D> {
+pub fn float<B: Backend, const D: usize>(v: &[f32], shape: [usize; D], device: &B::Device) -> Tensor<B, D> {
     Tensor::from_data(TensorData::new(v.to_vec(), shape), device)
 }
 
-fn plan<B: MoeBackend>(c: &Case, inp: &Inputs, device: &B::Device) -> DispatchPlan<B> {
+pub fn plan<B: MoeBackend>(c: &Case, inp: &Inputs, device: &B::Device) -> DispatchPlan<B> {
     let indices = Tensor::<B, 2, Int>::from_data(TensorData::new(inp.indices.clone(), [c.t, c.k]), device);
     let counts = Tensor::<B, 1, Int>::from_data(TensorData::new(inp.counts.clone(), [c.e]), device);
     DispatchPlan::new(indices, counts)

@@ -178,16 +178,13 @@ fn bias_is_in_the_record_and_balances_a_skewed_layer() {
     assert_eq!(host(restored.bias.val()), bias, "the bias travels in the record");
 }
 
-#[test]
-fn trains_with_an_optimizer() {
-    // Fit a fixed random teacher layer: the loss falls, the bias moves, nothing breaks.
-    type B = Autodiff<Ref>;
-    let device = Default::default();
-    let config = MoeConfig { init_std: 0.1, ..MoeConfig::tiny() };
-    let teacher: Moe<B> = config.init(&device);
-    let mut moe: Moe<B> = config.init(&device);
+/// Fits a layer of `config` to a fixed random teacher (an f32 layer of the same shape) for
+/// 30 Adam steps with the bias update; returns the layer and the losses.
+pub fn fit_teacher<B: AutodiffBackend + MoeBackend>(config: &MoeConfig, device: &B::Device) -> (Moe<B>, Vec<f32>) {
+    let teacher: Moe<B> = MoeConfig { fp8: None, ..config.clone() }.init(device);
+    let mut moe: Moe<B> = config.init(device);
     let mut optim = AdamConfig::new().init();
-    let x = Tensor::<B, 3>::random([4, 16, 64], burn::tensor::Distribution::Normal(0.0, 1.0), &device);
+    let x = Tensor::<B, 3>::random([4, 16, config.d_model], burn::tensor::Distribution::Normal(0.0, 1.0), device);
     let target = teacher.forward(x.clone()).output.detach();
     let mut losses = Vec::new();
     for _ in 0..30 {
@@ -198,6 +195,14 @@ fn trains_with_an_optimizer() {
         moe = optim.step(3e-3, moe, grads);
         moe = moe.update_bias(out.counts);
     }
+    (moe, losses)
+}
+
+#[test]
+fn trains_with_an_optimizer() {
+    // Fit a fixed random teacher layer: the loss falls, the bias moves, nothing breaks.
+    let config = MoeConfig { init_std: 0.1, ..MoeConfig::tiny() };
+    let (moe, losses) = fit_teacher::<Autodiff<Ref>>(&config, &Default::default());
     assert!(losses[29] < 0.5 * losses[0], "loss {} → {}", losses[0], losses[29]);
     assert!(host(moe.bias.val()).iter().any(|&b| b != 0.0), "the bias is updated");
 }
@@ -228,7 +233,7 @@ fn no_tokens_and_named_errors() {
 
 
 /// `dst` with the parameters of `src` (read through the host), bias included.
-fn copy<A: AutodiffBackend, B: AutodiffBackend>(src: &Moe<A>, dst: Moe<B>, device: &B::Device) -> Moe<B> {
+pub fn copy<A: AutodiffBackend, B: AutodiffBackend>(src: &Moe<A>, dst: Moe<B>, device: &B::Device) -> Moe<B> {
     fn p<A: AutodiffBackend, B: AutodiffBackend, const D: usize>(s: &burn::module::Param<Tensor<A, D>>, d: burn::module::Param<Tensor<B, D>>, device: &B::Device) -> burn::module::Param<Tensor<B, D>> {
         let data = s.val().into_data();
         d.map(|_| Tensor::from_data(data, device).require_grad())
@@ -248,6 +253,7 @@ fn copy<A: AutodiffBackend, B: AutodiffBackend>(src: &Moe<A>, dst: Moe<B>, devic
             w_gate: p(&src.experts.w_gate, dst.experts.w_gate, device),
             w_up: p(&src.experts.w_up, dst.experts.w_up, device),
             w_down: p(&src.experts.w_down, dst.experts.w_down, device),
+            fp8: dst.experts.fp8,
         },
         shared,
         ..dst

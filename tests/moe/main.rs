@@ -4,5 +4,6 @@
 
 mod common;
 mod dispatch;
+mod fp8;
 mod layer;
 mod router;

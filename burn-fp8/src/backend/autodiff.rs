@@ -11,7 +11,11 @@ use burn::backend::autodiff::{
     ops::{Backward, Ops, OpsKind},
     Autodiff,
 };
-use burn::tensor::{backend::AutodiffBackend, ops::FloatTensor, Tensor, TensorPrimitive};
+use burn::tensor::{
+    backend::AutodiffBackend,
+    ops::{FloatTensor, IntTensor},
+    Tensor, TensorPrimitive,
+};
 
 type Ad<B, C> = Autodiff<B, C>;
 
@@ -72,6 +76,16 @@ impl<B: Fp8Backend, C: CheckpointStrategy> Fp8Backend for Autodiff<B, C> {
         b_layout: Fp8Layout,
     ) -> FloatTensor<Self> {
         Self::from_inner(B::fp8_gemm(inner(a), a_layout, inner(b), b_layout))
+    }
+
+    fn fp8_grouped_gemm(
+        a: Fp8Primitive<Self>,
+        a_layout: Fp8Layout,
+        b: Fp8Primitive<Self>,
+        b_layout: Fp8Layout,
+        offsets: IntTensor<Self>,
+    ) -> FloatTensor<Self> {
+        Self::from_inner(B::fp8_grouped_gemm(inner(a), a_layout, inner(b), b_layout, offsets))
     }
 
     fn fp8_linear(x: FloatTensor<Self>, weight: FloatTensor<Self>, recipe: Fp8Recipe) -> FloatTensor<Self> {

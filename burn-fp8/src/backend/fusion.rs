@@ -4,7 +4,10 @@
 
 use super::{Fp8Backend, Fp8Layout, Fp8Primitive};
 use crate::QuantConfig;
-use burn::tensor::{ops::FloatTensor, DType, Element, Shape};
+use burn::tensor::{
+    ops::{FloatTensor, IntTensor},
+    DType, Element, Shape,
+};
 use burn_fusion::{
     stream::{Operation, OperationStreams},
     Fusion, FusionBackend, FusionRuntime,
@@ -20,6 +23,7 @@ enum Fp8Op {
     Quantize(QuantConfig),
     Dequantize(Fp8Layout),
     Gemm(Fp8Layout, Fp8Layout),
+    GroupedGemm(Fp8Layout, Fp8Layout),
 }
 
 #[derive(Clone, Debug)]
@@ -52,6 +56,13 @@ impl<B: FusionBackend + Fp8Backend> Operation<B::FusionRuntime> for Fp8Custom<B>
                 let a = get_q::<B>(handles, a_data, a_scales);
                 let b = get_q::<B>(handles, b_data, b_scales);
                 handles.register_float_tensor::<B>(&out.id, B::fp8_gemm(a, a_layout, b, b_layout));
+            }
+            Fp8Op::GroupedGemm(a_layout, b_layout) => {
+                let ([a_data, a_scales, b_data, b_scales, offsets], [out]) = self.desc.as_fixed();
+                let a = get_q::<B>(handles, a_data, a_scales);
+                let b = get_q::<B>(handles, b_data, b_scales);
+                let offsets = handles.get_int_tensor::<B>(offsets);
+                handles.register_float_tensor::<B>(&out.id, B::fp8_grouped_gemm(a, a_layout, b, b_layout, offsets));
             }
         }
     }
@@ -94,6 +105,23 @@ impl<B: FusionBackend + Fp8Backend> Fp8Backend for Fusion<B> {
         let inputs = [a.data.into_ir(), a.scales.into_ir(), b.data.into_ir(), b.scales.into_ir()];
         let desc = CustomOpIr::new("fp8_gemm", &inputs, &[out]);
         let op = Fp8Custom::<B> { desc: desc.clone(), op: Fp8Op::Gemm(a_layout, b_layout), _backend: PhantomData };
+        client.register(streams, OperationIr::Custom(desc), op).output()
+    }
+
+    fn fp8_grouped_gemm(
+        a: Fp8Primitive<Self>,
+        a_layout: Fp8Layout,
+        b: Fp8Primitive<Self>,
+        b_layout: Fp8Layout,
+        offsets: IntTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let client = a.data.client.clone();
+        let n = b_layout.shape[0] / (offsets.shape[0] - 1);
+        let out = TensorIr::uninit(client.create_empty_handle(), Shape::new([a_layout.shape[0], n]), B::FloatElem::dtype());
+        let streams = OperationStreams::with_inputs([&a.data, &a.scales, &b.data, &b.scales, &offsets]);
+        let inputs = [a.data.into_ir(), a.scales.into_ir(), b.data.into_ir(), b.scales.into_ir(), offsets.into_ir()];
+        let desc = CustomOpIr::new("fp8_grouped_gemm", &inputs, &[out]);
+        let op = Fp8Custom::<B> { desc: desc.clone(), op: Fp8Op::GroupedGemm(a_layout, b_layout), _backend: PhantomData };
         client.register(streams, OperationIr::Custom(desc), op).output()
     }
 }

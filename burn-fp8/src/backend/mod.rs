@@ -96,6 +96,23 @@ pub trait Fp8Backend: Backend {
             .tensor()
     }
 
+    /// The grouped GEMM: `D[r, :] = A[r, :] · B_gᵀ` for the rows `offsets[g] ≤ r <
+    /// offsets[g + 1]` of group `g`, `B_g` the rows `g·N..(g + 1)·N` of `B [G·N, K]`;
+    /// `offsets [G + 1]` (backend int dtype; `u32` on CubeCL backends).
+    fn fp8_grouped_gemm(
+        a: Fp8Primitive<Self>,
+        a_layout: Fp8Layout,
+        b: Fp8Primitive<Self>,
+        b_layout: Fp8Layout,
+        offsets: IntTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let (a_data, a_scales) = tensors::<Self>(a);
+        let (b_data, b_scales) = tensors::<Self>(b);
+        reference::grouped_gemm(a_data, a_scales, a_layout, b_data, b_scales, b_layout, Tensor::from_primitive(offsets))
+            .into_primitive()
+            .tensor()
+    }
+
     /// `x [M, K] · w [K, N]` (Burn's `Linear` weight layout) as an FP8 GEMM with the
     /// operands quantized per `recipe`: the Fprop of [`crate::linear::Fp8Linear`].
     ///

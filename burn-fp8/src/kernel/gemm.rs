@@ -1,4 +1,6 @@
-//! Tile-scaled FP8 GEMM: `D[M, N] = A[M, K] · B[N, K]ᵀ`.
+//! Tile-scaled FP8 GEMM: `D[M, N] = A[M, K] · B[N, K]ᵀ`, and its grouped form
+//! `D[r, :] = A[r, :] · B_gᵀ` for the rows `r` of group `g` (the expert GEMM of a MoE layer:
+//! `B` stacks `G` matrices of `[N, K]`, rows of `A` are grouped by `offsets [G + 1]`).
 //!
 //! Both operands are packed FP8 (four codes per `u32`, rows padded to whole 128-wide
 //! tiles) with one f32 scale per tile; A's and B's tiles may each span 1 or 128 rows.
@@ -9,8 +11,13 @@
 //! f32. At the end of the K block the partials are multiplied by `scale_a[m] · scale_b[n]`
 //! and added to the f32 accumulators. Shared memory holds the chunks k-major
 //! (`a[kk][m]`, `b[kk][n]`) so neighbouring units read neighbouring addresses.
+//!
+//! The grouped form is the same kernel with a comptime switch: a cube's row tile comes
+//! from the offsets ([`super::groups`]) instead of its position, and B's rows start at
+//! `g · N`. One launch covers every group; empty groups cost nothing.
 
 use super::codec::{decode_fp8, Fp8Decode};
+use super::groups::{grouped_row_tile, grouped_tile_count};
 use crate::config::{QuantConfig, TILE_K, WORDS_PER_TILE};
 use burn_cubecl::{tensor::CubeTensor, CubeRuntime};
 use cubecl::prelude::*;
@@ -128,13 +135,16 @@ fn fp8_gemm_kernel(
     a_scales: &Array<f32>,
     b: &Array<u32>,
     b_scales: &Array<f32>,
+    offsets: &Array<u32>,
     out: &mut Array<f32>,
     m: usize,
     n: usize,
     k_blocks: usize,
+    groups: usize,
     #[comptime] a_config: QuantConfig,
     #[comptime] b_config: QuantConfig,
     #[comptime] cfg: GemmConfig,
+    #[comptime] grouped: bool,
 ) {
     let block_m = comptime!(cfg.block_m());
     let block_n = comptime!(cfg.block_n());
@@ -145,7 +155,19 @@ fn fp8_gemm_kernel(
     let units_n = comptime!(cfg.units_n as usize);
 
     let words_per_row = k_blocks * WORDS_PER_TILE;
-    let m0 = CUBE_POS_Y as usize * block_m;
+    // Rows [m0, m_end) of A and D, against B's rows [b0, b0 + n).
+    let mut m0 = CUBE_POS_Y as usize * block_m;
+    let mut m_end = m;
+    let mut b0 = 0usize;
+    if comptime!(grouped) {
+        let tile = grouped_row_tile(offsets, groups, CUBE_POS_Y as usize, block_m);
+        if tile.group == groups {
+            terminate!();
+        }
+        m0 = tile.m0;
+        m_end = tile.m_end;
+        b0 = tile.group * n;
+    }
     let n0 = CUBE_POS_X as usize * block_n;
     let ux = UNIT_POS_X as usize;
     let uy = UNIT_POS_Y as usize;
@@ -170,8 +192,8 @@ fn fp8_gemm_kernel(
         #[unroll]
         for chunk in 0..comptime!(TILE_K / CHUNK_K) {
             let word0 = kb * WORDS_PER_TILE + chunk * CHUNK_WORDS;
-            load_chunk(a, &mut a_sh, m0, m, word0, words_per_row, block_m, units, a_config, cfg.decode_a);
-            load_chunk(b, &mut b_sh, n0, n, word0, words_per_row, block_n, units, b_config, cfg.decode_b);
+            load_chunk(a, &mut a_sh, m0, m_end, word0, words_per_row, block_m, units, a_config, cfg.decode_a);
+            load_chunk(b, &mut b_sh, b0 + n0, b0 + n, word0, words_per_row, block_n, units, b_config, cfg.decode_b);
             sync_cube();
             for kk in 0..CHUNK_K {
                 #[unroll]
@@ -195,12 +217,12 @@ fn fp8_gemm_kernel(
         // Promotion: scale this K block's partial sums once, accumulate in f32.
         #[unroll]
         for i in 0..tm {
-            let row = min(m0 + uy + i * units_m, m - 1);
+            let row = min(m0 + uy + i * units_m, m_end - 1);
             a_reg[i] = a_scales[(row / comptime!(a_config.tile.rows())) * k_blocks + kb];
         }
         #[unroll]
         for j in 0..tn {
-            let col = min(n0 + ux + j * units_n, n - 1);
+            let col = b0 + min(n0 + ux + j * units_n, n - 1);
             b_reg[j] = b_scales[(col / comptime!(b_config.tile.rows())) * k_blocks + kb];
         }
         #[unroll]
@@ -218,7 +240,7 @@ fn fp8_gemm_kernel(
         #[unroll]
         for j in 0..tn {
             let col = n0 + ux + j * units_n;
-            if row < m && col < n {
+            if row < m_end && col < n {
                 out[row * n + col] = acc[i * tn + j];
             }
         }
@@ -228,6 +250,11 @@ fn fp8_gemm_kernel(
 /// Launches the GEMM on packed operands: `a` `[M, 32·⌈K/128⌉]` words with its scales,
 /// `b` `[N, 32·⌈K/128⌉]` words with its scales, writing every element of `out`, a
 /// contiguous f32 `[M, N]` tensor.
+///
+/// With `offsets` (`[G + 1]` u32, non-decreasing from 0 to M) it is the grouped GEMM:
+/// `b` holds `G` stacked `[N, K]` matrices (`[G·N, …]` words), `out` is `[M, N]`, and the
+/// rows of group `g` are multiplied by matrix `g`; rows outside every group are left
+/// unwritten.
 #[allow(clippy::too_many_arguments)]
 pub fn launch_gemm<R: CubeRuntime>(
     a: CubeTensor<R>,
@@ -236,24 +263,31 @@ pub fn launch_gemm<R: CubeRuntime>(
     b: CubeTensor<R>,
     b_scales: CubeTensor<R>,
     b_config: QuantConfig,
+    offsets: Option<CubeTensor<R>>,
     out: CubeTensor<R>,
     k: usize,
 ) {
     let client = a.client.clone();
-    let problem = GemmProblem { m: out.meta.shape()[0], n: out.meta.shape()[1], k };
-    if problem.m == 0 || problem.n == 0 {
+    let [m, n] = [out.meta.shape()[0], out.meta.shape()[1]];
+    let groups = offsets.as_ref().map_or(1, |o| o.meta.shape()[0] - 1);
+    if m == 0 || n == 0 || groups == 0 {
         return;
     }
+    // The selector sees the mean rows per group: the M of a typical group's GEMM.
+    let problem = GemmProblem { m: m.div_ceil(groups), n, k };
     let cfg = select_gemm_config(
         problem,
         Fp8Decode::select(&client, a_config.format),
         Fp8Decode::select(&client, b_config.format),
     );
-    let cube_count = CubeCount::Static(
-        problem.n.div_ceil(cfg.block_n()) as u32,
-        problem.m.div_ceil(cfg.block_m()) as u32,
-        1,
-    );
+    let row_tiles = match offsets {
+        Some(_) => grouped_tile_count(m, groups, cfg.block_m()),
+        None => m.div_ceil(cfg.block_m()),
+    };
+    let cube_count = CubeCount::Static(n.div_ceil(cfg.block_n()) as u32, row_tiles as u32, 1);
+    let grouped = offsets.is_some();
+    // The plain GEMM never reads the offsets; a one-word buffer fills the binding.
+    let offsets = offsets.unwrap_or_else(|| super::empty(&client, &a.device, [1, 1], burn::tensor::DType::U32));
     // K = 0 runs no K block: the kernel writes zeros.
     fp8_gemm_kernel::launch::<R>(
         &client,
@@ -263,12 +297,15 @@ pub fn launch_gemm<R: CubeRuntime>(
         a_scales.into_array_arg(),
         b.into_array_arg(),
         b_scales.into_array_arg(),
+        offsets.into_array_arg(),
         out.into_array_arg(),
-        problem.m,
-        problem.n,
+        m,
+        n,
         k.div_ceil(TILE_K),
+        groups,
         a_config,
         b_config,
         cfg,
+        grouped,
     );
 }

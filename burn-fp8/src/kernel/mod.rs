@@ -6,6 +6,8 @@
 pub mod codec;
 pub mod dequantize;
 pub mod gemm;
+#[allow(missing_docs)] // `#[derive(CubeType)]` and `#[cube]` expansions.
+pub mod groups;
 pub mod quantize;
 
 pub use codec::Fp8Decode;

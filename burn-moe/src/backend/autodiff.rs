@@ -6,6 +6,7 @@
 //! | gather `y[r] = w[s]·x[s/k]` | `combine(dy, w)` | `gate_grad(x, dy)` |
 //! | combine `y[t] = Σ_j w·rows[pos]` | `gather(dy, w)` | `gate_grad(dy, rows)` |
 //! | grouped `y = a·B_e` | `grouped(dy, B_eᵀ)` | `wgrad(a, dy)` |
+//! | FP8 grouped | `grouped_fp8(dy, B_eᵀ)`, `dy` in `recipe.grad` tiles | `wgrad(a, dy)` (f32) |
 //!
 //! The plan, the gate gradient and the weight gradient are not differentiated (they are
 //! integer data or only used inside backwards) and run untracked.
@@ -19,6 +20,7 @@ use burn::backend::autodiff::{
 };
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn_fp8::linear::Fp8Recipe;
 
 fn inner_plan<B: MoeBackend, C: CheckpointStrategy>(plan: PlanPrimitive<Autodiff<B, C>>) -> PlanPrimitive<B> {
     PlanPrimitive { positions: plan.positions, row_slots: plan.row_slots, offsets: plan.offsets }
@@ -73,7 +75,7 @@ impl<B: MoeBackend, const N: usize> Backward<B, N> for RowsBackward {
     }
 }
 
-/// Backward of the grouped matmul.
+/// Backward of the grouped matmul, f32 or FP8.
 #[derive(Debug)]
 struct GroupedBackward;
 
@@ -83,6 +85,8 @@ struct GroupedState<B: MoeBackend> {
     b: Option<FloatTensor<B>>,
     offsets: IntTensor<B>,
     transpose_b: bool,
+    /// The forward's FP8 recipe; `None` for f32.
+    fp8: Option<Fp8Recipe>,
 }
 
 impl<B: MoeBackend> Backward<B, 2> for GroupedBackward {
@@ -101,7 +105,14 @@ impl<B: MoeBackend> Backward<B, 2> for GroupedBackward {
             grads.register::<B>(id, db);
         }
         if let (Some(id), Some(b)) = (a_node, s.b) {
-            grads.register::<B>(id, B::moe_grouped_matmul(dy, b, s.offsets, !s.transpose_b));
+            let da = match s.fp8 {
+                None => B::moe_grouped_matmul(dy, b, s.offsets, !s.transpose_b),
+                Some(recipe) => {
+                    let recipe = Fp8Recipe { input: recipe.grad, ..recipe };
+                    B::moe_grouped_matmul_fp8(dy, b, s.offsets, !s.transpose_b, recipe)
+                }
+            };
+            grads.register::<B>(id, da);
         }
     }
 }
@@ -147,6 +158,35 @@ fn rows_op<B: MoeBackend, C: CheckpointStrategy>(
     }
 }
 
+/// The grouped matmul (f32, or FP8 with `fp8`) on `Autodiff`: records a [`GroupedBackward`].
+fn grouped_op<B: MoeBackend, C: CheckpointStrategy>(
+    a: FloatTensor<Ad<B, C>>,
+    b: FloatTensor<Ad<B, C>>,
+    offsets: IntTensor<Ad<B, C>>,
+    transpose_b: bool,
+    fp8: Option<Fp8Recipe>,
+) -> FloatTensor<Ad<B, C>> {
+    let run = |a, b, offsets| match fp8 {
+        None => B::moe_grouped_matmul(a, b, offsets, transpose_b),
+        Some(recipe) => B::moe_grouped_matmul_fp8(a, b, offsets, transpose_b, recipe),
+    };
+    let a_tracked = !a.node.requirement.is_none();
+    let b_tracked = !b.node.requirement.is_none();
+    match GroupedBackward.prepare::<C>([a.node.clone(), b.node.clone()]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => {
+            let state = GroupedState {
+                a: b_tracked.then(|| a.primitive.clone()),
+                b: a_tracked.then(|| b.primitive.clone()),
+                offsets: offsets.clone(),
+                transpose_b,
+                fp8,
+            };
+            prep.finish(state, run(a.primitive, b.primitive, offsets))
+        }
+        OpsKind::UnTracked(prep) => prep.finish(run(a.primitive, b.primitive, offsets)),
+    }
+}
+
 impl<B: MoeBackend, C: CheckpointStrategy> MoeBackend for Autodiff<B, C> {
     fn moe_plan(indices: IntTensor<Self>, counts: IntTensor<Self>) -> PlanPrimitive<Self> {
         let p = B::moe_plan(indices, counts);
@@ -166,20 +206,11 @@ impl<B: MoeBackend, C: CheckpointStrategy> MoeBackend for Autodiff<B, C> {
     }
 
     fn moe_grouped_matmul(a: FloatTensor<Self>, b: FloatTensor<Self>, offsets: IntTensor<Self>, transpose_b: bool) -> FloatTensor<Self> {
-        let a_tracked = !a.node.requirement.is_none();
-        let b_tracked = !b.node.requirement.is_none();
-        match GroupedBackward.prepare::<C>([a.node.clone(), b.node.clone()]).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => {
-                let state = GroupedState {
-                    a: b_tracked.then(|| a.primitive.clone()),
-                    b: a_tracked.then(|| b.primitive.clone()),
-                    offsets: offsets.clone(),
-                    transpose_b,
-                };
-                prep.finish(state, B::moe_grouped_matmul(a.primitive, b.primitive, offsets, transpose_b))
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::moe_grouped_matmul(a.primitive, b.primitive, offsets, transpose_b)),
-        }
+        grouped_op::<B, C>(a, b, offsets, transpose_b, None)
+    }
+
+    fn moe_grouped_matmul_fp8(a: FloatTensor<Self>, b: FloatTensor<Self>, offsets: IntTensor<Self>, transpose_b: bool, recipe: Fp8Recipe) -> FloatTensor<Self> {
+        grouped_op::<B, C>(a, b, offsets, transpose_b, Some(recipe))
     }
 
     fn moe_grouped_wgrad(a: FloatTensor<Self>, d: FloatTensor<Self>, offsets: IntTensor<Self>) -> FloatTensor<Self> {

@@ -14,6 +14,8 @@ mod cube;
 mod fusion;
 
 use crate::reference;
+use burn_fp8::linear::Fp8Recipe;
+use burn_fp8::{fp8_grouped_gemm, Fp8Backend, Fp8Tensor};
 use burn::tensor::{
     backend::Backend,
     ops::{FloatTensor, IntTensor},
@@ -61,11 +63,20 @@ fn prim<B: Backend, const D: usize>(x: Tensor<B, D>) -> FloatTensor<B> {
     x.into_primitive().tensor()
 }
 
+/// The FP8 grouped matmul as burn-fp8 ops: burn-fp8 contracts over the last dimension of
+/// its B operand, so the expert matrices are stacked `[E·N, K]` (a copy unless
+/// `transpose_b`, where `b [E, N, K]` already is).
+fn grouped_matmul_fp8<B: Fp8Backend>(a: Tensor<B, 2>, b: Tensor<B, 3>, offsets: Tensor<B, 1, Int>, transpose_b: bool, recipe: &Fp8Recipe) -> Tensor<B, 2> {
+    let [e, p, q] = b.dims();
+    let stacked = if transpose_b { b.reshape([e * p, q]) } else { b.swap_dims(1, 2).reshape([e * q, p]) };
+    fp8_grouped_gemm(&Fp8Tensor::quantize(a, recipe.input), &Fp8Tensor::quantize(stacked, recipe.weight), offsets)
+}
+
 /// Token dispatch, combine and grouped expert GEMM.
 ///
 /// In the docs below `T` is tokens, `k` experts per token, `S = T·k` slots (and rows of
 /// the expert-ordered layout), `E` experts, `d` the row width.
-pub trait MoeBackend: Backend {
+pub trait MoeBackend: Fp8Backend {
     /// The plan of flat expert `indices [S]` with their `counts [E]`.
     fn moe_plan(indices: IntTensor<Self>, counts: IntTensor<Self>) -> PlanPrimitive<Self> {
         let [positions, row_slots, offsets] = reference::plan::<Self>(int(indices), int(counts));
@@ -97,6 +108,15 @@ pub trait MoeBackend: Backend {
     /// `[E, N, K]` used transposed).
     fn moe_grouped_matmul(a: FloatTensor<Self>, b: FloatTensor<Self>, offsets: IntTensor<Self>, transpose_b: bool) -> FloatTensor<Self> {
         prim(reference::grouped_matmul::<Self>(float(a), float(b), int(offsets), transpose_b))
+    }
+
+    /// [`MoeBackend::moe_grouped_matmul`] in FP8: `a` quantized in `recipe.input` tiles
+    /// (1×128), the expert matrices in `recipe.weight` blocks (128×128), multiplied by
+    /// burn-fp8's grouped GEMM with f32 accumulation. `Autodiff` records a backward whose
+    /// input gradient is the same FP8 op (`dy` in `recipe.grad` tiles) and whose weight
+    /// gradient is [`MoeBackend::moe_grouped_wgrad`] in f32.
+    fn moe_grouped_matmul_fp8(a: FloatTensor<Self>, b: FloatTensor<Self>, offsets: IntTensor<Self>, transpose_b: bool, recipe: Fp8Recipe) -> FloatTensor<Self> {
+        prim(grouped_matmul_fp8::<Self>(float(a), float(b), int(offsets), transpose_b, &recipe))
     }
 
     /// `a [S, K]`, `d [S, N]` → `[E, K, N]`, per expert `a_eᵀ · d_e`.

@@ -5,42 +5,72 @@
 //!   of `b [E, N, K]` transposed (the input gradient of the forward);
 //! - weight gradient: `out[e] = a_eᵀ · d_e`, `a [R, K]`, `d [R, N]`, `out [E, K, N]`.
 //!
-//! Both stage `CHUNK`-deep slices of the operands through shared memory and give every
-//! unit a `TILE × TILE` register tile of a `BLOCK × BLOCK` output block (8 × 8 units).
-//! The forward grid has `⌈R / BLOCK⌉ + E` rows of cubes, an upper bound on the row tiles
-//! when each expert's rows start a new tile; each cube finds its expert and tile by
-//! walking the offsets (on the device: the row counts never reach the host), and surplus
-//! cubes exit. Empty experts get no tile in the forward and a zero gradient.
+//! Both stage `CHUNK`-deep slices of the operands through shared memory, k-major, and give
+//! every unit of an 8 × 8 cube a `tile_m × 8` register tile of a `8·tile_m × 64` output
+//! block. `tile_m` follows the mean rows per expert ([`Tiling::select`]), so that small
+//! experts do not pay for a block of mostly empty rows. The forward grid has
+//! `⌈R / block_m⌉ + E` rows of cubes; each cube finds its expert and row tile by walking
+//! the offsets on the device (burn-fp8's [`grouped_row_tile`], shared with the FP8 grouped
+//! GEMM), and surplus cubes exit. Empty experts get no tile in the forward and a zero
+//! gradient.
 
 use burn_cubecl::{tensor::CubeTensor, CubeRuntime};
+use burn_fp8::kernel::groups::{grouped_row_tile, grouped_tile_count};
 use cubecl::prelude::*;
 
 const UNITS: usize = 8;
-const TILE: usize = 4;
-/// Output rows and columns per cube.
-pub const BLOCK: usize = UNITS * TILE;
-const CHUNK: usize = 16;
-const LOADS: usize = CHUNK * BLOCK / (UNITS * UNITS);
+const TILE_N: usize = 8;
+/// Output columns per cube.
+const BLOCK_N: usize = UNITS * TILE_N;
+const CHUNK: usize = 32;
+
+/// Register tiling of a launch: each unit owns `tile_m × 8` outputs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Tiling {
+    /// Output rows per unit (1, 2, 4 or 8).
+    pub tile_m: usize,
+}
+
+impl Tiling {
+    /// The smallest of 1, 2, 4 and 8 rows per unit whose block (`8·tile_m` rows) holds
+    /// the mean rows per expert, `rows / experts`.
+    pub fn select(rows: usize, experts: usize) -> Self {
+        let mean = rows.div_ceil(experts.max(1));
+        let tile_m = match mean {
+            0..=8 => 1,
+            9..=16 => 2,
+            17..=32 => 4,
+            _ => 8,
+        };
+        Self { tile_m }
+    }
+
+    /// Output rows per cube.
+    pub const fn block_m(&self) -> usize {
+        UNITS * self.tile_m
+    }
+}
 
 /// Accumulates one staged chunk: `acc[i][j] += Σ_kk a_sh[kk][row_i] · b_sh[kk][col_j]`.
 #[cube]
-fn fma_chunk(a_sh: &SharedMemory<f32>, b_sh: &SharedMemory<f32>, acc: &mut Array<f32>, a_reg: &mut Array<f32>, b_reg: &mut Array<f32>) {
+fn fma_chunk(a_sh: &SharedMemory<f32>, b_sh: &SharedMemory<f32>, acc: &mut Array<f32>, a_reg: &mut Array<f32>, b_reg: &mut Array<f32>, #[comptime] tile_m: usize) {
+    let block_m = comptime!(UNITS * tile_m);
     let ux = UNIT_POS_X as usize;
     let uy = UNIT_POS_Y as usize;
     for kk in 0..CHUNK {
         #[unroll]
-        for i in 0..TILE {
-            a_reg[i] = a_sh[kk * BLOCK + uy + i * UNITS];
+        for i in 0..tile_m {
+            a_reg[i] = a_sh[kk * block_m + uy + i * UNITS];
         }
         #[unroll]
-        for j in 0..TILE {
-            b_reg[j] = b_sh[kk * BLOCK + ux + j * UNITS];
+        for j in 0..TILE_N {
+            b_reg[j] = b_sh[kk * BLOCK_N + ux + j * UNITS];
         }
         #[unroll]
-        for i in 0..TILE {
+        for i in 0..tile_m {
             #[unroll]
-            for j in 0..TILE {
-                acc[i * TILE + j] += a_reg[i] * b_reg[j];
+            for j in 0..TILE_N {
+                acc[i * TILE_N + j] += a_reg[i] * b_reg[j];
             }
         }
     }
@@ -50,23 +80,24 @@ fn fma_chunk(a_sh: &SharedMemory<f32>, b_sh: &SharedMemory<f32>, acc: &mut Array
 /// row-major block with `n` columns starting at `base`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn store(out: &mut Array<f32>, acc: &Array<f32>, base: usize, m0: usize, m_end: usize, n0: usize, n: usize) {
+fn store(out: &mut Array<f32>, acc: &Array<f32>, base: usize, m0: usize, m_end: usize, n0: usize, n: usize, #[comptime] tile_m: usize) {
     let ux = UNIT_POS_X as usize;
     let uy = UNIT_POS_Y as usize;
     #[unroll]
-    for i in 0..TILE {
+    for i in 0..tile_m {
         let row = m0 + uy + i * UNITS;
         #[unroll]
-        for j in 0..TILE {
+        for j in 0..TILE_N {
             let col = n0 + ux + j * UNITS;
             if row < m_end && col < n {
-                out[base + row * n + col] = acc[i * TILE + j];
+                out[base + row * n + col] = acc[i * TILE_N + j];
             }
         }
     }
 }
 
 #[cube(launch)]
+#[allow(clippy::too_many_arguments)]
 fn grouped_matmul_kernel(
     a: &Array<f32>,
     b: &Array<f32>,
@@ -76,45 +107,33 @@ fn grouped_matmul_kernel(
     n: usize,
     n_experts: usize,
     #[comptime] transpose_b: bool,
+    #[comptime] tile_m: usize,
 ) {
-    // This cube's expert and row tile.
-    let tile = CUBE_POS_Y as usize;
-    let mut seen = 0usize;
-    let mut expert = n_experts;
-    let mut m0 = 0usize;
-    let mut m_end = 0usize;
-    for e in 0..n_experts {
-        let start = offsets[e] as usize;
-        let end = offsets[e + 1] as usize;
-        let tiles = (end - start).div_ceil(BLOCK);
-        if expert == n_experts && tile < seen + tiles {
-            expert = e;
-            m0 = start + (tile - seen) * BLOCK;
-            m_end = end;
-        }
-        seen += tiles;
-    }
-    if expert == n_experts {
+    let block_m = comptime!(UNITS * tile_m);
+    let tile = grouped_row_tile(offsets, n_experts, CUBE_POS_Y as usize, block_m);
+    if tile.group == n_experts {
         terminate!();
     }
-
-    let n0 = CUBE_POS_X as usize * BLOCK;
-    let b0 = expert * k * n;
+    let m0 = tile.m0;
+    let m_end = tile.m_end;
+    let n0 = CUBE_POS_X as usize * BLOCK_N;
+    let b0 = tile.group * k * n;
     let unit = UNIT_POS as usize;
-    let mut a_sh = SharedMemory::<f32>::new(CHUNK * BLOCK);
-    let mut b_sh = SharedMemory::<f32>::new(CHUNK * BLOCK);
-    let mut acc = Array::<f32>::new(TILE * TILE);
-    let mut a_reg = Array::<f32>::new(TILE);
-    let mut b_reg = Array::<f32>::new(TILE);
+    let mut a_sh = SharedMemory::<f32>::new(comptime!(CHUNK * block_m));
+    let mut b_sh = SharedMemory::<f32>::new(CHUNK * BLOCK_N);
+    let mut acc = Array::<f32>::new(comptime!(tile_m * TILE_N));
+    let mut a_reg = Array::<f32>::new(tile_m);
+    let mut b_reg = Array::<f32>::new(TILE_N);
     #[unroll]
-    for i in 0..TILE * TILE {
+    for i in 0..comptime!(tile_m * TILE_N) {
         acc[i] = 0.0;
     }
 
     for c in 0..k.div_ceil(CHUNK) {
         let k0 = c * CHUNK;
+        // A: consecutive units read consecutive k of a row.
         #[unroll]
-        for l in 0..LOADS {
+        for l in 0..comptime!(CHUNK * block_m / (UNITS * UNITS)) {
             let idx = unit + l * UNITS * UNITS;
             let row = idx / CHUNK;
             let kk = idx % CHUNK;
@@ -122,10 +141,10 @@ fn grouped_matmul_kernel(
             if m0 + row < m_end && k0 + kk < k {
                 v = a[(m0 + row) * k + k0 + kk];
             }
-            a_sh[kk * BLOCK + row] = v;
+            a_sh[kk * block_m + row] = v;
         }
         #[unroll]
-        for l in 0..LOADS {
+        for l in 0..comptime!(CHUNK * BLOCK_N / (UNITS * UNITS)) {
             let idx = unit + l * UNITS * UNITS;
             let mut v = 0.0f32;
             if comptime!(transpose_b) {
@@ -135,48 +154,50 @@ fn grouped_matmul_kernel(
                 if n0 + col < n && k0 + kk < k {
                     v = b[b0 + (n0 + col) * k + k0 + kk];
                 }
-                b_sh[kk * BLOCK + col] = v;
+                b_sh[kk * BLOCK_N + col] = v;
             } else {
-                let kk = idx / BLOCK;
-                let col = idx % BLOCK;
+                let kk = idx / BLOCK_N;
+                let col = idx % BLOCK_N;
                 if n0 + col < n && k0 + kk < k {
                     v = b[b0 + (k0 + kk) * n + n0 + col];
                 }
-                b_sh[kk * BLOCK + col] = v;
+                b_sh[kk * BLOCK_N + col] = v;
             }
         }
         sync_cube();
-        fma_chunk(&a_sh, &b_sh, &mut acc, &mut a_reg, &mut b_reg);
+        fma_chunk(&a_sh, &b_sh, &mut acc, &mut a_reg, &mut b_reg, tile_m);
         sync_cube();
     }
-    store(out, &acc, 0, m0, m_end, n0, n);
+    store(out, &acc, 0, m0, m_end, n0, n, tile_m);
 }
 
+/// `out[e] = a_eᵀ · d_e`: output rows are `a`'s columns (`tile_m = 8`, 64 per cube),
+/// columns `d`'s; the contraction runs over the expert's rows.
 #[cube(launch)]
 fn grouped_wgrad_kernel(a: &Array<f32>, d: &Array<f32>, offsets: &Array<u32>, out: &mut Array<f32>, k: usize, n: usize) {
     let expert = CUBE_POS_Z as usize;
-    let i0 = CUBE_POS_Y as usize * BLOCK;
-    let j0 = CUBE_POS_X as usize * BLOCK;
+    let i0 = CUBE_POS_Y as usize * BLOCK_N;
+    let j0 = CUBE_POS_X as usize * BLOCK_N;
     let start = offsets[expert] as usize;
     let end = offsets[expert + 1] as usize;
     let unit = UNIT_POS as usize;
-    let mut a_sh = SharedMemory::<f32>::new(CHUNK * BLOCK);
-    let mut d_sh = SharedMemory::<f32>::new(CHUNK * BLOCK);
-    let mut acc = Array::<f32>::new(TILE * TILE);
-    let mut a_reg = Array::<f32>::new(TILE);
-    let mut b_reg = Array::<f32>::new(TILE);
+    let mut a_sh = SharedMemory::<f32>::new(CHUNK * BLOCK_N);
+    let mut d_sh = SharedMemory::<f32>::new(CHUNK * BLOCK_N);
+    let mut acc = Array::<f32>::new(TILE_N * TILE_N);
+    let mut a_reg = Array::<f32>::new(TILE_N);
+    let mut b_reg = Array::<f32>::new(TILE_N);
     #[unroll]
-    for i in 0..TILE * TILE {
+    for i in 0..TILE_N * TILE_N {
         acc[i] = 0.0;
     }
 
     for c in 0..(end - start).div_ceil(CHUNK) {
         let r0 = start + c * CHUNK;
         #[unroll]
-        for l in 0..LOADS {
+        for l in 0..comptime!(CHUNK * BLOCK_N / (UNITS * UNITS)) {
             let idx = unit + l * UNITS * UNITS;
-            let kk = idx / BLOCK;
-            let col = idx % BLOCK;
+            let kk = idx / BLOCK_N;
+            let col = idx % BLOCK_N;
             let mut va = 0.0f32;
             let mut vd = 0.0f32;
             if r0 + kk < end {
@@ -187,14 +208,14 @@ fn grouped_wgrad_kernel(a: &Array<f32>, d: &Array<f32>, offsets: &Array<u32>, ou
                     vd = d[(r0 + kk) * n + j0 + col];
                 }
             }
-            a_sh[kk * BLOCK + col] = va;
-            d_sh[kk * BLOCK + col] = vd;
+            a_sh[kk * BLOCK_N + col] = va;
+            d_sh[kk * BLOCK_N + col] = vd;
         }
         sync_cube();
-        fma_chunk(&a_sh, &d_sh, &mut acc, &mut a_reg, &mut b_reg);
+        fma_chunk(&a_sh, &d_sh, &mut acc, &mut a_reg, &mut b_reg, TILE_N);
         sync_cube();
     }
-    store(out, &acc, expert * k * n, i0, k, j0, n);
+    store(out, &acc, expert * k * n, i0, k, j0, n, TILE_N);
 }
 
 /// `out [R, N]` (contiguous f32, every row written) from `a [R, K]`, `b` (`[E, K, N]`, or
@@ -213,7 +234,9 @@ pub fn launch_grouped_matmul<R: CubeRuntime>(
     if rows == 0 || n == 0 {
         return;
     }
-    let cube_count = CubeCount::Static(n.div_ceil(BLOCK) as u32, (rows.div_ceil(BLOCK) + n_experts) as u32, 1);
+    let tiling = Tiling::select(rows, n_experts);
+    let row_tiles = grouped_tile_count(rows, n_experts, tiling.block_m());
+    let cube_count = CubeCount::Static(n.div_ceil(BLOCK_N) as u32, row_tiles as u32, 1);
     grouped_matmul_kernel::launch::<R>(
         &client,
         cube_count,
@@ -226,6 +249,7 @@ pub fn launch_grouped_matmul<R: CubeRuntime>(
         n,
         n_experts,
         transpose_b,
+        tiling.tile_m,
     );
 }
 
@@ -236,7 +260,7 @@ pub fn launch_grouped_wgrad<R: CubeRuntime>(a: CubeTensor<R>, d: CubeTensor<R>, 
     if n_experts * k * n == 0 {
         return;
     }
-    let cube_count = CubeCount::Static(n.div_ceil(BLOCK) as u32, k.div_ceil(BLOCK) as u32, n_experts as u32);
+    let cube_count = CubeCount::Static(n.div_ceil(BLOCK_N) as u32, k.div_ceil(BLOCK_N) as u32, n_experts as u32);
     grouped_wgrad_kernel::launch::<R>(
         &client,
         cube_count,

@@ -11,56 +11,75 @@
 use burn_cubecl::{tensor::CubeTensor, CubeRuntime};
 use cubecl::prelude::*;
 
+// Gather and combine give each output row to one cube, whose units stride over the
+// columns: the row's source index is read once and no unit divides by the width.
+
 #[cube(launch)]
+#[allow(clippy::too_many_arguments)]
 fn gather_kernel(
     src: &Array<f32>,
     row_slots: &Array<u32>,
     weights: &Array<f32>,
     out: &mut Array<f32>,
+    rows: usize,
     width: usize,
     top_k: usize,
     #[comptime] weighted: bool,
 ) {
-    let i = ABSOLUTE_POS;
-    if i >= out.len() {
+    let r = CUBE_POS as usize;
+    if r >= rows {
         terminate!();
     }
-    let slot = row_slots[i / width] as usize;
-    let v = src[(slot / top_k) * width + i % width];
-    if comptime!(weighted) {
-        out[i] = v * weights[slot];
-    } else {
-        out[i] = v;
+    let slot = row_slots[r] as usize;
+    let s0 = (slot / top_k) * width;
+    let o0 = r * width;
+    let step = CUBE_DIM as usize;
+    for l in 0..width.div_ceil(step) {
+        let c = l * step + UNIT_POS as usize;
+        if c < width {
+            if comptime!(weighted) {
+                out[o0 + c] = src[s0 + c] * weights[slot];
+            } else {
+                out[o0 + c] = src[s0 + c];
+            }
+        }
     }
 }
 
 #[cube(launch)]
+#[allow(clippy::too_many_arguments)]
 fn combine_kernel(
-    rows: &Array<f32>,
+    src: &Array<f32>,
     positions: &Array<u32>,
     weights: &Array<f32>,
     out: &mut Array<f32>,
+    rows: usize,
     width: usize,
     top_k: usize,
     #[comptime] weighted: bool,
 ) {
-    let i = ABSOLUTE_POS;
-    if i >= out.len() {
+    let t = CUBE_POS as usize;
+    if t >= rows {
         terminate!();
     }
-    let t = i / width;
-    let c = i % width;
-    let mut acc = 0.0f32;
-    for j in 0..top_k {
-        let slot = t * top_k + j;
-        let v = rows[positions[slot] as usize * width + c];
-        if comptime!(weighted) {
-            acc += v * weights[slot];
-        } else {
-            acc += v;
+    let o0 = t * width;
+    let step = CUBE_DIM as usize;
+    for l in 0..width.div_ceil(step) {
+        let c = l * step + UNIT_POS as usize;
+        if c < width {
+            let mut acc = 0.0f32;
+            for j in 0..top_k {
+                let slot = t * top_k + j;
+                let v = src[positions[slot] as usize * width + c];
+                if comptime!(weighted) {
+                    acc += v * weights[slot];
+                } else {
+                    acc += v;
+                }
+            }
+            out[o0 + c] = acc;
         }
     }
-    out[i] = acc;
 }
 
 #[cube(launch)]
@@ -94,18 +113,26 @@ enum Movement {
     Combine,
 }
 
+/// Units per cube of the row movements (a cube per output row).
+const ROW_UNITS: u32 = 64;
+
 /// Launches `movement` over `src` with its plan index (`row_slots` for gather,
 /// `positions` for combine); without weights the kernel's weight input is a dummy (`src`).
 fn launch_movement<R: CubeRuntime>(movement: Movement, src: CubeTensor<R>, index: CubeTensor<R>, weights: Option<CubeTensor<R>>, out: CubeTensor<R>, top_k: usize) {
-    let Some((count, dim)) = elementwise(&out) else { return };
+    let [rows, width] = [out.meta.shape()[0], out.meta.shape()[1]];
+    if rows * width == 0 {
+        return;
+    }
     let client = src.client.clone();
-    let width = out.meta.shape()[1];
+    // One cube per row, spread over the grid's dimensions when rows exceed one of them.
+    let count = cubecl::calculate_cube_count_elemwise(&client, rows, CubeDim::new_1d(1));
+    let dim = CubeDim::new_1d(ROW_UNITS);
     let weighted = weights.is_some();
     let weights = weights.unwrap_or_else(|| src.clone());
     let (src, index, weights, out) = (src.into_array_arg(), index.into_array_arg(), weights.into_array_arg(), out.into_array_arg());
     match movement {
-        Movement::Gather => gather_kernel::launch::<R>(&client, count, dim, src, index, weights, out, width, top_k, weighted),
-        Movement::Combine => combine_kernel::launch::<R>(&client, count, dim, src, index, weights, out, width, top_k, weighted),
+        Movement::Gather => gather_kernel::launch::<R>(&client, count, dim, src, index, weights, out, rows, width, top_k, weighted),
+        Movement::Combine => combine_kernel::launch::<R>(&client, count, dim, src, index, weights, out, rows, width, top_k, weighted),
     }
 }
 

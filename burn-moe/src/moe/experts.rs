@@ -2,12 +2,14 @@
 //! the dense SwiGLU of the shared experts.
 
 use crate::backend::MoeBackend;
-use crate::dispatch::{grouped_matmul, DispatchPlan};
+use crate::dispatch::{grouped_matmul, grouped_matmul_fp8, DispatchPlan};
+use burn_fp8::linear::Fp8Recipe;
 use burn::module::{Module, Param};
 use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::tensor::{activation::silu, backend::Backend, Tensor};
 
-/// `E` SwiGLU experts `x ↦ (silu(x·W_gate) ⊙ (x·W_up)) · W_down`, stacked.
+/// `E` SwiGLU experts `x ↦ (silu(x·W_gate) ⊙ (x·W_up)) · W_down`, stacked, run in f32 or,
+/// with an FP8 recipe, through the FP8 grouped GEMM ([`grouped_matmul_fp8`]).
 ///
 /// # Shapes
 /// - w_gate, w_up: `[E, d_model, d_expert]`
@@ -20,6 +22,9 @@ pub struct RoutedExperts<B: Backend> {
     pub w_up: Param<Tensor<B, 3>>,
     /// Down projections.
     pub w_down: Param<Tensor<B, 3>>,
+    /// FP8 recipe of the three GEMMs; `None` runs them in f32.
+    #[module(skip)]
+    pub fp8: Option<Fp8Recipe>,
 }
 
 impl<B: Backend> RoutedExperts<B> {
@@ -30,7 +35,13 @@ impl<B: Backend> RoutedExperts<B> {
             w_gate: w([n_experts, d_model, d_expert], d_model, d_expert),
             w_up: w([n_experts, d_model, d_expert], d_model, d_expert),
             w_down: w([n_experts, d_expert, d_model], d_expert, d_model),
+            fp8: None,
         }
+    }
+
+    /// The same experts with their GEMMs in FP8 per `recipe` (or f32 with `None`).
+    pub fn with_fp8(self, recipe: Option<Fp8Recipe>) -> Self {
+        Self { fp8: recipe, ..self }
     }
 
     /// Expert count `E`.
@@ -45,9 +56,13 @@ impl<B: MoeBackend> RoutedExperts<B> {
     /// # Shapes
     /// - rows: `[T·k, d_model]` → `[T·k, d_model]`
     pub fn forward(&self, rows: Tensor<B, 2>, plan: &DispatchPlan<B>) -> Tensor<B, 2> {
-        let gate = grouped_matmul(rows.clone(), self.w_gate.val(), plan);
-        let up = grouped_matmul(rows, self.w_up.val(), plan);
-        grouped_matmul(silu(gate) * up, self.w_down.val(), plan)
+        let matmul = |x: Tensor<B, 2>, w: &Param<Tensor<B, 3>>| match self.fp8 {
+            Some(recipe) => grouped_matmul_fp8(x, w.val(), plan, recipe),
+            None => grouped_matmul(x, w.val(), plan),
+        };
+        let gate = matmul(rows.clone(), &self.w_gate);
+        let up = matmul(rows, &self.w_up);
+        matmul(silu(gate) * up, &self.w_down)
     }
 }
 

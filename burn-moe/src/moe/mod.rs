@@ -35,6 +35,7 @@ use crate::backend::MoeBackend;
 use crate::dispatch::{combine, dispatch, DispatchPlan};
 use crate::router::{route, scores, sequence_balance_loss, update_bias, RouterConfig, RouterError, Routing};
 use burn::config::Config;
+use burn_fp8::linear::Fp8Recipe;
 use burn::module::{Module, Param, ParamId};
 use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::tensor::{backend::Backend, Int, Tensor};
@@ -60,6 +61,11 @@ pub struct MoeConfig {
     /// Standard deviation of the normal weight initialization.
     #[config(default = 0.006)]
     pub init_std: f64,
+    /// FP8 recipe for the routed experts' GEMMs (DeepSeek-V3:
+    /// `Some(Fp8Recipe::deepseek_v3())`); `None` runs them in f32. The router and the shared
+    /// experts stay in f32.
+    #[config(default = "None")]
+    pub fp8: Option<Fp8Recipe>,
 }
 
 impl MoeConfig {
@@ -83,7 +89,7 @@ impl MoeConfig {
         Ok(Moe {
             gate: LinearConfig::new(d, e).with_bias(false).with_initializer(init.clone()).init(device),
             bias: Param::initialized(ParamId::new(), Tensor::zeros([e], device).set_require_grad(false)),
-            experts: RoutedExperts::new(e, d, self.d_expert, &init, device),
+            experts: RoutedExperts::new(e, d, self.d_expert, &init, device).with_fp8(self.fp8),
             shared: (self.n_shared_experts > 0).then(|| SwiGluMlp::new(d, self.n_shared_experts * self.d_expert, &init, device)),
             router: self.router,
             balance_loss_weight: self.balance_loss_weight,

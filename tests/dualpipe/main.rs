@@ -1,0 +1,3 @@
+//! burn-dualpipe: the schedules' invariants and bubbles.
+
+mod schedule;
