@@ -17,7 +17,7 @@
 //! NaN encodes to the canonical NaN code `0x7F` with the input's sign bit (`0xFF` for a
 //! negative NaN); every NaN code decodes to an f32 NaN. The codec never turns a NaN into a
 //! number. Infinity saturates to ±max at the codec level, so the *quantization* layer
-//! ([`crate::quantize`]) detects non-finite tiles before encoding and marks them with a NaN
+//! ([`crate::Fp8Tensor::quantize`]) detects non-finite tiles before encoding and marks them with a NaN
 //! scale, which [`crate::Fp8Tensor::check_finite`] reports.
 //!
 //! The kernels carry a bit-for-bit copy of this codec written with integer operations

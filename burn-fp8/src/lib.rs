@@ -15,7 +15,7 @@
 //!   input step and a deferred weight step ([`linear::WeightGradQueue`]);
 //! - [`Fp8Backend`]: the backend extension trait. CubeCL backends (wgpu, CUDA, and Burn's
 //!   fused versions of them) run custom kernels; every other backend, e.g. `NdArray`, runs
-//!   the reference implementation written in plain Burn tensor ops ([`reference`]).
+//!   the reference implementation written in plain Burn tensor ops ([`reference`](mod@reference)).
 //!
 //! Kernels decode FP8 in software from codes packed four to a `u32` (portable to runtimes
 //! without FP8 types, such as wgpu on lavapipe) or with the native FP8 conversion where the

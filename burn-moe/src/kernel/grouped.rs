@@ -10,7 +10,7 @@
 //! block. `tile_m` follows the mean rows per expert ([`Tiling::select`]), so that small
 //! experts do not pay for a block of mostly empty rows. The forward grid has
 //! `⌈R / block_m⌉ + E` rows of cubes; each cube finds its expert and row tile by walking
-//! the offsets on the device (burn-fp8's [`grouped_row_tile`], shared with the FP8 grouped
+//! the offsets on the device (burn-fp8's [`grouped_row_tile()`], shared with the FP8 grouped
 //! GEMM), and surplus cubes exit. Empty experts get no tile in the forward and a zero
 //! gradient.
 

@@ -1,7 +1,7 @@
 //! The DeepSeekMoE layer: shared experts plus routed experts, dropless.
 //!
 //! `y = shared(x) + Σ_{e ∈ topk(x)} g_e(x) · expert_e(x)`, every expert a SwiGLU MLP. The
-//! routed path runs as route → [`dispatch`] → three [`grouped_matmul`]s → [`combine`],
+//! routed path runs as route → [`dispatch`] → three [`grouped_matmul`](crate::dispatch::grouped_matmul)s → [`combine`],
 //! so all experts run in a handful of launches whatever their loads, and every forward
 //! returns the per-expert token counts for logging and for the balancing-bias update.
 //!
