@@ -7,7 +7,10 @@
 //!   weight-gradient), overlapped forward-and-backward pairs, sends and receives — and
 //!   [`schedule::validate`], which checks their invariants;
 //! - [`simulate()`]: the cost simulator, per-rank [`Timeline`]s and bubbles from pass
-//!   times, drawn as SVG ([`Timeline::to_svg`]).
+//!   times, drawn as SVG ([`Timeline::to_svg`]);
+//! - [`executor`]: [`executor::Pipeline`] runs any schedule over several Burn devices,
+//!   one thread per rank, and returns the loss, every chunk's gradients and the measured
+//!   timeline; a rank that panics or stalls ends the step with an error naming it.
 //!
 //! ```
 //! use burn_dualpipe::schedule::{validate, Schedule, ScheduleKind};
@@ -21,6 +24,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod executor;
 pub mod schedule;
 mod simulate;
 mod timeline;

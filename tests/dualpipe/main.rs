@@ -1,3 +1,4 @@
 //! burn-dualpipe: the schedules' invariants and bubbles.
 
+mod executor;
 mod schedule;

@@ -1,0 +1,170 @@
+//! The executor: runs any [`Schedule`] over several Burn devices, one thread per rank.
+//!
+//! Each rank owns a device, its stage chunks (copies of the user's stage modules forked
+//! to that device) and a mailbox. Activations and gradients cross ranks as host copies
+//! (`TensorData`), the transfer that works between any two Burn devices (Burn 0.21's
+//! `to_device` between two wgpu devices panics). A stage's input is a fresh leaf with
+//! `require_grad`, so each stage's backward is its own autodiff pass: `Backward` runs it
+//! whole, `BackwardInput` runs it under burn-fp8's [`WeightGradQueue`] (the weight GEMMs of
+//! `Fp8Linear` layers are queued) and `BackwardWeight` flushes the queue. Gradients
+//! accumulate over micro-batches per chunk.
+//!
+//! A rank that panics or errs sets a shared abort flag; ranks waiting on a receive see it
+//! within a poll interval and stop, and a receive that waits longer than the timeout
+//! fails naming the rank it waits for: a step ends with an error, never a hang.
+
+mod rank;
+
+use crate::schedule::{Schedule, Task};
+use crate::timeline::Timeline;
+use burn::module::AutodiffModule;
+use burn::optim::GradientsParams;
+use burn::tensor::{backend::AutodiffBackend, Tensor};
+use burn::backend::autodiff::grads::Gradients;
+use core::fmt;
+use std::time::Duration;
+
+/// A pipeline stage: a Burn module mapping a `D`-dimensional tensor to one of the same
+/// rank (the activations passed between stages).
+pub trait PipelineStage<B: AutodiffBackend, const D: usize>: AutodiffModule<B> + Send + 'static {
+    /// The stage's forward.
+    fn forward(&self, x: Tensor<B, D>) -> Tensor<B, D>;
+}
+
+/// Why a step failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PipelineError {
+    /// Stage modules or devices do not fit the schedule.
+    Mismatch {
+        /// What does not fit.
+        what: &'static str,
+        /// What the schedule needs.
+        expected: usize,
+        /// What was given.
+        got: usize,
+    },
+    /// A rank panicked while running `task`.
+    RankPanicked {
+        /// The rank.
+        rank: usize,
+        /// The panic message.
+        message: String,
+    },
+    /// A rank stalled: `from` computed (or had ended) for longer than the timeout while
+    /// `rank` waited for its payload. Ranks waiting on ranks that are themselves waiting
+    /// keep waiting, so the error names the stalled rank, not a link of the chain.
+    Timeout {
+        /// The waiting rank.
+        rank: usize,
+        /// The stalled rank it waited for.
+        from: usize,
+        /// The task whose payload it waited for.
+        task: Task,
+    },
+    /// A rank stopped because another one failed.
+    Aborted {
+        /// The rank that stopped.
+        rank: usize,
+    },
+}
+
+impl fmt::Display for PipelineError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PipelineError::Mismatch { what, expected, got } => write!(f, "the schedule needs {expected} {what}, got {got}"),
+            PipelineError::RankPanicked { rank, message } => write!(f, "rank {rank} panicked: {message}"),
+            PipelineError::Timeout { rank, from, task } => {
+                write!(f, "rank {from} stalled: busy beyond the timeout while rank {rank} waited for its {task:?}")
+            }
+            PipelineError::Aborted { rank } => write!(f, "rank {rank} stopped because another rank failed"),
+        }
+    }
+}
+
+impl std::error::Error for PipelineError {}
+
+/// The gradients one rank's chunk accumulated over the step.
+#[derive(Debug)]
+pub struct ChunkGrads {
+    /// The rank.
+    pub rank: usize,
+    /// The chunk on that rank.
+    pub chunk: usize,
+    /// The stage the chunk holds.
+    pub stage: usize,
+    /// Its parameters' gradients, on the rank's device, keyed by the stage module's
+    /// parameter ids (copies of a stage share them).
+    pub grads: GradientsParams,
+}
+
+/// What a step returns.
+#[derive(Debug)]
+pub struct StepOutput {
+    /// The loss of the batch: the sum over micro-batches of `loss / M`.
+    pub loss: f64,
+    /// Every chunk's gradients (DualPipe: two chunks per stage, to be summed).
+    pub grads: Vec<ChunkGrads>,
+    /// The measured compute spans of every rank, in seconds from the step's start.
+    pub timeline: Timeline,
+}
+
+/// A pipeline: stage modules, one device per rank and a schedule; `D` is the rank of the
+/// activation tensors passed between stages.
+pub struct Pipeline<B: AutodiffBackend, S, const D: usize> {
+    stages: Vec<S>,
+    devices: Vec<B::Device>,
+    schedule: Schedule,
+    timeout: Duration,
+}
+
+impl<B, S, const D: usize> Pipeline<B, S, D>
+where
+    B: AutodiffBackend<Gradients = Gradients>,
+    S: PipelineStage<B, D> + Clone,
+{
+    /// `stages[s]` runs stage `s` (`schedule.stages()` of them) on the devices of the
+    /// ranks the schedule places it on.
+    ///
+    /// # Errors
+    /// [`PipelineError::Mismatch`] when the stage or device count does not fit.
+    pub fn new(stages: Vec<S>, devices: Vec<B::Device>, schedule: Schedule) -> Result<Self, PipelineError> {
+        if stages.len() != schedule.stages() {
+            return Err(PipelineError::Mismatch { what: "stage modules", expected: schedule.stages(), got: stages.len() });
+        }
+        if devices.len() != schedule.ranks {
+            return Err(PipelineError::Mismatch { what: "devices (one per rank)", expected: schedule.ranks, got: devices.len() });
+        }
+        Ok(Self { stages, devices, schedule, timeout: Duration::from_secs(120) })
+    }
+
+    /// The longest a rank waits for one payload before the step fails (default 120 s).
+    pub fn with_timeout(self, timeout: Duration) -> Self {
+        Self { timeout, ..self }
+    }
+
+    /// The schedule.
+    pub fn schedule(&self) -> &Schedule {
+        &self.schedule
+    }
+
+    /// Runs one step: micro-batch `m` is `inputs[m]` (on any device), its loss is
+    /// `loss(output, m)`; every micro-batch's loss is divided by `M`, so the gradients are
+    /// those of the mean loss.
+    ///
+    /// # Errors
+    /// The first rank's failure ([`PipelineError::RankPanicked`], [`PipelineError::Timeout`]),
+    /// or [`PipelineError::Mismatch`] when `inputs` is not one tensor per micro-batch.
+    pub fn step<L>(&self, inputs: Vec<Tensor<B, D>>, loss: L) -> Result<StepOutput, PipelineError>
+    where
+        L: Fn(Tensor<B, D>, usize) -> Tensor<B, 1> + Sync,
+    {
+        if inputs.len() != self.schedule.micro_batches {
+            return Err(PipelineError::Mismatch { what: "input micro-batches", expected: self.schedule.micro_batches, got: inputs.len() });
+        }
+        let inputs: Vec<_> = inputs.into_iter().map(|x| x.into_data()).collect();
+        let chunks: Vec<Vec<S>> = (0..self.schedule.ranks)
+            .map(|r| (0..self.schedule.kind.chunks_per_rank()).map(|c| self.stages[self.schedule.stage_of_chunk(r, c)].clone().fork(&self.devices[r])).collect())
+            .collect();
+        rank::run(&self.schedule, &self.devices, chunks, self.timeout, &inputs, &loss)
+    }
+}
