@@ -175,22 +175,6 @@ pub fn combine<B: MoeBackend>(rows: Tensor<B, 2>, weights: Tensor<B, 2>, plan: &
     float(B::moe_combine(rows.into_primitive().tensor(), plan.primitive(), plan.top_k, Some(w)))
 }
 
-/// Checks `rows [T·k, K]` and `weights [E, K, N]` against the plan; returns `N`, or
-/// `None` when the product is empty.
-fn grouped_dims<B: Backend>(op: &str, rows: &Tensor<B, 2>, weights: &Tensor<B, 3>, plan: &DispatchPlan<B>) -> Option<usize> {
-    let [r, k] = rows.dims();
-    let [e, wk, n] = weights.dims();
-    assert!(
-        r == plan.rows() && e == plan.n_experts && wk == k,
-        "{op}: rows {:?} and weights {:?} must be [T·k, K] = [{}, K] and [E, K, N] with E = {}",
-        [r, k],
-        [e, wk, n],
-        plan.rows(),
-        plan.n_experts
-    );
-    (r > 0 && n > 0 && k > 0).then_some(n)
-}
-
 /// Multiplies each expert's rows by its matrix: `out[r] = rows[r] · weights[e]` for the
 /// rows `r` of expert `e`, all experts in one launch.
 ///
@@ -200,15 +184,7 @@ fn grouped_dims<B: Backend>(op: &str, rows: &Tensor<B, 2>, weights: &Tensor<B, 3
 /// # Panics
 /// If the shapes do not match the plan.
 pub fn grouped_matmul<B: MoeBackend>(rows: Tensor<B, 2>, weights: Tensor<B, 3>, plan: &DispatchPlan<B>) -> Tensor<B, 2> {
-    let Some(_) = grouped_dims("grouped_matmul", &rows, &weights, plan) else {
-        return Tensor::zeros([rows.dims()[0], weights.dims()[2]], &rows.device());
-    };
-    float(B::moe_grouped_matmul(
-        rows.into_primitive().tensor(),
-        weights.into_primitive().tensor(),
-        plan.offsets.clone().into_primitive(),
-        false,
-    ))
+    grouped("grouped_matmul", rows, weights, plan, None)
 }
 
 /// [`grouped_matmul`] in FP8 (DeepSeek-V3's expert GEMM): the rows quantized in 1×128
@@ -226,14 +202,27 @@ pub fn grouped_matmul<B: MoeBackend>(rows: Tensor<B, 2>, weights: Tensor<B, 3>, 
 /// # Panics
 /// If the shapes do not match the plan.
 pub fn grouped_matmul_fp8<B: MoeBackend>(rows: Tensor<B, 2>, weights: Tensor<B, 3>, plan: &DispatchPlan<B>, recipe: Fp8Recipe) -> Tensor<B, 2> {
-    let Some(_) = grouped_dims("grouped_matmul_fp8", &rows, &weights, plan) else {
-        return Tensor::zeros([rows.dims()[0], weights.dims()[2]], &rows.device());
-    };
-    float(B::moe_grouped_matmul_fp8(
-        rows.into_primitive().tensor(),
-        weights.into_primitive().tensor(),
-        plan.offsets.clone().into_primitive(),
-        false,
-        recipe,
-    ))
+    grouped("grouped_matmul_fp8", rows, weights, plan, Some(recipe))
+}
+
+/// The shape checks and the op of both grouped matmuls: f32, or FP8 with a recipe.
+fn grouped<B: MoeBackend>(op: &str, rows: Tensor<B, 2>, weights: Tensor<B, 3>, plan: &DispatchPlan<B>, fp8: Option<Fp8Recipe>) -> Tensor<B, 2> {
+    let [r, k] = rows.dims();
+    let [e, wk, n] = weights.dims();
+    assert!(
+        r == plan.rows() && e == plan.n_experts && wk == k,
+        "{op}: rows {:?} and weights {:?} must be [T·k, K] = [{}, K] and [E, K, N] with E = {}",
+        [r, k],
+        [e, wk, n],
+        plan.rows(),
+        plan.n_experts
+    );
+    if r == 0 || n == 0 || k == 0 {
+        return Tensor::zeros([r, n], &rows.device());
+    }
+    let (a, b, offsets) = (rows.into_primitive().tensor(), weights.into_primitive().tensor(), plan.offsets.clone().into_primitive());
+    float(match fp8 {
+        None => B::moe_grouped_matmul(a, b, offsets, false),
+        Some(recipe) => B::moe_grouped_matmul_fp8(a, b, offsets, false, recipe),
+    })
 }

@@ -75,7 +75,7 @@ where
                             busy_since,
                             start,
                             activations: HashMap::new(),
-                            losses: HashMap::new(),
+                            losses: Vec::new(),
                             local: HashMap::new(),
                             deferred: HashMap::new(),
                             spans: Vec::new(),
@@ -141,8 +141,9 @@ struct RankState<'a, B: AutodiffBackend, S, const D: usize> {
     start: Instant,
     /// Per task in flight: its input (none at stage 0: the micro-batch input).
     activations: HashMap<Task, Option<TensorData>>,
-    /// The loss of each micro-batch whose last stage ran here, `loss / M`.
-    losses: HashMap<Task, f64>,
+    /// The loss of each micro-batch whose last stage ran here, `loss / M`, detached; read
+    /// to the host once, at the end of the step.
+    losses: Vec<Tensor<B, 1>>,
     /// Outputs of local neighbours: activations for the next stage, gradients for the
     /// previous, when both stages live on this rank (DualPipeV's turn).
     local: HashMap<(Task, Payload), TensorData>,
@@ -179,19 +180,22 @@ where
             }
             match instr {
                 Instr::Send { .. } | Instr::Recv { .. } => unreachable!("handled above"),
-                Instr::Forward(t) => self.forward(t, inputs, loss),
+                Instr::Forward(t) => self.forward(t, inputs),
                 Instr::Backward(t) => self.backward(t, false, inputs, loss),
                 Instr::BackwardInput(t) => self.backward(t, true, inputs, loss),
                 Instr::BackwardWeight(t) => self.weight(t),
                 Instr::ForwardBackward { forward, backward } => {
-                    self.forward(forward, inputs, loss);
+                    self.forward(forward, inputs);
                     self.backward(backward, false, inputs, loss);
                 }
             }
             B::sync(&self.device).map_err(|e| PipelineError::RankPanicked { rank: self.rank, message: format!("device sync failed: {e:?}") })?;
             self.spans.push(Span { start: begin, end: self.start.elapsed().as_secs_f64(), instr });
         }
-        let loss = self.losses.values().sum();
+        let loss = match self.losses.into_iter().reduce(|a, b| a + b) {
+            Some(total) => total.into_data().convert::<f64>().as_slice::<f64>().expect("f64 loss")[0],
+            None => 0.0,
+        };
         let schedule = self.schedule;
         let grads = self
             .accumulators
@@ -256,19 +260,17 @@ where
         }
     }
 
-    /// The forward of `task`: its output goes on (or its loss is recorded); only its input
-    /// is kept, and the backward recomputes the forward (see [`RankState::backward`]).
-    fn forward<L: Fn(Tensor<B, D>, usize) -> Tensor<B, 1>>(&mut self, task: Task, inputs: &[TensorData], loss: &L) {
-        let schedule = self.schedule;
+    /// The forward of `task`: its output goes on to the next stage; only its input is
+    /// kept, and the backward recomputes the forward (see [`RankState::backward`]). At the
+    /// last stage nothing waits for the output, so the forward is left to the backward,
+    /// which computes the loss from the recomputed output.
+    fn forward(&mut self, task: Task, inputs: &[TensorData]) {
         let data = (task.stage > 0).then(|| {
             self.local.remove(&(Task::new(task.micro_batch, task.stage - 1), Payload::Activation)).expect("the activation was received or computed here")
         });
-        let (_, x) = self.input(task, &data, inputs);
-        let y = self.chunks[self.chunk(task)].forward(x).detach();
-        if task.stage + 1 == schedule.stages() {
-            let l = loss(y, task.micro_batch) / schedule.micro_batches as f64;
-            self.losses.insert(task, l.into_data().convert::<f64>().as_slice::<f64>().expect("f64 loss")[0]);
-        } else {
+        if task.stage + 1 < self.schedule.stages() {
+            let (_, x) = self.input(task, &data, inputs);
+            let y = self.chunks[self.chunk(task)].forward(x).detach();
             self.local.insert((task, Payload::Activation), y.into_data());
         }
         self.activations.insert(task, data);
@@ -290,7 +292,9 @@ where
         let (x, input) = self.input(task, &data, inputs);
         let y = self.chunks[self.chunk(task)].forward(input);
         let root = if task.stage + 1 == schedule.stages() {
-            loss(y, task.micro_batch) / schedule.micro_batches as f64
+            let l = loss(y, task.micro_batch) / schedule.micro_batches as f64;
+            self.losses.push(l.clone().detach());
+            l
         } else {
             let data = self.local.remove(&(Task::new(task.micro_batch, task.stage + 1), Payload::Gradient)).expect("the gradient was received or computed here");
             (y * Tensor::from_data(data, &self.device)).sum()

@@ -239,13 +239,12 @@ impl Schedule {
             return Err(ScheduleError::MicroBatches { kind, micro_batches, min, even });
         }
         let mut schedule = Self { kind, ranks, micro_batches, programs: Vec::new() };
-        let compute: Vec<Vec<Instr>> = (0..ranks)
-            .map(|rank| match kind {
-                ScheduleKind::OneFOneB => classic::one_f_one_b(ranks, micro_batches, rank),
-                ScheduleKind::Zb1p => classic::zb1p(ranks, micro_batches)[rank].clone(),
-                ScheduleKind::DualPipe | ScheduleKind::DualPipeV => dualpipe::program(&schedule, rank),
-            })
-            .collect();
+        // ZB1P's greedy run produces every rank's program at once; the others go rank by rank.
+        let compute: Vec<Vec<Instr>> = match kind {
+            ScheduleKind::Zb1p => classic::zb1p(ranks, micro_batches),
+            ScheduleKind::OneFOneB => (0..ranks).map(|rank| classic::one_f_one_b(ranks, micro_batches, rank)).collect(),
+            ScheduleKind::DualPipe | ScheduleKind::DualPipeV => (0..ranks).map(|rank| dualpipe::program(&schedule, rank)).collect(),
+        };
         schedule.programs = compute.into_iter().enumerate().map(|(rank, p)| schedule.with_comm(rank, p)).collect();
         Ok(schedule)
     }
@@ -283,8 +282,8 @@ impl Schedule {
         }
     }
 
-    /// The stage chunk `chunk` of rank `rank` holds (for micro-batch `micro_batch`: only
-    /// DualPipe's chunks depend on the direction, which the chunk index already names).
+    /// The stage that chunk `chunk` of rank `rank` holds (the inverse of
+    /// [`Schedule::place`]'s rank and chunk).
     pub fn stage_of_chunk(&self, rank: usize, chunk: usize) -> usize {
         match (self.kind, chunk) {
             (ScheduleKind::DualPipe, 1) => self.ranks - 1 - rank,
