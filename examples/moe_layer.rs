@@ -27,7 +27,11 @@ use burn_moe::moe::forward_naive;
 use burn_moe::reference;
 use burn_moe::router::{route, RouterConfig};
 use burn_moe::{Moe, MoeBackend, MoeConfig};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+#[path = "common/timing.rs"]
+mod timing;
+use timing::time;
 
 struct Args {
     backend: String,
@@ -69,24 +73,6 @@ fn config(name: &str) -> MoeConfig {
     }
 }
 
-/// Mean time of `f` over at least 3 runs and `min_time`, after one warm-up run. What `f`
-/// returns is kept until the device is synced: a fused backend may skip work whose
-/// result is dropped unread, which would time nothing.
-fn time<B: Backend, T>(device: &B::Device, min_time: Duration, mut f: impl FnMut() -> T) -> Duration {
-    let kept = f();
-    B::sync(device).expect("device sync");
-    drop(kept);
-    let start = Instant::now();
-    let mut runs = 0u32;
-    while runs < 3 || start.elapsed() < min_time {
-        let kept = f();
-        B::sync(device).expect("device sync");
-        drop(kept);
-        runs += 1;
-    }
-    start.elapsed() / runs
-}
-
 fn layer<B: MoeBackend>(device: &B::Device, config: &MoeConfig, tokens: &[usize], min_time: Duration) {
     let d = config.d_model;
     let moe: Moe<B> = config.init(device);
@@ -104,16 +90,16 @@ fn layer<B: MoeBackend>(device: &B::Device, config: &MoeConfig, tokens: &[usize]
         let scale = naive.clone().abs().max().into_scalar().elem::<f64>();
         let diff = (fast - naive).abs().max().into_scalar().elem::<f64>() / scale;
 
-        let t_fwd = time::<B, _>(device, min_time, || moe.forward(x.clone()).output);
-        let t_naive = time::<B, _>(device, min_time, || forward_naive(&moe, x.clone()).output);
+        let t_fwd = time::<B, _>(device, min_time, usize::MAX, || moe.forward(x.clone()).output);
+        let t_naive = time::<B, _>(device, min_time, usize::MAX, || forward_naive(&moe, x.clone()).output);
         let xa = Tensor::<Autodiff<B>, 3>::from_inner(x.clone()).require_grad();
         let step = |naive: bool| {
             let out = if naive { forward_naive(&train, xa.clone()) } else { train.forward(xa.clone()) };
             (out.output.powi_scalar(2).mean() + out.balance_loss.unwrap()).backward()
         };
-        let t_train = time::<B, _>(device, min_time, || step(false));
-        let t_train_naive = time::<B, _>(device, min_time, || step(true));
-        let t_fp8 = time::<B, _>(device, min_time, || moe_fp8.forward(x.clone()).output);
+        let t_train = time::<B, _>(device, min_time, usize::MAX, || step(false));
+        let t_train_naive = time::<B, _>(device, min_time, usize::MAX, || step(true));
+        let t_fp8 = time::<B, _>(device, min_time, usize::MAX, || moe_fp8.forward(x.clone()).output);
         let rate = |time: Duration| t as f64 / time.as_secs_f64();
         println!(
             "{t:>7} | {:>12.0} {:>12.0} {:>7.2}x | {:>12.0} {:>12.0} {:>7.2}x | {diff:>9.1e} | {:>12.0} {:>7.2}x",
@@ -155,10 +141,10 @@ fn expert_gemm<B: MoeBackend>(device: &B::Device, config: &MoeConfig, tokens: &[
         let w_q = Fp8Tensor::quantize(w.clone().swap_dims(1, 2).reshape([e * f, d]), recipe.weight);
         let diff = calc_diff(grouped_matmul_fp8(rows.clone(), w.clone(), &plan, recipe), grouped_matmul(rows.clone(), w.clone(), &plan));
 
-        let t_f32 = time::<B, _>(device, min_time, || grouped_matmul(rows.clone(), w.clone(), &plan));
-        let t_fp8 = time::<B, _>(device, min_time, || grouped_matmul_fp8(rows.clone(), w.clone(), &plan, recipe));
-        let t_fp8q = time::<B, _>(device, min_time, || fp8_grouped_gemm(&rows_q, &w_q, plan.offsets()));
-        let t_naive = time::<B, _>(device, min_time, || reference::grouped_matmul(rows.clone(), w.clone(), plan.offsets(), false));
+        let t_f32 = time::<B, _>(device, min_time, usize::MAX, || grouped_matmul(rows.clone(), w.clone(), &plan));
+        let t_fp8 = time::<B, _>(device, min_time, usize::MAX, || grouped_matmul_fp8(rows.clone(), w.clone(), &plan, recipe));
+        let t_fp8q = time::<B, _>(device, min_time, usize::MAX, || fp8_grouped_gemm(&rows_q, &w_q, plan.offsets()));
+        let t_naive = time::<B, _>(device, min_time, usize::MAX, || reference::grouped_matmul(rows.clone(), w.clone(), plan.offsets(), false));
         let flops = 2.0 * (t * k * d * f) as f64;
         let gf = |time: Duration| flops / time.as_secs_f64() / 1e9;
         let x = |time: Duration| t_naive.as_secs_f64() / time.as_secs_f64();
@@ -195,10 +181,10 @@ fn movement<B: MoeBackend>(device: &B::Device, config: &MoeConfig, tokens: &[usi
         let flat_weights = routing.weights.clone().reshape([t * k]);
         let burn_combine = |rows: Tensor<B, 2>| reference::combine(rows, plan.positions(), k, Some(flat_weights.clone()));
 
-        let t_dispatch = time::<B, _>(device, min_time, || dispatch(x.clone(), &plan));
-        let t_select = time::<B, _>(device, min_time, || x.clone().select(0, tokens_of_rows.clone()));
-        let t_combine = time::<B, _>(device, min_time, || combine(rows.clone(), routing.weights.clone(), &plan));
-        let t_burn = time::<B, _>(device, min_time, || burn_combine(rows.clone()));
+        let t_dispatch = time::<B, _>(device, min_time, usize::MAX, || dispatch(x.clone(), &plan));
+        let t_select = time::<B, _>(device, min_time, usize::MAX, || x.clone().select(0, tokens_of_rows.clone()));
+        let t_combine = time::<B, _>(device, min_time, usize::MAX, || combine(rows.clone(), routing.weights.clone(), &plan));
+        let t_burn = time::<B, _>(device, min_time, usize::MAX, || burn_combine(rows.clone()));
         // Bytes moved: T·k rows of d f32 read or written once each way, plus T rows.
         let bytes = ((t * k + t) * d * 4) as f64;
         let gbs = |time: Duration| bytes / time.as_secs_f64() / 1e9;

@@ -8,11 +8,11 @@
 //!   trains with all three GEMMs in FP8 and a splittable backward.
 //! - [`moe`] ([`burn_moe`]): the DeepSeekMoE layer — group-limited routing with the
 //!   balancing bias, dispatch and combine kernels, one grouped GEMM launch for all
-//!   experts in f32 or FP8, autodiff throughout; Multi-head Latent Attention (in
-//!   progress).
+//!   experts in f32 or FP8, autodiff throughout; Multi-head Latent Attention with a
+//!   paged latent cache and an absorbed decode kernel.
 //! - [`dualpipe`] ([`burn_dualpipe`]): DualPipe, DualPipeV, 1F1B and ZB1P schedules as
-//!   data, their validator and cost simulator with SVG timelines; the executor over Burn
-//!   devices is in progress.
+//!   data, their validator and cost simulator with SVG timelines, and the executor that
+//!   trains a model split into stages over several Burn devices.
 //!
 //! The cargo examples in `examples/` and the chapters in `docs/` show each piece in use.
 
@@ -28,6 +28,9 @@ pub mod guide_fp8_training {}
 
 #[doc = include_str!("../docs/moe.md")]
 pub mod guide_moe {}
+
+#[doc = include_str!("../docs/mla.md")]
+pub mod guide_mla {}
 
 #[doc = include_str!("../docs/dualpipe.md")]
 pub mod guide_dualpipe {}

@@ -10,7 +10,10 @@
 //!   times, drawn as SVG ([`Timeline::to_svg`]);
 //! - [`executor`]: [`executor::Pipeline`] runs any schedule over several Burn devices,
 //!   one thread per rank, and returns the loss, every chunk's gradients and the measured
-//!   timeline; a rank that panics or stalls ends the step with an error naming it.
+//!   timeline; a rank that panics or stalls ends the step with an error naming it;
+//!   [`predict()`] replays a measured run's compute times with instant communication, and
+//!   [`Costs::measured`] averages its pass times, to set the measured bubbles against the
+//!   simulator's.
 //!
 //! ```
 //! use burn_dualpipe::schedule::{validate, Schedule, ScheduleKind};
@@ -29,5 +32,5 @@ pub mod schedule;
 mod simulate;
 mod timeline;
 
-pub use simulate::{simulate, Costs};
+pub use simulate::{predict, simulate, Costs};
 pub use timeline::{Span, Timeline};

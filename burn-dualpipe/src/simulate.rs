@@ -38,6 +38,29 @@ impl Costs {
     }
 }
 
+impl Costs {
+    /// The mean measured time of each kind of pass in `timeline` (a measured one, from
+    /// the executor); a kind the timeline lacks gets the table's relation to the others
+    /// (`W` half of `B`, `F&B` the sum `F + B`).
+    pub fn measured(timeline: &Timeline) -> Self {
+        let mean = |pick: &dyn Fn(&Instr) -> bool| {
+            let times: Vec<f64> = timeline.ranks.iter().flatten().filter(|s| pick(&s.instr)).map(|s| s.end - s.start).collect();
+            (!times.is_empty()).then(|| times.iter().sum::<f64>() / times.len() as f64)
+        };
+        let forward = mean(&|i| matches!(i, Instr::Forward(_))).unwrap_or(0.0);
+        let weight = mean(&|i| matches!(i, Instr::BackwardWeight(_)));
+        let input = mean(&|i| matches!(i, Instr::BackwardInput(_)));
+        let backward = match (mean(&|i| matches!(i, Instr::Backward(_))), input, weight) {
+            (Some(b), _, _) => b,
+            (None, Some(i), Some(w)) => i + w,
+            _ => 0.0,
+        };
+        let weight = weight.unwrap_or(backward / 2.0);
+        let forward_backward = mean(&|i| matches!(i, Instr::ForwardBackward { .. })).unwrap_or(forward + backward);
+        Self { forward, backward, weight, forward_backward }
+    }
+}
+
 /// Runs `schedule` with `costs`: each rank executes its program in order, a compute
 /// starting when the rank is free, a receive completing when its send has run.
 ///
@@ -45,6 +68,23 @@ impl Costs {
 /// [`ScheduleError::Invalid`] naming the first stuck rank and instruction when the
 /// programs deadlock (a receive whose send never runs).
 pub fn simulate(schedule: &Schedule, costs: &Costs) -> Result<Timeline, ScheduleError> {
+    replay(schedule, |_, instr| costs.of(instr))
+}
+
+/// The timeline `schedule` would have with the compute times of a measured run and
+/// instant communication: the bubbles its dependencies alone cause. Against the measured
+/// timeline, the difference is the cost of transfers, synchronisation and contention.
+///
+/// # Errors
+/// As [`simulate`]; a compute instruction missing from `measured` takes no time.
+pub fn predict(schedule: &Schedule, measured: &Timeline) -> Result<Timeline, ScheduleError> {
+    let times: HashMap<(usize, Instr), f64> =
+        measured.ranks.iter().enumerate().flat_map(|(r, spans)| spans.iter().map(move |s| ((r, s.instr), s.end - s.start))).collect();
+    replay(schedule, |rank, instr| times.get(&(rank, *instr)).copied().unwrap_or(0.0))
+}
+
+/// Runs the programs with `time(rank, instr)` per compute instruction.
+fn replay(schedule: &Schedule, time: impl Fn(usize, &Instr) -> f64) -> Result<Timeline, ScheduleError> {
     let ranks = schedule.programs.len();
     let mut pc = vec![0usize; ranks];
     let mut clock = vec![0f64; ranks];
@@ -63,7 +103,7 @@ pub fn simulate(schedule: &Schedule, costs: &Costs) -> Result<Timeline, Schedule
                         None => break,
                     },
                     compute => {
-                        let end = clock[r] + costs.of(&compute);
+                        let end = clock[r] + time(r, &compute);
                         timeline.ranks[r].push(Span { start: clock[r], end, instr: compute });
                         clock[r] = end;
                     }

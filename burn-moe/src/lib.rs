@@ -15,16 +15,21 @@
 //! The backend trait [`MoeBackend`] is implemented for `CubeBackend`, `Fusion` (Burn's
 //! `Wgpu` and `Cuda`), `Autodiff` and `NdArray`.
 //!
-//! Still to come (tracked by the workspace's issues): Multi-head Latent Attention with a
-//! paged latent cache, expert parallelism with FP8 dispatch and EPLB.
+//! - [`mla`]: Multi-head Latent Attention — training forward, the absorbed form, a paged
+//!   latent cache and the absorbed decode kernel.
+//!
+//! Still to come (tracked by the workspace's issues): expert parallelism with FP8
+//! dispatch and EPLB.
 #![warn(missing_docs)]
 
 pub mod backend;
 pub mod dispatch;
 pub mod kernel;
+pub mod mla;
 pub mod moe;
 pub mod reference;
 pub mod router;
 
 pub use backend::MoeBackend;
+pub use mla::{Mla, MlaConfig};
 pub use moe::{Moe, MoeConfig, MoeOutput};

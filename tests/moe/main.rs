@@ -6,4 +6,5 @@ mod common;
 mod dispatch;
 mod fp8;
 mod layer;
+mod mla;
 mod router;

@@ -2,26 +2,40 @@
 //!
 //! Each rank owns a device, its stage chunks (copies of the user's stage modules forked
 //! to that device) and a mailbox. Activations and gradients cross ranks as host copies
-//! (`TensorData`), the transfer that works between any two Burn devices (Burn 0.21's
-//! `to_device` between two wgpu devices panics). A stage's input is a fresh leaf with
+//! (`TensorData`, [`Transfer::Host`], the default), the transfer that works between any
+//! two Burn devices (Burn 0.21's `to_device` between two wgpu devices panics), or with
+//! Burn's device-to-device `to_device` ([`Transfer::Device`]; on CUDA, CubeCL moves the
+//! tensor with NCCL send/receive). A stage's input is a fresh leaf with
 //! `require_grad`, so each stage's backward is its own autodiff pass: `Backward` runs it
 //! whole, `BackwardInput` runs it under burn-fp8's [`WeightGradQueue`] (the weight GEMMs of
 //! `Fp8Linear` layers are queued) and `BackwardWeight` flushes the queue. Gradients
 //! accumulate over micro-batches per chunk.
 //!
+//! An overlapped `F&B` pair runs through an [`Overlap`] hook: by default ([`Concurrent`])
+//! the forward on a helper thread while the backward runs on the rank's thread.
+//!
+//! After a step, [`Pipeline::optimize`] sums the chunk copies of each stage's gradients on
+//! the stage module's device and applies any Burn optimizer; the next step forks the
+//! updated stages to the ranks again.
+//!
 //! A rank that panics or errs sets a shared abort flag; ranks waiting on a receive see it
 //! within a poll interval and stop, and a receive that waits longer than the timeout
 //! fails naming the rank it waits for: a step ends with an error, never a hang.
 
+mod devices;
+mod overlap;
 mod rank;
 
-use crate::schedule::{Schedule, Task};
+pub use overlap::{Concurrent, Job, Overlap, OverlapPair, Sequential};
+
+use crate::schedule::{validate, Schedule, ScheduleError, Task};
 use crate::timeline::Timeline;
-use burn::module::AutodiffModule;
-use burn::optim::GradientsParams;
-use burn::tensor::{backend::AutodiffBackend, Tensor};
+use burn::module::{AutodiffModule, ModuleVisitor, Param};
+use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
+use burn::tensor::{backend::AutodiffBackend, Bool, Int, Tensor};
 use burn::backend::autodiff::grads::Gradients;
 use core::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// A pipeline stage: a Burn module mapping a `D`-dimensional tensor to one of the same
@@ -61,6 +75,8 @@ pub enum PipelineError {
         /// The task whose payload it waited for.
         task: Task,
     },
+    /// The schedule is not valid (a hand-built or edited one; generated schedules are).
+    Schedule(ScheduleError),
     /// A rank stopped because another one failed.
     Aborted {
         /// The rank that stopped.
@@ -76,6 +92,7 @@ impl fmt::Display for PipelineError {
             PipelineError::Timeout { rank, from, task } => {
                 write!(f, "rank {from} stalled: busy beyond the timeout while rank {rank} waited for its {task:?}")
             }
+            PipelineError::Schedule(e) => write!(f, "invalid schedule: {e}"),
             PipelineError::Aborted { rank } => write!(f, "rank {rank} stopped because another rank failed"),
         }
     }
@@ -108,6 +125,23 @@ pub struct StepOutput {
     pub timeline: Timeline,
 }
 
+/// Initializes every lazy parameter of a module by reading it.
+struct Materialize;
+
+impl<B: burn::tensor::backend::Backend> ModuleVisitor<B> for Materialize {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let _ = param.val();
+    }
+
+    fn visit_int<const D: usize>(&mut self, param: &Param<Tensor<B, D, Int>>) {
+        let _ = param.val();
+    }
+
+    fn visit_bool<const D: usize>(&mut self, param: &Param<Tensor<B, D, Bool>>) {
+        let _ = param.val();
+    }
+}
+
 /// A pipeline: stage modules, one device per rank and a schedule; `D` is the rank of the
 /// activation tensors passed between stages.
 pub struct Pipeline<B: AutodiffBackend, S, const D: usize> {
@@ -115,6 +149,21 @@ pub struct Pipeline<B: AutodiffBackend, S, const D: usize> {
     devices: Vec<B::Device>,
     schedule: Schedule,
     timeout: Duration,
+    overlap: Arc<dyn Overlap>,
+    transfer: Transfer,
+}
+
+/// How activations and gradients move between ranks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Transfer {
+    /// Through host memory (`into_data` on the sender, `from_data` on the receiver): works
+    /// between any two Burn devices.
+    #[default]
+    Host,
+    /// Burn's `Tensor::to_device` on the receiver: device to device where the backend
+    /// has it (CUDA: NCCL send/receive through CubeCL); a no-op between ranks on one
+    /// device. Panics between two wgpu devices in Burn 0.21.
+    Device,
 }
 
 impl<B, S, const D: usize> Pipeline<B, S, D>
@@ -126,7 +175,8 @@ where
     /// ranks the schedule places it on.
     ///
     /// # Errors
-    /// [`PipelineError::Mismatch`] when the stage or device count does not fit.
+    /// [`PipelineError::Mismatch`] when the stage or device count does not fit;
+    /// [`PipelineError::Schedule`] when the schedule does not pass [`validate`].
     pub fn new(stages: Vec<S>, devices: Vec<B::Device>, schedule: Schedule) -> Result<Self, PipelineError> {
         if stages.len() != schedule.stages() {
             return Err(PipelineError::Mismatch { what: "stage modules", expected: schedule.stages(), got: stages.len() });
@@ -134,7 +184,24 @@ where
         if devices.len() != schedule.ranks {
             return Err(PipelineError::Mismatch { what: "devices (one per rank)", expected: schedule.ranks, got: devices.len() });
         }
-        Ok(Self { stages, devices, schedule, timeout: Duration::from_secs(120) })
+        validate(&schedule).map_err(PipelineError::Schedule)?;
+        // Burn initializes parameters lazily, and each clone of a lazy parameter on its
+        // own: without this, the ranks' copies of a stage would start from different
+        // weights.
+        for stage in &stages {
+            stage.visit(&mut Materialize);
+        }
+        Ok(Self { stages, devices, schedule, timeout: Duration::from_secs(120), overlap: Arc::new(Concurrent), transfer: Transfer::Host })
+    }
+
+    /// How activations and gradients move between ranks (default [`Transfer::Host`]).
+    pub fn with_transfer(self, transfer: Transfer) -> Self {
+        Self { transfer, ..self }
+    }
+
+    /// How ranks run overlapped forward-and-backward pairs (default [`Concurrent`]).
+    pub fn with_overlap(self, overlap: impl Overlap + 'static) -> Self {
+        Self { overlap: Arc::new(overlap), ..self }
     }
 
     /// The longest a rank waits for one payload before the step fails (default 120 s).
@@ -145,6 +212,39 @@ where
     /// The schedule.
     pub fn schedule(&self) -> &Schedule {
         &self.schedule
+    }
+
+    /// The stage modules.
+    pub fn stages(&self) -> &[S] {
+        &self.stages
+    }
+
+    /// The stage modules, e.g. to save them after training.
+    pub fn into_stages(self) -> Vec<S> {
+        self.stages
+    }
+
+    /// Each stage's gradients (`result[s]`), its chunk copies summed on the device of
+    /// stage module `s`.
+    pub fn stage_grads(&self, grads: Vec<ChunkGrads>) -> Vec<GradientsParams> {
+        let mut sums: Vec<GradientsAccumulator<S>> = self.stages.iter().map(|_| GradientsAccumulator::new()).collect();
+        for chunk in grads {
+            let stage = &self.stages[chunk.stage];
+            let grads = match stage.devices().first() {
+                Some(device) => devices::grads_to(chunk.grads, stage, device, self.transfer),
+                None => chunk.grads,
+            };
+            sums[chunk.stage].accumulate(stage, grads);
+        }
+        sums.iter_mut().map(|s| s.grads()).collect()
+    }
+
+    /// Applies `optim` with learning rate `lr` to every stage with the step's gradients
+    /// (one optimizer for all stages: its state is keyed by parameter id).
+    pub fn optimize<O: Optimizer<S, B>>(&mut self, optim: &mut O, lr: f64, grads: Vec<ChunkGrads>) {
+        let grads = self.stage_grads(grads);
+        let stages = std::mem::take(&mut self.stages);
+        self.stages = stages.into_iter().zip(grads).map(|(stage, g)| optim.step(lr, stage, g)).collect();
     }
 
     /// Runs one step: micro-batch `m` is `inputs[m]` (on any device), its loss is
@@ -163,8 +263,8 @@ where
         }
         let inputs: Vec<_> = inputs.into_iter().map(|x| x.into_data()).collect();
         let chunks: Vec<Vec<S>> = (0..self.schedule.ranks)
-            .map(|r| (0..self.schedule.kind.chunks_per_rank()).map(|c| self.stages[self.schedule.stage_of_chunk(r, c)].clone().fork(&self.devices[r])).collect())
+            .map(|r| (0..self.schedule.kind.chunks_per_rank()).map(|c| devices::fork(self.stages[self.schedule.stage_of_chunk(r, c)].clone(), &self.devices[r], self.transfer)).collect())
             .collect();
-        rank::run(&self.schedule, &self.devices, chunks, self.timeout, &inputs, &loss)
+        rank::run(&self.schedule, &self.devices, chunks, self.timeout, self.overlap.as_ref(), self.transfer, &inputs, &loss)
     }
 }

@@ -1,22 +1,49 @@
 //! One rank's thread: its chunks, its mailbox, and the interpreter of its program.
 
-use super::{ChunkGrads, PipelineError, PipelineStage, StepOutput};
+use super::overlap::{Overlap, OverlapPair};
+use super::{ChunkGrads, PipelineError, PipelineStage, StepOutput, Transfer};
 use crate::schedule::{Instr, Payload, Schedule, Task};
 use crate::timeline::{Span, Timeline};
 use burn::backend::autodiff::grads::Gradients;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{backend::AutodiffBackend, Tensor, TensorData};
+
 use burn_fp8::linear::WeightGradQueue;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
-/// A payload between ranks, as host data.
-struct Message {
+/// A payload between ranks.
+struct Message<B: AutodiffBackend, const D: usize> {
     task: Task,
     payload: Payload,
-    data: TensorData,
+    data: Carried<B, D>,
+}
+
+/// An activation or gradient on its way: host data, or a tensor still on the producing
+/// rank's device (moved by `to_device` on arrival).
+enum Carried<B: AutodiffBackend, const D: usize> {
+    Host(TensorData),
+    Device(Tensor<B::InnerBackend, D>),
+}
+
+impl<B: AutodiffBackend, const D: usize> Carried<B, D> {
+    /// Packs a computed tensor for `transfer`.
+    fn pack(t: Tensor<B, D>, transfer: Transfer) -> Self {
+        match transfer {
+            Transfer::Host => Carried::Host(t.into_data()),
+            Transfer::Device => Carried::Device(t.inner()),
+        }
+    }
+
+    /// The tensor on `device`, untracked.
+    fn unpack(self, device: &B::Device) -> Tensor<B::InnerBackend, D> {
+        match self {
+            Carried::Host(d) => Tensor::from_data(d, device),
+            Carried::Device(t) => t.to_device(device),
+        }
+    }
 }
 
 const POLL: Duration = Duration::from_millis(20);
@@ -34,6 +61,8 @@ pub(super) fn run<B, S, L, const D: usize>(
     devices: &[B::Device],
     chunks: Vec<Vec<S>>,
     timeout: Duration,
+    overlap: &dyn Overlap,
+    transfer: Transfer,
     inputs: &[TensorData],
     loss: &L,
 ) -> Result<StepOutput, PipelineError>
@@ -43,7 +72,7 @@ where
     L: Fn(Tensor<B, D>, usize) -> Tensor<B, 1> + Sync,
 {
     let ranks = schedule.ranks;
-    let (senders, receivers): (Vec<Sender<Message>>, Vec<Receiver<Message>>) = (0..ranks).map(|_| channel()).unzip();
+    let (senders, receivers): (Vec<Sender<Message<B, D>>>, Vec<Receiver<Message<B, D>>>) = (0..ranks).map(|_| channel()).unzip();
     let abort = AtomicBool::new(false);
     let waiting: Vec<AtomicUsize> = (0..ranks).map(|_| AtomicUsize::new(NOBODY)).collect();
     let busy_since: Vec<AtomicU64> = (0..ranks).map(|_| AtomicU64::new(0)).collect();
@@ -67,6 +96,8 @@ where
                             accumulators: chunks.iter().map(|_| GradientsAccumulator::new()).collect(),
                             chunks,
                             timeout,
+                            overlap,
+                            transfer,
                             inbox,
                             arrived: HashMap::new(),
                             senders,
@@ -125,13 +156,15 @@ where
 struct RankState<'a, B: AutodiffBackend, S, const D: usize> {
     schedule: &'a Schedule,
     timeout: Duration,
+    overlap: &'a dyn Overlap,
+    transfer: Transfer,
     rank: usize,
     device: B::Device,
     chunks: Vec<S>,
     accumulators: Vec<GradientsAccumulator<S>>,
-    inbox: Receiver<Message>,
-    arrived: HashMap<(Task, Payload), TensorData>,
-    senders: Vec<Sender<Message>>,
+    inbox: Receiver<Message<B, D>>,
+    arrived: HashMap<(Task, Payload), Carried<B, D>>,
+    senders: Vec<Sender<Message<B, D>>>,
     abort: &'a AtomicBool,
     /// Whom each rank is waiting for now (`NOBODY`: it is computing).
     waiting: &'a [AtomicUsize],
@@ -140,13 +173,13 @@ struct RankState<'a, B: AutodiffBackend, S, const D: usize> {
     busy_since: &'a [AtomicU64],
     start: Instant,
     /// Per task in flight: its input (none at stage 0: the micro-batch input).
-    activations: HashMap<Task, Option<TensorData>>,
+    activations: HashMap<Task, Option<Tensor<B::InnerBackend, D>>>,
     /// The loss of each micro-batch whose last stage ran here, `loss / M`, detached; read
     /// to the host once, at the end of the step.
     losses: Vec<Tensor<B, 1>>,
     /// Outputs of local neighbours: activations for the next stage, gradients for the
     /// previous, when both stages live on this rank (DualPipeV's turn).
-    local: HashMap<(Task, Payload), TensorData>,
+    local: HashMap<(Task, Payload), Carried<B, D>>,
     /// Split backwards waiting for their weight step.
     deferred: HashMap<Task, (Gradients, WeightGradQueue)>,
     spans: Vec<Span>,
@@ -157,7 +190,7 @@ where
     B: AutodiffBackend<Gradients = Gradients>,
     S: PipelineStage<B, D> + Clone,
 {
-    fn run<L: Fn(Tensor<B, D>, usize) -> Tensor<B, 1>>(mut self, inputs: &[TensorData], loss: &L) -> Result<RankResult, PipelineError> {
+    fn run<L: Fn(Tensor<B, D>, usize) -> Tensor<B, 1> + Sync>(mut self, inputs: &[TensorData], loss: &L) -> Result<RankResult, PipelineError> {
         let program = self.schedule.programs[self.rank].clone();
         for instr in program {
             if self.abort.load(Ordering::SeqCst) {
@@ -184,10 +217,7 @@ where
                 Instr::Backward(t) => self.backward(t, false, inputs, loss),
                 Instr::BackwardInput(t) => self.backward(t, true, inputs, loss),
                 Instr::BackwardWeight(t) => self.weight(t),
-                Instr::ForwardBackward { forward, backward } => {
-                    self.forward(forward, inputs);
-                    self.backward(backward, false, inputs, loss);
-                }
+                Instr::ForwardBackward { forward, backward } => self.forward_backward(forward, backward, inputs, loss)?,
             }
             B::sync(&self.device).map_err(|e| PipelineError::RankPanicked { rank: self.rank, message: format!("device sync failed: {e:?}") })?;
             self.spans.push(Span { start: begin, end: self.start.elapsed().as_secs_f64(), instr });
@@ -206,7 +236,7 @@ where
         Ok(RankResult { loss, grads, spans: self.spans })
     }
 
-    fn receive(&mut self, task: Task, payload: Payload, from: usize) -> Result<TensorData, PipelineError> {
+    fn receive(&mut self, task: Task, payload: Payload, from: usize) -> Result<Carried<B, D>, PipelineError> {
         self.waiting[self.rank].store(from, Ordering::SeqCst);
         let result = self.wait(task, payload, from);
         self.busy_since[self.rank].store(self.micros(), Ordering::SeqCst);
@@ -218,7 +248,7 @@ where
         self.start.elapsed().as_micros() as u64
     }
 
-    fn wait(&mut self, task: Task, payload: Payload, from: usize) -> Result<TensorData, PipelineError> {
+    fn wait(&mut self, task: Task, payload: Payload, from: usize) -> Result<Carried<B, D>, PipelineError> {
         // Past the deadline, keep waiting while `from` waits itself or has not yet been
         // busy for a whole timeout: only a rank waiting on the stalled one reports.
         let deadline = Instant::now() + self.timeout;
@@ -249,67 +279,109 @@ where
         self.schedule.place(task).1
     }
 
-    /// The stage's input as a fresh leaf (tracked past stage 0).
-    fn input(&self, task: Task, data: &Option<TensorData>, inputs: &[TensorData]) -> (Option<Tensor<B, D>>, Tensor<B, D>) {
-        match data {
-            Some(d) => {
-                let x = Tensor::<B, D>::from_data(d.clone(), &self.device).require_grad();
-                (Some(x.clone()), x)
-            }
-            None => (None, Tensor::from_data(inputs[task.micro_batch].clone(), &self.device)),
+    /// The forward of `task`: its output goes on to the next stage.
+    fn forward(&mut self, task: Task, inputs: &[TensorData]) {
+        if let Some(x) = self.begin_forward(task, inputs) {
+            let y = forward_pass(&self.chunks[self.chunk(task)], x, self.transfer);
+            self.local.insert((task, Payload::Activation), y);
         }
     }
 
-    /// The forward of `task`: its output goes on to the next stage; only its input is
-    /// kept, and the backward recomputes the forward (see [`RankState::backward`]). At the
-    /// last stage nothing waits for the output, so the forward is left to the backward,
-    /// which computes the loss from the recomputed output.
-    fn forward(&mut self, task: Task, inputs: &[TensorData]) {
+    /// Takes the forward's input and keeps it for the backward, which recomputes the
+    /// forward (see [`backward_pass`]). Returns the input to run the forward on, or none
+    /// at the last stage: nothing waits for its output, so its forward is left to the
+    /// backward, which computes the loss from the recomputed output.
+    fn begin_forward(&mut self, task: Task, inputs: &[TensorData]) -> Option<Tensor<B, D>> {
         let data = (task.stage > 0).then(|| {
-            self.local.remove(&(Task::new(task.micro_batch, task.stage - 1), Payload::Activation)).expect("the activation was received or computed here")
+            let key = (Task::new(task.micro_batch, task.stage - 1), Payload::Activation);
+            self.local.remove(&key).expect("the activation was received or computed here").unpack(&self.device)
         });
-        if task.stage + 1 < self.schedule.stages() {
-            let (_, x) = self.input(task, &data, inputs);
-            let y = self.chunks[self.chunk(task)].forward(x).detach();
-            self.local.insert((task, Payload::Activation), y.into_data());
-        }
+        let x = (task.stage + 1 < self.schedule.stages()).then(|| match &data {
+            Some(x) => Tensor::from_inner(x.clone()),
+            None => Tensor::from_data(inputs[task.micro_batch].clone(), &self.device),
+        });
         self.activations.insert(task, data);
+        x
     }
 
     /// The backward of `task`: whole, or with the weight gradients queued (`split`).
-    ///
-    /// It recomputes the stage's forward from the kept input first. Keeping each
-    /// micro-batch's graph from its forward to its backward, with other micro-batches'
-    /// forwards and backwards through the same parameters in between (as every pipeline
-    /// schedule does), intermittently left a stage input without a gradient on Burn 0.21's
-    /// autodiff (observed in tests/dualpipe with 8 ranks); a graph built right before its
-    /// backward is always intact. The cost is one more forward per stage and micro-batch,
-    /// and the memory of one stage input per micro-batch in flight instead of its graph
-    /// (full activation checkpointing).
     fn backward<L: Fn(Tensor<B, D>, usize) -> Tensor<B, 1>>(&mut self, task: Task, split: bool, inputs: &[TensorData], loss: &L) {
-        let schedule = self.schedule;
+        let pass = self.begin_backward(task, inputs);
+        let out = backward_pass(&self.chunks[self.chunk(task)], pass, split, self.transfer, loss);
+        self.end_backward(task, out);
+    }
+
+    /// The backward's kept input (a fresh leaf past stage 0) and the gradient of its output.
+    fn begin_backward(&mut self, task: Task, inputs: &[TensorData]) -> BackwardPass<B, D> {
         let data = self.activations.remove(&task).expect("the forward ran before the backward");
-        let (x, input) = self.input(task, &data, inputs);
-        let y = self.chunks[self.chunk(task)].forward(input);
-        let root = if task.stage + 1 == schedule.stages() {
-            let l = loss(y, task.micro_batch) / schedule.micro_batches as f64;
-            self.losses.push(l.clone().detach());
-            l
-        } else {
-            let data = self.local.remove(&(Task::new(task.micro_batch, task.stage + 1), Payload::Gradient)).expect("the gradient was received or computed here");
-            (y * Tensor::from_data(data, &self.device)).sum()
+        let (leaf, input) = match data {
+            Some(x) => {
+                let x = Tensor::<B, D>::from_inner(x).require_grad();
+                (Some(x.clone()), x)
+            }
+            None => (None, Tensor::from_data(inputs[task.micro_batch].clone(), &self.device)),
         };
-        let mut queue = WeightGradQueue::new();
-        let grads = if split { queue.defer(|| root.backward()) } else { root.backward() };
-        if let Some(x) = x {
-            let dx = x.grad(&grads).expect("a stage input receives a gradient");
-            self.local.insert((task, Payload::Gradient), dx.into_data());
-        }
-        if split {
-            self.deferred.insert(task, (grads, queue));
+        let root = if task.stage + 1 == self.schedule.stages() {
+            Root::Loss { micro_batch: task.micro_batch, micro_batches: self.schedule.micro_batches }
         } else {
-            self.accumulate(task, grads);
+            let key = (Task::new(task.micro_batch, task.stage + 1), Payload::Gradient);
+            Root::Gradient(self.local.remove(&key).expect("the gradient was received or computed here").unpack(&self.device))
+        };
+        BackwardPass { leaf, input, root }
+    }
+
+    fn end_backward(&mut self, task: Task, out: BackwardOut<B, D>) {
+        if let Some(loss) = out.loss {
+            self.losses.push(loss);
         }
+        if let Some(dx) = out.dx {
+            self.local.insert((task, Payload::Gradient), dx);
+        }
+        match out.queue {
+            Some(queue) => {
+                self.deferred.insert(task, (out.grads, queue));
+            }
+            None => self.accumulate(task, out.grads),
+        }
+    }
+
+    /// DualPipe's `F&B`: the forward of one chunk and the backward of the other, run
+    /// through the overlap hook.
+    fn forward_backward<L>(&mut self, forward: Task, backward: Task, inputs: &[TensorData], loss: &L) -> Result<(), PipelineError>
+    where
+        L: Fn(Tensor<B, D>, usize) -> Tensor<B, 1> + Sync,
+    {
+        let (cf, cb) = (self.chunk(forward), self.chunk(backward));
+        if cf == cb {
+            // One chunk cannot run two passes at once: run them in order.
+            self.forward(forward, inputs);
+            self.backward(backward, false, inputs, loss);
+            return Ok(());
+        }
+        let x = self.begin_forward(forward, inputs);
+        let pass = self.begin_backward(backward, inputs);
+        let (mut y, mut out) = (None, None);
+        {
+            let (low, high) = self.chunks.split_at_mut(cf.max(cb));
+            // `&mut`, not `&`: a stage module is `Send` but need not be `Sync`.
+            let (fwd, bwd) = if cf < cb { (&mut low[cf], &mut high[0]) } else { (&mut high[0], &mut low[cb]) };
+            let (transfer, y, out) = (self.transfer, &mut y, &mut out);
+            self.overlap.run(OverlapPair {
+                rank: self.rank,
+                forward,
+                backward,
+                run_forward: Box::new(move || *y = Some(x.map(|x| forward_pass(&*fwd, x, transfer)))),
+                run_backward: Box::new(move || *out = Some(backward_pass(&*bwd, pass, false, transfer, loss))),
+            });
+        }
+        let missing = |half: &str| PipelineError::RankPanicked { rank: self.rank, message: format!("the overlap hook did not run the {half} of {forward:?} & {backward:?}") };
+        let y = y.ok_or_else(|| missing("forward"))?;
+        let out = out.ok_or_else(|| missing("backward"))?;
+        if let Some(y) = y {
+            self.local.insert((forward, Payload::Activation), y);
+        }
+        self.end_backward(backward, out);
+        Ok(())
     }
 
     fn weight(&mut self, task: Task) {
@@ -323,4 +395,68 @@ where
         let params = GradientsParams::from_grads(grads, &self.chunks[c]);
         self.accumulators[c].accumulate(&self.chunks[c], params);
     }
+}
+
+/// A forward's output, detached, packed for the next stage.
+fn forward_pass<B: AutodiffBackend, S: PipelineStage<B, D>, const D: usize>(stage: &S, x: Tensor<B, D>, transfer: Transfer) -> Carried<B, D> {
+    Carried::pack(stage.forward(x).detach(), transfer)
+}
+
+/// What starts a stage's backward: the loss (last stage) or its output's gradient.
+enum Root<B: AutodiffBackend, const D: usize> {
+    Loss { micro_batch: usize, micro_batches: usize },
+    Gradient(Tensor<B::InnerBackend, D>),
+}
+
+/// A backward ready to run: the stage input (`leaf`: the tracked copy whose gradient goes
+/// to the previous stage; none at stage 0) and its root.
+struct BackwardPass<B: AutodiffBackend, const D: usize> {
+    leaf: Option<Tensor<B, D>>,
+    input: Tensor<B, D>,
+    root: Root<B, D>,
+}
+
+/// What a backward produced.
+struct BackwardOut<B: AutodiffBackend, const D: usize> {
+    grads: Gradients,
+    /// The queued weight-gradient GEMMs of a split backward.
+    queue: Option<WeightGradQueue>,
+    /// The gradient of the stage input, for the previous stage.
+    dx: Option<Carried<B, D>>,
+    /// The micro-batch's loss, `loss / M`, detached (last stage).
+    loss: Option<Tensor<B, 1>>,
+}
+
+/// A stage's backward, whole or with its weight gradients queued (`split`).
+///
+/// It recomputes the stage's forward from the kept input first. Keeping each
+/// micro-batch's graph from its forward to its backward, with other micro-batches'
+/// forwards and backwards through the same parameters in between (as every pipeline
+/// schedule does), intermittently left a stage input without a gradient on Burn 0.21's
+/// autodiff (observed in tests/dualpipe with 8 ranks); a graph built right before its
+/// backward is always intact. The cost is one more forward per stage and micro-batch,
+/// and the memory of one stage input per micro-batch in flight instead of its graph
+/// (full activation checkpointing).
+fn backward_pass<B, S, L, const D: usize>(stage: &S, pass: BackwardPass<B, D>, split: bool, transfer: Transfer, loss: &L) -> BackwardOut<B, D>
+where
+    B: AutodiffBackend<Gradients = Gradients>,
+    S: PipelineStage<B, D>,
+    L: Fn(Tensor<B, D>, usize) -> Tensor<B, 1>,
+{
+    let y = stage.forward(pass.input);
+    let (root, loss) = match pass.root {
+        Root::Loss { micro_batch, micro_batches } => {
+            let l = loss(y, micro_batch) / micro_batches as f64;
+            (l.clone(), Some(l.detach()))
+        }
+        Root::Gradient(dy) => ((y * Tensor::from_inner(dy)).sum(), None),
+    };
+    let (grads, queue) = if split {
+        let mut queue = WeightGradQueue::new();
+        (queue.defer(|| root.backward()), Some(queue))
+    } else {
+        (root.backward(), None)
+    };
+    let dx = pass.leaf.map(|x| Carried::pack(Tensor::from_inner(x.grad(&grads).expect("a stage input receives a gradient")), transfer));
+    BackwardOut { grads, queue, dx, loss }
 }

@@ -216,4 +216,8 @@ impl<B: MoeBackend, C: CheckpointStrategy> MoeBackend for Autodiff<B, C> {
     fn moe_grouped_wgrad(a: FloatTensor<Self>, d: FloatTensor<Self>, offsets: IntTensor<Self>) -> FloatTensor<Self> {
         Self::from_inner(B::moe_grouped_wgrad(Self::inner(a), Self::inner(d), offsets))
     }
+
+    fn mla_decode(q: FloatTensor<Self>, cache: FloatTensor<Self>, pages: IntTensor<Self>, lens: IntTensor<Self>, kv_lora: usize) -> FloatTensor<Self> {
+        Self::from_inner(B::mla_decode(Self::inner(q), Self::inner(cache), pages, lens, kv_lora))
+    }
 }

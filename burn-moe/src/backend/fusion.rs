@@ -28,6 +28,7 @@ enum MoeOp {
     GateGrad { top_k: usize },
     GroupedMatmul { transpose_b: bool },
     GroupedWgrad,
+    MlaDecode { kv_lora: usize },
 }
 
 #[derive(Clone, Debug)]
@@ -80,6 +81,11 @@ impl<B: FusionBackend + MoeBackend> Operation<B::FusionRuntime> for MoeCustom<B>
             MoeOp::GroupedWgrad => {
                 let (a, d, offsets) = (float(h, 0), float(h, 1), h.get_int_tensor::<B>(&inp[2]));
                 h.register_float_tensor::<B>(&out[0].id, B::moe_grouped_wgrad(a, d, offsets));
+            }
+            MoeOp::MlaDecode { kv_lora } => {
+                let (q, cache) = (float(h, 0), float(h, 1));
+                let (pages, lens) = (h.get_int_tensor::<B>(&inp[2]), h.get_int_tensor::<B>(&inp[3]));
+                h.register_float_tensor::<B>(&out[0].id, B::mla_decode(q, cache, pages, lens, kv_lora));
             }
         }
     }
@@ -146,5 +152,10 @@ impl<B: FusionBackend + MoeBackend> MoeBackend for Fusion<B> {
     fn moe_grouped_wgrad(a: FloatTensor<Self>, d: FloatTensor<Self>, offsets: IntTensor<Self>) -> FloatTensor<Self> {
         let shape = vec![offsets.shape[0] - 1, a.shape[1], d.shape[1]];
         single::<B>(register::<B>("moe_grouped_wgrad", vec![a, d, offsets], &[(shape, float_dtype::<B>())], MoeOp::GroupedWgrad))
+    }
+
+    fn mla_decode(q: FloatTensor<Self>, cache: FloatTensor<Self>, pages: IntTensor<Self>, lens: IntTensor<Self>, kv_lora: usize) -> FloatTensor<Self> {
+        let shape = vec![q.shape[0], q.shape[1], kv_lora];
+        single::<B>(register::<B>("mla_decode", vec![q, cache, pages, lens], &[(shape, float_dtype::<B>())], MoeOp::MlaDecode { kv_lora }))
     }
 }

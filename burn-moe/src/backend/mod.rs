@@ -123,6 +123,13 @@ pub trait MoeBackend: Fp8Backend {
     fn moe_grouped_wgrad(a: FloatTensor<Self>, d: FloatTensor<Self>, offsets: IntTensor<Self>) -> FloatTensor<Self> {
         prim(reference::grouped_wgrad::<Self>(float(a), float(d), int(offsets)))
     }
+
+    /// Absorbed MLA decode over the paged latent cache ([`reference::mla_decode`], pages
+    /// of [`crate::mla::PAGE_SIZE`] rows): `q [n, H, C]`, `cache [rows, C]`, `pages [n,
+    /// P]`, `lens [n]` → `[n, H, kv_lora]`. Inference only: `Autodiff` runs it untracked.
+    fn mla_decode(q: FloatTensor<Self>, cache: FloatTensor<Self>, pages: IntTensor<Self>, lens: IntTensor<Self>, kv_lora: usize) -> FloatTensor<Self> {
+        prim(reference::mla_decode::<Self>(float(q), float(cache), int(pages), int(lens), kv_lora, crate::mla::PAGE_SIZE))
+    }
 }
 
 #[cfg(feature = "ndarray")]

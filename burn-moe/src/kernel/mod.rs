@@ -5,6 +5,8 @@
 #[allow(missing_docs)] // `#[cube]` generates undocumented expansion modules.
 pub mod grouped;
 #[allow(missing_docs)]
+pub mod mla;
+#[allow(missing_docs)]
 pub mod plan;
 #[allow(missing_docs)]
 pub mod rows;
