@@ -18,12 +18,16 @@
 //! - [`mla`]: Multi-head Latent Attention — training forward, the absorbed form, a paged
 //!   latent cache and the absorbed decode kernel.
 //!
-//! Still to come (tracked by the workspace's issues): expert parallelism with FP8
-//! dispatch and EPLB.
+//! - [`eplb`]: expert-parallel load balancing — replicas and GPU placement of experts from
+//!   their measured loads (hierarchical or global), and routing over the replicas.
+//!
+//! Still to come (tracked by the workspace's issues): the expert-parallel layer with FP8
+//! dispatch.
 #![warn(missing_docs)]
 
 pub mod backend;
 pub mod dispatch;
+pub mod eplb;
 pub mod kernel;
 pub mod mla;
 pub mod moe;

@@ -7,7 +7,7 @@
 //! Burn's device-to-device `to_device` ([`Transfer::Device`]; on CUDA, CubeCL moves the
 //! tensor with NCCL send/receive). A stage's input is a fresh leaf with
 //! `require_grad`, so each stage's backward is its own autodiff pass: `Backward` runs it
-//! whole, `BackwardInput` runs it under burn-fp8's [`WeightGradQueue`] (the weight GEMMs of
+//! whole, `BackwardInput` runs it under burn-fp8's [`WeightGradQueue`](burn_fp8::linear::WeightGradQueue) (the weight GEMMs of
 //! `Fp8Linear` layers are queued) and `BackwardWeight` flushes the queue. Gradients
 //! accumulate over micro-batches per chunk.
 //!
