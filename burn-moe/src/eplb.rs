@@ -219,14 +219,12 @@ pub fn rebalance(load: &[f64], config: &EplbConfig) -> Result<Placement, EplbErr
     divides("gpus", config.gpus, "nodes", config.nodes)?;
     divides("logical experts", logical, "groups", config.groups)?;
     // Hierarchical when the nodes divide the groups; else one node holding everything.
+    // (`physical` ≥ `logical` and the divisibilities above give every node as many slots
+    // as experts at least.)
     let (nodes, groups) = if config.groups % config.nodes == 0 { (config.nodes, config.groups) } else { (1, 1) };
-    divides("physical experts", config.physical_experts, "nodes", nodes)?;
     let per_group = logical / groups;
     let slots_per_node = config.physical_experts / nodes;
     let gpus_per_node = config.gpus / nodes;
-    if slots_per_node < logical / nodes {
-        return Err(EplbError::TooFewSlots { physical: config.physical_experts, logical });
-    }
 
     // 1. Groups onto nodes.
     let group_load: Vec<f64> = (0..groups).map(|g| load[g * per_group..(g + 1) * per_group].iter().sum()).collect();

@@ -160,8 +160,16 @@ impl<B: Backend> Mla<B> {
         (w_uk, w_uv)
     }
 
-    fn check_width(&self, got: usize) {
-        assert!(got == self.d_model(), "MLA: input width {got} does not match d_model {}", self.d_model());
+    /// Queries and latents of `x [B, S, d]` at positions `0..S` (the training paths'
+    /// shared start).
+    ///
+    /// # Panics
+    /// When the width is not `d_model`.
+    fn project(&self, x: Tensor<B, 3>) -> (Queries<B>, Latents<B>) {
+        let [_, s, d] = x.dims();
+        assert!(d == self.d_model(), "MLA: input width {d} does not match d_model {}", self.d_model());
+        let rotation = self.rotation(&(0..s).collect::<Vec<_>>(), &x.device());
+        (self.queries(x.clone(), &rotation), self.latents(x, &rotation))
     }
 
     /// Training forward, causal, positions `0..S`: keys and values decompressed from the
@@ -173,13 +181,10 @@ impl<B: Backend> Mla<B> {
     /// # Panics
     /// When the width is not `d_model` or `S` exceeds `max_seq_len`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let [b, s, d] = x.dims();
-        self.check_width(d);
+        let [b, s, _] = x.dims();
         let device = x.device();
         let (h, nope, rope, v) = (self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim);
-        let rotation = self.rotation(&(0..s).collect::<Vec<_>>(), &device);
-        let q = self.queries(x.clone(), &rotation);
-        let lat = self.latents(x, &rotation);
+        let (q, lat) = self.project(x);
         let kv = self.wkv_b.forward(lat.c_kv).reshape([b, s, h, nope + v]);
         let k_nope = kv.clone().slice([0..b, 0..s, 0..h, 0..nope]);
         let values = kv.slice([0..b, 0..s, 0..h, nope..nope + v]).swap_dims(1, 2); // [B, H, S, v]
@@ -197,13 +202,10 @@ impl<B: Backend> Mla<B> {
     /// # Shapes
     /// `x [B, S, d_model]` → `[B, S, d_model]`.
     pub fn forward_absorbed(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let [b, s, d] = x.dims();
-        self.check_width(d);
+        let [b, s, _] = x.dims();
         let device = x.device();
         let (h, r, rope, v) = (self.n_heads, self.kv_lora_rank, self.qk_rope_head_dim, self.v_head_dim);
-        let rotation = self.rotation(&(0..s).collect::<Vec<_>>(), &device);
-        let q = self.queries(x.clone(), &rotation);
-        let lat = self.latents(x, &rotation);
+        let (q, lat) = self.project(x);
         let (w_uk, w_uv) = self.absorbed_weights();
         let q_lat = q.nope.swap_dims(1, 2).matmul(w_uk.unsqueeze_dim::<4>(0).expand([b, h, self.qk_nope_head_dim, r])); // [B, H, S, r]
         let c_kv = lat.c_kv.unsqueeze_dim::<4>(1).expand([b, h, s, r]);
