@@ -8,13 +8,19 @@
 //!   trains with all three GEMMs in FP8 and a splittable backward.
 //! - [`moe`] ([`burn_moe`]): the DeepSeekMoE layer — group-limited routing with the
 //!   balancing bias, dispatch and combine kernels, one grouped GEMM launch for all
-//!   experts in f32 or FP8, autodiff throughout; Multi-head Latent Attention with a
-//!   paged latent cache and an absorbed decode kernel.
+//!   experts in f32 or FP8, autodiff throughout; expert parallelism over the devices of
+//!   a host (differentiable all-to-all with FP8 rows, EPLB placement); Multi-head Latent
+//!   Attention with a paged latent cache and an absorbed decode kernel.
 //! - [`dualpipe`] ([`burn_dualpipe`]): DualPipe, DualPipeV, 1F1B and ZB1P schedules as
 //!   data, their validator and cost simulator with SVG timelines, and the executor that
 //!   trains a model split into stages over several Burn devices.
 //!
+//! - [`hf`]: Hugging Face interop — DeepSeek-V3 / V2 `config.json` files by their real
+//!   field names, turned into the attention and MoE configs.
+//!
 //! The cargo examples in `examples/` and the chapters in `docs/` show each piece in use.
+
+pub mod hf;
 
 pub use burn_dualpipe as dualpipe;
 pub use burn_fp8 as fp8;
@@ -28,6 +34,9 @@ pub mod guide_fp8_training {}
 
 #[doc = include_str!("../docs/moe.md")]
 pub mod guide_moe {}
+
+#[doc = include_str!("../docs/expert-parallel.md")]
+pub mod guide_expert_parallel {}
 
 #[doc = include_str!("../docs/mla.md")]
 pub mod guide_mla {}

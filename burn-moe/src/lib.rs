@@ -20,13 +20,16 @@
 //!
 //! - [`eplb`]: expert-parallel load balancing — replicas and GPU placement of experts from
 //!   their measured loads (hierarchical or global), and routing over the replicas.
-//!
-//! Still to come (tracked by the workspace's issues): the expert-parallel layer with FP8
-//! dispatch.
+//! - [`comm`]: collectives between in-process ranks (one device each) with autodiff:
+//!   all-to-all with uneven splits and FP8 rows, all-gather, all-reduce;
+//! - [`ep`]: the expert-parallel layer — experts sharded over the ranks per a
+//!   [`eplb::Placement`], dispatch and combine by all-to-all, gradient sync.
 #![warn(missing_docs)]
 
 pub mod backend;
+pub mod comm;
 pub mod dispatch;
+pub mod ep;
 pub mod eplb;
 pub mod kernel;
 pub mod mla;

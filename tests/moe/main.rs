@@ -4,6 +4,7 @@
 
 mod common;
 mod dispatch;
+mod ep;
 mod eplb;
 mod fp8;
 mod layer;

@@ -13,9 +13,10 @@ mod autodiff;
 mod cube;
 mod fusion;
 
+use crate::comm::{ops::Splits, Comm, CommError};
 use crate::reference;
 use burn_fp8::linear::Fp8Recipe;
-use burn_fp8::{fp8_grouped_gemm, Fp8Backend, Fp8Tensor};
+use burn_fp8::{fp8_grouped_gemm, Fp8Backend, Fp8Tensor, QuantConfig};
 use burn::tensor::{
     backend::Backend,
     ops::{FloatTensor, IntTensor},
@@ -129,6 +130,14 @@ pub trait MoeBackend: Fp8Backend {
     /// P]`, `lens [n]` → `[n, H, kv_lora]`. Inference only: `Autodiff` runs it untracked.
     fn mla_decode(q: FloatTensor<Self>, cache: FloatTensor<Self>, pages: IntTensor<Self>, lens: IntTensor<Self>, kv_lora: usize) -> FloatTensor<Self> {
         prim(reference::mla_decode::<Self>(float(q), float(cache), int(pages), int(lens), kv_lora, crate::mla::PAGE_SIZE))
+    }
+
+    /// All-to-all of rows between the ranks of `comm` (see [`crate::comm::all_to_all`]):
+    /// `x [Σ send, d]` → `[Σ recv, d]`, FP8 on the wire with `fp8`. `Autodiff` records the
+    /// reverse all-to-all (f32) as its backward; a collective failing there panics with
+    /// the [`CommError`], which [`crate::comm::launch`] reports as that rank's failure.
+    fn moe_all_to_all(x: FloatTensor<Self>, splits: &Splits, comm: &Comm, fp8: Option<QuantConfig>) -> Result<FloatTensor<Self>, CommError> {
+        Ok(prim(crate::comm::ops::all_to_all_rows::<Self>(float(x), splits, comm, fp8)?))
     }
 }
 

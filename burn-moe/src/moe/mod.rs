@@ -153,7 +153,7 @@ impl<B: Backend> Moe<B> {
     }
 
     /// Router logits, routing and the flattened input of `x [batch, seq, d_model]`.
-    fn route(&self, x: Tensor<B, 3>) -> Result<(Tensor<B, 2>, Tensor<B, 2>, Routing<B>), RouterError> {
+    pub(crate) fn route(&self, x: Tensor<B, 3>) -> Result<(Tensor<B, 2>, Tensor<B, 2>, Routing<B>), RouterError> {
         let [b, s, d] = x.dims();
         assert_eq!(d, self.d_model(), "Moe: input {:?} must have d_model = {} features", [b, s, d], self.d_model());
         let x = x.reshape([b * s, d]);
@@ -163,7 +163,7 @@ impl<B: Backend> Moe<B> {
     }
 
     /// Shared experts, balance loss and reshaping around the routed output `[T, d]`.
-    fn finish(&self, x: Tensor<B, 2>, routed: Tensor<B, 2>, logits: Tensor<B, 2>, routing: Routing<B>, [b, s]: [usize; 2]) -> MoeOutput<B> {
+    pub(crate) fn finish(&self, x: Tensor<B, 2>, routed: Tensor<B, 2>, logits: Tensor<B, 2>, routing: Routing<B>, [b, s]: [usize; 2]) -> MoeOutput<B> {
         let d = x.dims()[1];
         let output = match &self.shared {
             Some(shared) => routed + shared.forward(x),
@@ -178,7 +178,7 @@ impl<B: Backend> Moe<B> {
     }
 
     /// The output for an input without tokens.
-    fn empty(&self, x: &Tensor<B, 3>) -> MoeOutput<B> {
+    pub(crate) fn empty(&self, x: &Tensor<B, 3>) -> MoeOutput<B> {
         let device = x.device();
         MoeOutput {
             output: Tensor::zeros(x.dims(), &device),

@@ -1,0 +1,191 @@
+//! The differentiable collectives over a [`Comm`]: [`all_to_all`] (a backend op,
+//! [`MoeBackend::moe_all_to_all`], so that `Autodiff` records its backward, the reverse
+//! all-to-all), and [`all_gather`] and [`all_reduce`], written with it and Burn ops.
+
+use super::{Comm, CommError, Transport};
+use crate::backend::MoeBackend;
+use burn::tensor::{backend::Backend, BasicOps, Int, Tensor, TensorKind, TensorPrimitive};
+use burn_fp8::{Fp8Backend, Fp8Tensor, QuantConfig};
+
+/// Rows this rank sends to and receives from each rank, by rank.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Splits {
+    /// `send[r]`: rows going to rank `r` (consecutive, rank 0's first).
+    pub send: Vec<usize>,
+    /// `recv[r]`: rows arriving from rank `r` (placed in rank order).
+    pub recv: Vec<usize>,
+}
+
+impl Splits {
+    /// The splits of the way back: what was received is sent.
+    pub fn reversed(&self) -> Self {
+        Self { send: self.recv.clone(), recv: self.send.clone() }
+    }
+}
+
+/// All-to-all with uneven splits: rows `send[0]` of `x` go to rank 0, the next `send[1]`
+/// to rank 1, ...; the result holds the rows from rank 0, then rank 1, ... (`recv[r]`
+/// from rank `r`). With `fp8`, each part travels quantized in FP8 with per-tile scales
+/// (1×128 tiles: about a quarter of the f32 bytes) and is dequantized on arrival; the
+/// backward (the reverse all-to-all of the gradient) runs in f32.
+///
+/// # Shapes
+/// - x: `[Σ send, d]` → `[Σ recv, d]`
+///
+/// # Errors
+/// Split lengths other than the group size, `Σ send` other than the rows of `x`, a rank
+/// sending a number of rows other than `recv` says, and failed or stalled ranks.
+pub fn all_to_all<B: MoeBackend>(x: Tensor<B, 2>, splits: &Splits, comm: &Comm, fp8: Option<QuantConfig>) -> Result<Tensor<B, 2>, CommError> {
+    check_splits(x.dims(), splits, comm)?;
+    Ok(Tensor::from_primitive(TensorPrimitive::Float(B::moe_all_to_all(x.into_primitive().tensor(), splits, comm, fp8)?)))
+}
+
+fn check_splits([n, d]: [usize; 2], splits: &Splits, comm: &Comm) -> Result<(), CommError> {
+    let world = comm.world_size();
+    if splits.send.len() != world || splits.recv.len() != world {
+        let detail = format!("splits {splits:?} need one entry per rank ({world})");
+        return Err(comm.shape_error("all_to_all", detail));
+    }
+    if splits.send.iter().sum::<usize>() != n {
+        let detail = format!("send splits {:?} sum to {}, x {:?} has {n} rows", splits.send, splits.send.iter().sum::<usize>(), [n, d]);
+        return Err(comm.shape_error("all_to_all", detail));
+    }
+    Ok(())
+}
+
+/// Every rank's `x`, concatenated along the first dimension in rank order; the ranks may
+/// hold different numbers of rows. Backward: each rank receives the sum over ranks of
+/// the gradient of its rows (a reduce-scatter).
+///
+/// # Shapes
+/// - x: `[n_r, ...]` on rank `r` → `[Σ n_r, ...]`
+pub fn all_gather<B: MoeBackend, const D: usize>(x: Tensor<B, D>, comm: &Comm) -> Result<Tensor<B, D>, CommError> {
+    let dims = x.dims();
+    let rows = dims[0];
+    let width: usize = dims[1..].iter().product();
+    let sizes = comm.all_gather_host("all_gather sizes", (rows, dims))?;
+    if let Some((r, (_, other))) = sizes.iter().enumerate().find(|(_, (_, other))| other[1..] != dims[1..]) {
+        let detail = format!("x {dims:?} and rank {r}'s {other:?} differ beyond the first dimension");
+        return Err(comm.shape_error("all_gather", detail));
+    }
+    let world = comm.world_size();
+    let flat = x.reshape([rows, width]);
+    let repeated = if world == 1 { flat } else { Tensor::cat(vec![flat; world], 0) };
+    let splits = Splits { send: vec![rows; world], recv: sizes.iter().map(|(n, _)| *n).collect() };
+    let gathered = all_to_all(repeated, &splits, comm, None)?;
+    let mut out = dims;
+    out[0] = splits.recv.iter().sum();
+    Ok(gathered.reshape(out))
+}
+
+/// The element-wise sum of every rank's `x` (same shape on every rank), on every rank.
+/// Backward: the all-reduce of the gradients.
+pub fn all_reduce<B: MoeBackend, const D: usize>(x: Tensor<B, D>, comm: &Comm) -> Result<Tensor<B, D>, CommError> {
+    let dims = x.dims();
+    let numel: usize = dims.iter().product();
+    let gathered = all_gather(x.reshape([1, numel]), comm)?;
+    let [world, _] = gathered.dims();
+    if world != comm.world_size() {
+        return Err(comm.shape_error("all_reduce", format!("x {dims:?} has a different shape on another rank")));
+    }
+    Ok(gathered.sum_dim(0).reshape(dims))
+}
+
+/// A tensor from another rank moved onto `device` by the group's transport.
+fn deliver<B: Backend, const D: usize, K: TensorKind<B> + BasicOps<B>>(x: Tensor<B, D, K>, device: &B::Device, transport: Transport) -> Tensor<B, D, K> {
+    if &x.device() == device {
+        return x;
+    }
+    match transport {
+        Transport::Host => {
+            // Keep the dtype: FP8 codes travel as u32 words in an int tensor whose backend
+            // default may be i32.
+            let data = x.into_data();
+            let dtype = data.dtype;
+            Tensor::from_data(data, (device, dtype))
+        }
+        Transport::Device => x.to_device(device),
+    }
+}
+
+/// What travels for one non-empty part of an all-to-all (empty parts travel as `None`:
+/// CubeCL tensors without rows are not safe to read or copy).
+enum Payload<B: Backend> {
+    F32(Tensor<B, 2>),
+    /// Packed codes, scales and the logical shape.
+    Fp8 { data: Tensor<B, 2, Int>, scales: Tensor<B, 2>, shape: [usize; 2] },
+}
+
+impl<B: Fp8Backend> Payload<B> {
+    fn new(x: Tensor<B, 2>, fp8: Option<QuantConfig>) -> Self {
+        match fp8 {
+            None => Payload::F32(x),
+            Some(config) => {
+                let shape = x.dims();
+                let q = Fp8Tensor::quantize(x, config);
+                Payload::Fp8 { data: q.data().clone(), scales: q.scales().clone(), shape }
+            }
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Payload::F32(x) => 4 * x.shape().num_elements(),
+            Payload::Fp8 { data, scales, .. } => 4 * (data.shape().num_elements() + scales.shape().num_elements()),
+        }
+    }
+
+    /// The rows, moved onto `device` (and dequantized).
+    fn open(self, device: &B::Device, transport: Transport, fp8: Option<QuantConfig>) -> Tensor<B, 2> {
+        match (self, fp8) {
+            (Payload::F32(x), _) => deliver(x, device, transport),
+            (Payload::Fp8 { data, scales, shape }, Some(config)) => {
+                let (data, scales) = (deliver(data, device, transport), deliver(scales, device, transport));
+                Fp8Tensor::from_parts(data, scales, shape, config).expect("parts quantized with this config").dequantize()
+            }
+            (Payload::Fp8 { .. }, None) => unreachable!("FP8 parts are only sent with an FP8 config"),
+        }
+    }
+
+    fn rows(&self) -> usize {
+        match self {
+            Payload::F32(x) => x.dims()[0],
+            Payload::Fp8 { shape, .. } => shape[0],
+        }
+    }
+}
+
+/// The all-to-all on a plain backend (the default of [`MoeBackend::moe_all_to_all`]):
+/// slice, exchange through the mailbox, move onto this rank's device, concatenate.
+pub(crate) fn all_to_all_rows<B: Fp8Backend>(x: Tensor<B, 2>, splits: &Splits, comm: &Comm, fp8: Option<QuantConfig>) -> Result<Tensor<B, 2>, CommError> {
+    let [_, d] = x.dims();
+    let (device, me) = (x.device(), comm.rank());
+    let mut start = 0;
+    let mut sent = 0;
+    let mut parts = Vec::with_capacity(splits.send.len());
+    for (dst, &n) in splits.send.iter().enumerate() {
+        start += n;
+        let part = (n > 0 && d > 0).then(|| Payload::new(x.clone().slice([start - n..start, 0..d]), fp8));
+        if dst != me {
+            sent += part.as_ref().map_or(0, Payload::bytes);
+        }
+        parts.push(part);
+    }
+    comm.count_sent(sent);
+    let received = comm.exchange::<Option<Payload<B>>>("all_to_all", parts)?;
+    let mut rows = Vec::new();
+    for (src, (part, &expected)) in received.into_iter().zip(&splits.recv).enumerate() {
+        let n = part.as_ref().map_or(0, Payload::rows);
+        // A zero-width tensor travels as no part: its rows are known from the splits.
+        if n != expected && d > 0 {
+            let detail = format!("rank {src} sent {n} rows, recv splits {:?} expect {expected}", splits.recv);
+            return Err(comm.shape_error("all_to_all", detail));
+        }
+        rows.extend(part.map(|p| p.open(&device, comm.transport(), fp8)));
+    }
+    Ok(match rows.len() {
+        0 => Tensor::zeros([splits.recv.iter().sum(), d], &device),
+        1 => rows.pop().expect("one part"),
+        _ => Tensor::cat(rows, 0),
+    })
+}
