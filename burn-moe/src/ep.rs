@@ -49,7 +49,7 @@ use crate::comm::{all_reduce, all_to_all, Comm, CommError, RankError, Splits};
 use crate::dispatch::{combine, dispatch, DispatchPlan};
 use crate::eplb::Placement;
 use crate::moe::{Moe, MoeOutput, RoutedExperts, SwiGluMlp};
-use crate::router::{RouterError, Routing};
+use crate::router::{expert_counts, index_counts, RouterError, Routing};
 use burn::module::{Module, Param, ParamId};
 use burn::nn::Linear;
 use burn::optim::GradientsParams;
@@ -154,10 +154,7 @@ impl<B: Backend> ExpertParallelMoe<B> {
         let per = slots / gpus;
         let mine: Vec<i64> = placement.phys_to_log[rank * per..(rank + 1) * per].iter().map(|&e| e as i64).collect();
         let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(mine, [per]), &moe.experts.w_gate.device());
-        let slots_of = |w: &Param<Tensor<B, 3>>| {
-            let selected = w.val().select(0, ids.clone()).into_data();
-            Param::initialized(ParamId::new(), Tensor::from_data(selected, device).set_require_grad(w.is_require_grad()))
-        };
+        let slots_of = |w: &Param<Tensor<B, 3>>| leaf(w.val().select(0, ids.clone()), w.is_require_grad(), device);
         let experts = RoutedExperts {
             w_gate: slots_of(&moe.experts.w_gate),
             w_up: slots_of(&moe.experts.w_up),
@@ -188,44 +185,18 @@ impl<B: Backend> ExpertParallelMoe<B> {
     }
 }
 
-/// A copy of `param` on `device` through host memory, with a fresh id.
+/// `value` as a fresh leaf parameter on `device`, copied through host memory (a new
+/// node: the ranks' autodiff graphs share nothing with the source module).
+fn leaf<B: Backend, const D: usize>(value: Tensor<B, D>, require_grad: bool, device: &B::Device) -> Param<Tensor<B, D>> {
+    Param::initialized(ParamId::new(), Tensor::from_data(value.into_data(), device).set_require_grad(require_grad))
+}
+
 fn copy<B: Backend, const D: usize>(param: &Param<Tensor<B, D>>, device: &B::Device) -> Param<Tensor<B, D>> {
-    let value = param.val();
-    let grad = value.is_require_grad();
-    Param::initialized(ParamId::new(), Tensor::from_data(value.into_data(), device).set_require_grad(grad))
+    leaf(param.val(), param.is_require_grad(), device)
 }
 
 fn copy_linear<B: Backend>(linear: &Linear<B>, device: &B::Device) -> Linear<B> {
     Linear { weight: copy(&linear.weight, device), bias: linear.bias.as_ref().map(|b| copy(b, device)) }
-}
-
-/// Host-side routing of one rank: physical slot per (token, expert) and per-slot counts.
-struct SlotRouting {
-    slots: Vec<i64>,
-    counts: Vec<usize>,
-    max_ranks_per_token: usize,
-}
-
-fn slot_routing(indices: &[i64], top_k: usize, placement: &Placement, rank: usize) -> SlotRouting {
-    let per = placement.phys_to_log.len() / placement.gpus;
-    let mut counts = vec![0; placement.phys_to_log.len()];
-    let mut slots = Vec::with_capacity(indices.len());
-    let mut max_ranks = 0;
-    for (t, token) in indices.chunks(top_k.max(1)).enumerate() {
-        let mut ranks: Vec<usize> = Vec::with_capacity(top_k);
-        for &e in token {
-            // Replicas take turns by token; the rank offsets the turn so that ranks do not
-            // all start on the same replica.
-            let p = placement.route(e as usize, t + rank);
-            counts[p] += 1;
-            slots.push(p as i64);
-            if !ranks.contains(&(p / per)) {
-                ranks.push(p / per);
-            }
-        }
-        max_ranks = max_ranks.max(ranks.len());
-    }
-    SlotRouting { slots, counts, max_ranks_per_token: max_ranks }
 }
 
 impl<B: MoeBackend> ExpertParallelMoe<B> {
@@ -243,28 +214,27 @@ impl<B: MoeBackend> ExpertParallelMoe<B> {
         let [b, s, d] = x.dims();
         assert_eq!(d, self.moe.d_model(), "ExpertParallelMoe: input {:?} must have d_model = {} features", [b, s, d], self.moe.d_model());
         let device = x.device();
-        let (t, k, per) = (b * s, self.moe.router.top_k, self.slots_per_rank());
+        let (k, per) = (self.moe.router.top_k, self.slots_per_rank());
         // A rank without tokens still serves its experts to the others.
-        let routed = match t {
+        let routed = match b * s {
             0 => None,
             _ => Some(self.moe.route(x.clone())?),
         };
-        let indices: Vec<i64> = match &routed {
-            Some((_, _, routing)) => routing.indices.to_data().convert::<i64>().to_vec().expect("integer indices"),
-            None => Vec::new(),
+        let slots = match &routed {
+            Some((_, _, routing)) => self.slots(routing.indices.clone()),
+            None => Tensor::zeros([0, k], &device),
         };
-        let local = slot_routing(&indices, k, &self.placement, self.rank);
+        let counts = expert_counts(slots.clone(), self.placement.phys_to_log.len());
+        let (local_counts, max_ranks_per_token) = self.read_counts(counts.clone(), slots.clone());
 
         // Every rank's batch size and per-slot counts: the receive sizes of the dispatch.
-        let all = comm.all_gather_host("ep counts", (b, local.counts.clone()))?;
+        let all = comm.all_gather_host("ep counts", (b, local_counts.clone()))?;
         let mine = self.rank * per..(self.rank + 1) * per;
         let splits = Splits {
-            send: (0..comm.world_size()).map(|r| local.counts[r * per..(r + 1) * per].iter().sum()).collect(),
+            send: (0..comm.world_size()).map(|r| local_counts[r * per..(r + 1) * per].iter().sum()).collect(),
             recv: all.iter().map(|(_, c)| c[mine.clone()].iter().sum()).collect(),
         };
 
-        let slots = Tensor::<B, 2, Int>::from_data(TensorData::new(local.slots, [t, k]), &device);
-        let counts = Tensor::<B, 1, Int>::from_data(TensorData::new(local.counts.iter().map(|&c| c as i64).collect(), [local.counts.len()]), &device);
         let plan = DispatchPlan::new(slots, counts);
         let rows = match &routed {
             Some((x, _, _)) => dispatch(x.clone(), &plan),
@@ -307,7 +277,47 @@ impl<B: MoeBackend> ExpertParallelMoe<B> {
         };
         let batches: usize = all.iter().map(|(b, _)| b).sum();
         out.balance_loss = out.balance_loss.map(|l| if batches == 0 { l } else { l * (b as f64 / batches as f64) });
-        Ok(EpOutput { moe: out, splits, max_ranks_per_token: local.max_ranks_per_token })
+        Ok(EpOutput { moe: out, splits, max_ranks_per_token })
+    }
+}
+
+impl<B: MoeBackend> ExpertParallelMoe<B> {
+    /// The physical slot of each (token, expert) pair, on the device: the replicas of an
+    /// expert take turns by token index plus this rank ([`Placement::route`]'s rule).
+    ///
+    /// # Shapes
+    /// - indices: `[T, k]` logical experts → `[T, k]` slots
+    fn slots(&self, indices: Tensor<B, 2, Int>) -> Tensor<B, 2, Int> {
+        let [t, k] = indices.dims();
+        let device = indices.device();
+        let p = &self.placement;
+        let width = p.replicas.iter().copied().max().unwrap_or(1);
+        // `table[e · width + j]`: replica j of expert e (j < replicas[e]).
+        let table: Vec<i64> = p.log_to_phys.iter().flat_map(|r| (0..width).map(move |j| r[j % r.len()] as i64)).collect();
+        let table = Tensor::<B, 1, Int>::from_data(TensorData::new(table, [p.replicas.len() * width]), &device);
+        let experts = indices.reshape([t * k]);
+        let turn = if width == 1 {
+            Tensor::zeros([t * k], &device)
+        } else {
+            let replicas = Tensor::<B, 1, Int>::from_data(TensorData::new(p.replicas.iter().map(|&r| r as i64).collect(), [p.replicas.len()]), &device);
+            let token = Tensor::<B, 1, Int>::arange(self.rank as i64..(t + self.rank) as i64, &device).reshape([t, 1]).expand([t, k]).reshape([t * k]);
+            token.remainder(replicas.select(0, experts.clone()))
+        };
+        table.select(0, experts * width as i64 + turn).reshape([t, k])
+    }
+
+    /// The per-slot counts and the most ranks any token reaches, read to the host in one
+    /// transfer (the dispatch's receive sizes need them there).
+    fn read_counts(&self, counts: Tensor<B, 1, Int>, slots: Tensor<B, 2, Int>) -> (Vec<usize>, usize) {
+        let [t, _] = slots.dims();
+        let ranks = self.placement.gpus;
+        let most = match t {
+            0 => Tensor::zeros([1], &counts.device()),
+            _ => index_counts(slots.div_scalar(self.slots_per_rank() as i64), ranks).greater_elem(0).int().sum_dim(1).max().reshape([1]),
+        };
+        let host: Vec<i64> = Tensor::cat(vec![counts, most], 0).into_data().convert::<i64>().to_vec().expect("integer counts");
+        let (counts, most) = host.split_at(host.len() - 1);
+        (counts.iter().map(|&c| c as usize).collect(), most[0] as usize)
     }
 }
 
