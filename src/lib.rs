@@ -15,12 +15,16 @@
 //!   data, their validator and cost simulator with SVG timelines, and the executor that
 //!   trains a model split into stages over several Burn devices.
 //!
+//! - [`model`]: a DeepSeek-V3-shaped language model assembled from those pieces — MLA in
+//!   every block, MoE after the dense layers, optional FP8, multi-token prediction — with
+//!   its training loss, the balancing update and cached generation.
 //! - [`hf`]: Hugging Face interop — DeepSeek-V3 / V2 `config.json` files by their real
 //!   field names, turned into the attention and MoE configs.
 //!
 //! The cargo examples in `examples/` and the chapters in `docs/` show each piece in use.
 
 pub mod hf;
+pub mod model;
 
 pub use burn_dualpipe as dualpipe;
 pub use burn_fp8 as fp8;

@@ -4,7 +4,9 @@
 //! [`HfDeepSeekConfig`] deserializes the files DeepSeek publishes with its checkpoints
 //! (`deepseek-ai/DeepSeek-V3`, `DeepSeek-V2-Lite`, ...); fields the workspace does not use
 //! (`quantization_config`, `torch_dtype`, ...) are ignored. [`HfDeepSeekConfig::mla`] and
-//! [`HfDeepSeekConfig::moe`] give the attention and MoE configs of its layers.
+//! [`HfDeepSeekConfig::moe`] give the attention and MoE configs of its layers,
+//! [`HfDeepSeekConfig::model`] the whole model's; [`weights`] loads (and writes) the
+//! weights from safetensors files under their Hugging Face key names.
 //!
 //! # Example
 //! ```
@@ -32,10 +34,13 @@
 //! assert_eq!(hf.dense_layers(), 0..3);
 //! ```
 
+pub mod weights;
+
 use burn::config::{Config, ConfigError};
 use burn_moe::mla::YarnConfig;
 use burn_moe::router::{GroupScore, RouterConfig, RouterError, ScoreFn};
 use burn_moe::{MlaConfig, MoeConfig};
+use crate::model::DeepSeekV3Config;
 
 /// `rope_scaling` of a DeepSeek `config.json` (YaRN).
 #[derive(Config, Debug, PartialEq)]
@@ -196,6 +201,21 @@ impl HfDeepSeekConfig {
     /// Multi-token-prediction modules (`num_nextn_predict_layers`; V3: 1).
     pub fn mtp_depth(&self) -> usize {
         self.num_nextn_predict_layers.unwrap_or(0)
+    }
+
+    /// The whole model's config, at the file's true shapes (DeepSeek-V3's 671B: build it
+    /// on a device with the memory, or count its parameters with
+    /// [`DeepSeekV3Config::param_count`]).
+    ///
+    /// # Errors
+    /// As [`HfDeepSeekConfig::router`]; tied embeddings ([`HfError::Unsupported`]).
+    pub fn model(&self) -> Result<DeepSeekV3Config, HfError> {
+        if self.tie_word_embeddings == Some(true) {
+            return Err(HfError::Unsupported { field: "tie_word_embeddings", value: "true".into() });
+        }
+        Ok(DeepSeekV3Config::new(self.vocab_size, self.num_hidden_layers, self.dense_layers().end, self.intermediate_size, self.mla(), self.moe()?)
+            .with_mtp_depth(self.mtp_depth())
+            .with_norm_eps(self.rms_norm_eps.unwrap_or(1e-6)))
     }
 }
 

@@ -1,0 +1,139 @@
+//! One transformer block of the model: pre-norm MLA attention and a pre-norm MLP that is
+//! either a dense SwiGLU (optionally FP8) or the DeepSeekMoE layer.
+
+use burn::module::Module;
+use burn::nn::{Initializer, Linear, LinearConfig, RmsNorm};
+use burn::tensor::activation::silu;
+use burn::tensor::{backend::Backend, Int, Tensor};
+use burn_fp8::linear::{Fp8Linear, Fp8Recipe};
+use burn_moe::mla::{CacheError, LatentCache, SeqId};
+use burn_moe::{Mla, Moe, MoeBackend};
+
+/// A bias-free projection in f32 (Burn's `Linear`) or FP8 (`Fp8Linear`); both keep the
+/// f32 master weight `[d_input, d_output]`.
+#[derive(Module, Debug)]
+pub enum Projection<B: Backend> {
+    /// f32 GEMMs.
+    F32(Linear<B>),
+    /// FP8 GEMMs (forward, input and weight gradients), DeepSeek-V3's recipe.
+    Fp8(Fp8Linear<B>),
+}
+
+impl<B: Backend> Projection<B> {
+    fn new(d_input: usize, d_output: usize, init: &Initializer, fp8: Option<Fp8Recipe>, device: &B::Device) -> Self {
+        let linear = LinearConfig::new(d_input, d_output).with_bias(false).with_initializer(init.clone()).init(device);
+        match fp8 {
+            Some(recipe) => Self::Fp8(Fp8Linear::from(linear).with_recipe(recipe)),
+            None => Self::F32(linear),
+        }
+    }
+
+    /// The f32 weight `[d_input, d_output]`.
+    pub fn weight(&self) -> Tensor<B, 2> {
+        match self {
+            Self::F32(l) => l.weight.val(),
+            Self::Fp8(l) => l.weight.val(),
+        }
+    }
+}
+
+impl<B: MoeBackend> Projection<B> {
+    /// `x · W`.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        match self {
+            Self::F32(l) => l.forward(x),
+            Self::Fp8(l) => l.forward(x),
+        }
+    }
+}
+
+/// The dense SwiGLU MLP of the first layers, `(silu(x·W_gate) ⊙ x·W_up) · W_down`.
+#[derive(Module, Debug)]
+pub struct DenseMlp<B: Backend> {
+    /// `d_model → d_ffn`.
+    pub gate: Projection<B>,
+    /// `d_model → d_ffn`.
+    pub up: Projection<B>,
+    /// `d_ffn → d_model`.
+    pub down: Projection<B>,
+}
+
+impl<B: Backend> DenseMlp<B> {
+    /// Normal(0, `std`) weights; FP8 GEMMs with `fp8`.
+    pub fn new(d_model: usize, d_ffn: usize, std: f64, fp8: Option<Fp8Recipe>, device: &B::Device) -> Self {
+        let init = Initializer::Normal { mean: 0.0, std };
+        Self {
+            gate: Projection::new(d_model, d_ffn, &init, fp8, device),
+            up: Projection::new(d_model, d_ffn, &init, fp8, device),
+            down: Projection::new(d_ffn, d_model, &init, fp8, device),
+        }
+    }
+}
+
+impl<B: MoeBackend> DenseMlp<B> {
+    /// # Shapes
+    /// `[..., d_model]` → `[..., d_model]`.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        self.down.forward(silu(self.gate.forward(x.clone())) * self.up.forward(x))
+    }
+}
+
+/// A block's MLP.
+#[derive(Module, Debug)]
+pub enum Ffn<B: Backend> {
+    /// The dense MLP (the first `n_dense_layers`).
+    Dense(DenseMlp<B>),
+    /// The DeepSeekMoE layer.
+    Moe(Moe<B>),
+}
+
+/// What an MLP adds to the block's statistics: the routed tokens per expert and the
+/// weighted balance loss (MoE layers only).
+pub(crate) struct FfnStats<B: Backend> {
+    pub counts: Option<Tensor<B, 1, Int>>,
+    pub balance_loss: Option<Tensor<B, 1>>,
+}
+
+/// `x + MLA(norm(x))`, then `h + MLP(norm(h))`.
+#[derive(Module, Debug)]
+pub struct Block<B: Backend> {
+    /// RMSNorm before attention (`input_layernorm`).
+    pub attn_norm: RmsNorm<B>,
+    /// Multi-head Latent Attention.
+    pub attn: Mla<B>,
+    /// RMSNorm before the MLP (`post_attention_layernorm`).
+    pub ffn_norm: RmsNorm<B>,
+    /// The MLP.
+    pub ffn: Ffn<B>,
+}
+
+impl<B: MoeBackend> Block<B> {
+    /// Training forward (causal over positions `0..S`).
+    ///
+    /// # Shapes
+    /// `x [B, S, d_model]` → `[B, S, d_model]`.
+    pub(crate) fn forward(&self, x: Tensor<B, 3>) -> (Tensor<B, 3>, FfnStats<B>) {
+        let h = x.clone() + self.attn.forward(self.attn_norm.forward(x));
+        self.mlp(h)
+    }
+
+    /// The cached path: `x [n, d_model]`, the next `n` tokens of sequence `id`, appended
+    /// to `cache` (a prompt, or one token per decode step).
+    pub(crate) fn forward_cached(&self, x: Tensor<B, 2>, id: SeqId, cache: &mut LatentCache<B>) -> Result<Tensor<B, 2>, CacheError> {
+        let normed = self.attn_norm.forward(x.clone());
+        let attn = self.attn.prefill(normed, id, cache)?;
+        let (h, _) = self.mlp((x + attn).unsqueeze_dim(0));
+        Ok(h.squeeze_dim(0))
+    }
+
+    fn mlp(&self, h: Tensor<B, 3>) -> (Tensor<B, 3>, FfnStats<B>) {
+        let normed = self.ffn_norm.forward(h.clone());
+        match &self.ffn {
+            Ffn::Dense(mlp) => (h + mlp.forward(normed), FfnStats { counts: None, balance_loss: None }),
+            Ffn::Moe(moe) => {
+                let out = moe.forward(normed);
+                (h + out.output, FfnStats { counts: Some(out.counts), balance_loss: out.balance_loss })
+            }
+        }
+    }
+}

@@ -1,0 +1,212 @@
+//! A DeepSeek-V3-shaped language model built from the workspace's modules: MLA attention
+//! in every block, DeepSeekMoE layers after the first dense ones, optional FP8 GEMMs, and
+//! multi-token prediction.
+//!
+//! - [`DeepSeekV3Config`] holds the shape ([`DeepSeekV3Config::deepseek_v3`],
+//!   [`DeepSeekV3Config::tiny`], or [`crate::hf::HfDeepSeekConfig::model`] from a
+//!   `config.json`); [`DeepSeekV3Config::init`] builds the model.
+//! - [`DeepSeekV3::forward`] gives the logits and the per-layer expert counts;
+//!   [`DeepSeekV3::loss`] the training objective `L_main + λ/D · Σ_k L_MTP,k` (plus the
+//!   MoE balance losses) with its parts; [`DeepSeekV3::update_bias`] applies the
+//!   auxiliary-loss-free balancing update after an optimizer step.
+//! - [`Session`] generates with a [`LatentCache`](burn_moe::mla::LatentCache) per layer
+//!   (the prompt in one pass, then one token per step through MLA's absorbed decode).
+//! - [`crate::hf::weights`] loads and saves the weights under Hugging Face's key names.
+//!
+//! # Example
+//! ```
+//! use burn::backend::{Autodiff, NdArray};
+//! use burn::tensor::{Int, Tensor, TensorData};
+//! use burn_deepseek::model::DeepSeekV3Config;
+//!
+//! type B = Autodiff<NdArray>;
+//! let device = Default::default();
+//! let config = DeepSeekV3Config::tiny();
+//! let model = config.init::<B>(&device);
+//!
+//! // Two sequences of 17 bytes: 16 positions are predicted by the main model, 15 by MTP.
+//! let text: Vec<i64> = b"the quick brown fox jumps over a lazy dog!".iter().map(|&b| b as i64).collect();
+//! let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(text[..34].to_vec(), [2, 17]), &device);
+//! let out = model.loss(tokens);
+//! assert_eq!(out.mtp_losses.len(), 1);
+//! assert_eq!(out.counts.len(), 3); // MoE layers: 2 of the main model, 1 in the MTP module
+//! let grads = out.loss.backward();
+//! assert!(model.embed.weight.grad(&grads).is_some());
+//! let model = model.update_bias(&out.counts); // after the optimizer step
+//! # let _ = model;
+//! ```
+
+mod block;
+mod config;
+mod generate;
+mod mtp;
+
+pub use block::{Block, DenseMlp, Ffn, Projection};
+pub use config::DeepSeekV3Config;
+pub use generate::{Sampling, Session};
+pub use mtp::MtpModule;
+
+use burn::module::Module;
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::nn::{Embedding, Linear, RmsNorm};
+use burn::tensor::{backend::Backend, Int, Tensor};
+use burn_moe::MoeBackend;
+
+/// The model; built by [`DeepSeekV3Config::init`]. See the [module docs](self).
+#[derive(Module, Debug)]
+pub struct DeepSeekV3<B: Backend> {
+    /// Token embedding `[vocab, d_model]`, shared with the MTP modules.
+    pub embed: Embedding<B>,
+    /// The transformer blocks.
+    pub layers: Vec<Block<B>>,
+    /// The final RMSNorm.
+    pub norm: RmsNorm<B>,
+    /// The output head `[d_model, vocab]`, shared with the MTP modules.
+    pub head: Linear<B>,
+    /// Multi-token-prediction modules, depth 1 first.
+    pub mtp: Vec<MtpModule<B>>,
+    /// `λ`, the MTP loss weight.
+    #[module(skip)]
+    pub mtp_loss_weight: f64,
+}
+
+/// What [`DeepSeekV3::forward`] returns.
+#[derive(Clone, Debug)]
+pub struct ModelOutput<B: Backend> {
+    /// Next-token logits, `[B, S, vocab]`.
+    pub logits: Tensor<B, 3>,
+    /// The last block's output before the final norm, `[B, S, d_model]` (the first MTP
+    /// depth's input).
+    pub hidden: Tensor<B, 3>,
+    /// Tokens per routed expert, `[E]`, one per MoE layer in layer order.
+    pub counts: Vec<Tensor<B, 1, Int>>,
+    /// Sum of the MoE layers' weighted balance losses, `[1]` (`None` when α = 0).
+    pub balance_loss: Option<Tensor<B, 1>>,
+}
+
+/// What [`DeepSeekV3::loss`] returns.
+#[derive(Clone, Debug)]
+pub struct LossOutput<B: Backend> {
+    /// The objective: `lm_loss + λ / D · Σ mtp_losses + balance_loss`, `[1]`.
+    pub loss: Tensor<B, 1>,
+    /// Cross-entropy of the next-token prediction, `[1]`.
+    pub lm_loss: Tensor<B, 1>,
+    /// Cross-entropy of each MTP depth (depth `k` predicts `k + 1` tokens ahead), `[1]`.
+    pub mtp_losses: Vec<Tensor<B, 1>>,
+    /// Sum of the weighted balance losses, `[1]` (`None` when α = 0).
+    pub balance_loss: Option<Tensor<B, 1>>,
+    /// Tokens per routed expert of every MoE layer: the main model's, then the MTP
+    /// modules'; the argument of [`DeepSeekV3::update_bias`].
+    pub counts: Vec<Tensor<B, 1, Int>>,
+}
+
+/// Adds `b` to an optional sum.
+fn add<B: Backend>(sum: Option<Tensor<B, 1>>, b: Option<Tensor<B, 1>>) -> Option<Tensor<B, 1>> {
+    match (sum, b) {
+        (Some(a), Some(b)) => Some(a + b),
+        (a, b) => a.or(b),
+    }
+}
+
+impl<B: Backend> DeepSeekV3<B> {
+    /// Vocabulary size.
+    pub fn vocab_size(&self) -> usize {
+        self.embed.weight.dims()[0]
+    }
+
+    /// The MoE layers in the order of [`LossOutput::counts`]: the main model's, then the
+    /// MTP modules'.
+    pub fn moe_layers(&self) -> impl Iterator<Item = &burn_moe::Moe<B>> {
+        self.layers.iter().chain(self.mtp.iter().map(|m| &m.block)).filter_map(|b| match &b.ffn {
+            Ffn::Moe(moe) => Some(moe),
+            Ffn::Dense(_) => None,
+        })
+    }
+
+    /// The balancing-bias update of every MoE layer, `bias += γ · sign(mean − count)`,
+    /// after an optimizer step; `counts` as [`LossOutput::counts`] (possibly summed over
+    /// several steps).
+    ///
+    /// # Panics
+    /// When `counts` does not hold one tensor per MoE layer.
+    pub fn update_bias(self, counts: &[Tensor<B, 1, Int>]) -> Self {
+        let n = self.moe_layers().count();
+        assert_eq!(counts.len(), n, "DeepSeekV3::update_bias: {} count tensors for {n} MoE layers", counts.len());
+        let mut counts = counts.iter().cloned();
+        let mut update = |block: Block<B>| match block.ffn {
+            Ffn::Moe(moe) => Block { ffn: Ffn::Moe(moe.update_bias(counts.next().expect("counted above"))), ..block },
+            dense => Block { ffn: dense, ..block },
+        };
+        let layers = self.layers.into_iter().map(&mut update).collect();
+        let mtp = self.mtp.into_iter().map(|m| MtpModule { block: update(m.block), ..m }).collect();
+        Self { layers, mtp, ..self }
+    }
+}
+
+impl<B: MoeBackend> DeepSeekV3<B> {
+    /// Causal forward over positions `0..S`.
+    ///
+    /// # Shapes
+    /// `tokens [B, S]` → logits `[B, S, vocab]`.
+    ///
+    /// # Panics
+    /// When `S` exceeds the attention's `max_seq_len`.
+    pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> ModelOutput<B> {
+        let mut x = self.embed.forward(tokens);
+        let (mut counts, mut balance_loss) = (Vec::new(), None);
+        for layer in &self.layers {
+            let (y, stats) = layer.forward(x);
+            x = y;
+            counts.extend(stats.counts);
+            balance_loss = add(balance_loss, stats.balance_loss);
+        }
+        let logits = self.head.forward(self.norm.forward(x.clone()));
+        ModelOutput { logits, hidden: x, counts, balance_loss }
+    }
+
+    /// The training objective on `tokens [B, S + 1]`: the main model reads `0..S` and
+    /// predicts `1..S + 1`; MTP depth `k` reads the previous depth's first `S − k`
+    /// positions with the embeddings of tokens `k..S` and predicts tokens `k + 1..S + 1`.
+    ///
+    /// # Panics
+    /// When `S + 1` is below `mtp_depth + 2` (nothing left to predict at the last depth),
+    /// or `S` exceeds the attention's `max_seq_len`.
+    pub fn loss(&self, tokens: Tensor<B, 2, Int>) -> LossOutput<B> {
+        let [b, n] = tokens.dims();
+        let depth = self.mtp.len();
+        assert!(n >= depth + 2, "DeepSeekV3::loss: tokens [{b}, {n}] are too short for MTP depth {depth}: need at least {} per row", depth + 2);
+        let s = n - 1;
+        let ce = CrossEntropyLossConfig::new().init(&tokens.device());
+        let vocab = self.vocab_size();
+        let cross_entropy = |logits: Tensor<B, 3>, from: usize| {
+            let len = logits.dims()[1];
+            let targets = tokens.clone().slice([0..b, from..from + len]).reshape([b * len]);
+            ce.forward(logits.reshape([b * len, vocab]), targets)
+        };
+        let out = self.forward(tokens.clone().slice([0..b, 0..s]));
+        let lm_loss = cross_entropy(out.logits, 1);
+        let (mut counts, mut balance_loss) = (out.counts, out.balance_loss);
+        let mut previous = out.hidden;
+        let mut mtp_losses = Vec::with_capacity(depth);
+        for (i, module) in self.mtp.iter().enumerate() {
+            let k = i + 1;
+            let len = s - k;
+            let d = previous.dims()[2];
+            let embedded = self.embed.forward(tokens.clone().slice([0..b, k..s]));
+            let (h, stats) = module.forward(previous.slice([0..b, 0..len, 0..d]), embedded);
+            counts.extend(stats.counts);
+            balance_loss = add(balance_loss, stats.balance_loss);
+            mtp_losses.push(cross_entropy(self.head.forward(module.norm.forward(h.clone())), k + 1));
+            previous = h;
+        }
+        let mut loss = lm_loss.clone();
+        if depth > 0 {
+            let mtp = mtp_losses.iter().cloned().reduce(|a, b| a + b).expect("depth > 0");
+            loss = loss + mtp * (self.mtp_loss_weight / depth as f64);
+        }
+        if let Some(bl) = &balance_loss {
+            loss = loss + bl.clone();
+        }
+        LossOutput { loss, lm_loss, mtp_losses, balance_loss, counts }
+    }
+}
