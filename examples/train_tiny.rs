@@ -5,6 +5,7 @@
 //! cargo run --release --example train_tiny                           # reference CPU backend, a few minutes
 //! cargo run --release --example train_tiny -- --resume --steps 1200  # continue from the checkpoint
 //! cargo run --release --example train_tiny -- --backend wgpu --fp8   # CubeCL kernels, FP8 MLPs and experts
+//! cargo run --release --example train_tiny -- --ep 2                 # experts over 2 ranks (threads, one device each)
 //! cargo run --release --features cuda --example train_tiny -- --backend cuda --d-model 256 --steps 3000
 //! ```
 //!
@@ -21,6 +22,14 @@
 //! steps) it writes to `--out` (default `target/train_tiny`): `model.mpk` and `optim.mpk`
 //! (Burn records, full precision), `state.json` (step and loss history), `loss.svg` (the
 //! loss curves), and it samples text from the trained model with the latent cache.
+//!
+//! `--ep N` trains with expert parallelism: N ranks (threads), each with its own device
+//! (ndarray: N CPU devices; wgpu: the default adapter and the CPU adapter, N ≤ 2; cuda: GPUs
+//! 0..N), its own batch, and `16 / N` of every MoE layer's experts; the MoE layers
+//! exchange rows with all-to-alls and the replicated gradients are all-reduced
+//! (`DeepSeekV3::shard_experts`, `sync_grads`). The checkpoint holds the whole model
+//! (gathered from the ranks) and one optimizer state per rank (`optim-ep{N}-rank{r}.mpk`),
+//! so `--resume` takes the same `--ep`.
 
 use burn::config::Config;
 use burn::module::{AutodiffModule, Module};
@@ -29,6 +38,8 @@ use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Int, Tensor, TensorData};
 use burn_deepseek::model::{DeepSeekV3, DeepSeekV3Config, Sampling, Session};
+use burn_moe::comm::{launch, Comm, Transport};
+use burn_moe::ep::EpError;
 use burn_moe::MoeBackend;
 use std::io::Write;
 use std::path::PathBuf;
@@ -46,6 +57,7 @@ struct Args {
     lr: f64,
     fp8: bool,
     resume: bool,
+    ep: usize,
     out: PathBuf,
     save_every: usize,
     sample: usize,
@@ -55,16 +67,17 @@ struct Args {
 fn parse_args() -> Args {
     let mut a = Args {
         backend: "ndarray".into(),
-        steps: 400,
+        steps: 1000,
         batch: 8,
         seq: 64,
         d_model: 64,
         lr: 3e-3,
         fp8: false,
         resume: false,
+        ep: 1,
         out: PathBuf::from("target/train_tiny"),
-        save_every: 200,
-        sample: 300,
+        save_every: 250,
+        sample: 200,
         seed: 42,
     };
     let mut it = std::env::args().skip(1);
@@ -79,18 +92,19 @@ fn parse_args() -> Args {
             "--lr" => a.lr = value().parse().expect("--lr X"),
             "--fp8" => a.fp8 = true,
             "--resume" => a.resume = true,
+            "--ep" => a.ep = value().parse().expect("--ep N"),
             "--out" => a.out = PathBuf::from(value()),
             "--save-every" => a.save_every = value().parse().expect("--save-every N"),
             "--sample" => a.sample = value().parse().expect("--sample N"),
             "--seed" => a.seed = value().parse().expect("--seed N"),
             "--help" | "-h" => {
-                println!("train_tiny [--backend ndarray|wgpu|cuda] [--steps N] [--batch N] [--seq N] [--d-model N] [--lr X] [--fp8] [--resume] [--out DIR] [--save-every N] [--sample N] [--seed N]");
+                println!("train_tiny [--backend ndarray|wgpu|cuda] [--steps N] [--batch N] [--seq N] [--d-model N] [--lr X] [--fp8] [--resume] [--ep N] [--out DIR] [--save-every N] [--sample N] [--seed N]");
                 std::process::exit(0);
             }
             other => panic!("unknown flag {other}; see --help"),
         }
     }
-    assert!(a.seq + 1 < 256, "--seq {} must be below 255 (the tiny preset's rotary table covers 256 positions)", a.seq);
+    assert!(a.ep >= 1, "--ep {}: at least one rank", a.ep);
     a
 }
 
@@ -158,31 +172,33 @@ fn held_out_loss<B: MoeBackend>(model: &DeepSeekV3<B>, text: &[u8], args: &Args,
 
 use burn::tensor::ElementConversion;
 
-fn train<B: AutodiffBackend + MoeBackend>(args: &Args, device: &B::Device, name: &str)
+/// The prompt the trained model continues.
+const PROMPT: &str = "Phileas Fogg ";
+
+/// Builds (or loads) the model on the first device, then trains it on one device, or with
+/// its experts spread over `--ep N` ranks (one thread and one device each).
+fn train<B: AutodiffBackend + MoeBackend>(args: &Args, devices: &[B::Device], name: &str)
 where
     B::InnerBackend: MoeBackend,
 {
+    let device = &devices[0];
     B::seed(device, args.seed);
-    let text = CORPUS.as_bytes();
-    let split = text.len() * 9 / 10;
-    let (train_text, held_text) = (&text[..split], &text[split..]);
-    let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
     std::fs::create_dir_all(&args.out).expect("create the output directory");
     let state_path = args.out.join("state.json");
-
-    let config = DeepSeekV3Config::tiny().with_width(args.d_model).with_fp8_everywhere(args.fp8.then(Default::default));
-    let mut optim = AdamWConfig::new().with_weight_decay(0.1).init();
-    let (mut model, mut state) = if args.resume {
+    let (model, state) = if args.resume {
         let state = TrainState::load(&state_path).unwrap_or_else(|e| panic!("--resume: cannot read {}: {e}", state_path.display()));
-        let model = state.model.init::<B>(device).load_file(args.out.join("model"), &recorder, device).expect("--resume: model record");
-        optim = optim.load_record(recorder.load(args.out.join("optim"), device).expect("--resume: optimizer record"));
+        let model = state.model.init::<B>(device).load_file(args.out.join("model"), &recorder(), device).expect("--resume: model record");
         println!("resumed from {} at step {}", args.out.display(), state.step);
         (model, state)
     } else {
+        let config = DeepSeekV3Config::tiny().with_width(args.d_model).with_fp8_everywhere(args.fp8.then(Default::default));
         let state = TrainState { step: 0, lm: Vec::new(), mtp: Vec::new(), held_out: Vec::new(), model: config.clone() };
         (config.init::<B>(device), state)
     };
-    let config = state.model.clone();
+    let config = &state.model;
+    let max = config.mla.max_seq_len;
+    assert!(args.seq + 1 <= max, "--seq {}: the model covers {max} positions", args.seq);
+    assert!(PROMPT.len() + args.sample <= max, "--sample {}: the prompt ({} bytes) and the sample must fit the model's {max} positions", args.sample, PROMPT.len());
     println!(
         "tiny DeepSeek-V3 on {name}: {} parameters, width {}, {} layers ({} dense), {} experts top-{}, MTP depth {}, FP8 {}",
         config.param_count(),
@@ -194,9 +210,43 @@ where
         config.mtp_depth,
         if config.fp8.is_some() { "on" } else { "off" }
     );
-    println!("corpus: {} bytes ({} held out); batch {} × {} tokens; {} steps", text.len(), held_text.len(), args.batch, args.seq, args.steps);
+    let text = CORPUS.as_bytes();
+    println!("corpus: {} bytes ({} held out); batch {} × {} tokens per rank; {} steps", text.len(), text.len() / 10, args.batch, args.seq, args.steps);
+    if args.ep == 1 {
+        run::<B>(args, &model, state, None, device).expect("a single device has no collectives to fail");
+        return;
+    }
+    assert!(args.ep <= devices.len(), "--ep {}: this backend offers {} devices here", args.ep, devices.len());
+    println!("expert parallelism: {} ranks, {} experts each per MoE layer", args.ep, config.moe.router.n_experts / args.ep);
+    launch(Comm::group(args.ep, Transport::Host), |comm| run::<B>(args, &model, state.clone(), Some(comm.clone()), &devices[comm.rank()]))
+        .unwrap_or_else(|e| panic!("expert-parallel training stopped: {e}"));
+}
 
-    let mut batches = Batches { text: train_text, state: (args.seed ^ state.step as u64).wrapping_mul(0x2545_F491_4F6C_DD1D) | 1 };
+fn recorder() -> NamedMpkFileRecorder<FullPrecisionSettings> {
+    NamedMpkFileRecorder::new()
+}
+
+/// One rank's training loop (the only one without `--ep`): rank 0 prints, evaluates,
+/// writes the model and samples; every rank writes its optimizer state.
+fn run<B: AutodiffBackend + MoeBackend>(args: &Args, model: &DeepSeekV3<B>, mut state: TrainState, comm: Option<Comm>, device: &B::Device) -> Result<(), EpError>
+where
+    B::InnerBackend: MoeBackend,
+{
+    let (rank, world) = comm.as_ref().map_or((0, 1), |c| (c.rank(), c.world_size()));
+    let text = CORPUS.as_bytes();
+    let split = text.len() * 9 / 10;
+    let (train_text, held_text) = (&text[..split], &text[split..]);
+    let optim_name = if world == 1 { "optim".to_string() } else { format!("optim-ep{world}-rank{rank}") };
+    let mut model = match &comm {
+        Some(comm) => model.shard_experts(comm, device)?,
+        None => model.clone(),
+    };
+    let mut optim = AdamWConfig::new().with_weight_decay(0.1).init();
+    if args.resume {
+        let path = args.out.join(&optim_name);
+        optim = optim.load_record(recorder().load(path.clone(), device).unwrap_or_else(|e| panic!("--resume: {}.mpk (the optimizer state of this rank count): {e}", path.display())));
+    }
+    let mut batches = Batches { text: train_text, state: (args.seed ^ state.step as u64 ^ ((rank as u64) << 32)).wrapping_mul(0x2545_F491_4F6C_DD1D) | 1 };
     let warmup = 30;
     let start = Instant::now();
     let (mut timed_tokens, mut timed) = (0usize, std::time::Duration::ZERO);
@@ -204,41 +254,49 @@ where
         let step_start = Instant::now();
         let lr = args.lr * ((state.step + 1) as f64 / warmup as f64).min(1.0);
         let batch = tokens::<B>(batches.next(args.batch, args.seq + 2), args.batch, device);
-        let out = model.loss(batch);
+        let out = model.try_loss(batch)?;
         let (lm, mtp) = (out.lm_loss.clone().into_scalar().elem::<f32>(), out.mtp_losses[0].clone().into_scalar().elem::<f32>());
-        let grads = GradientsParams::from_grads(out.loss.backward(), &model);
+        let grads = model.sync_grads(GradientsParams::from_grads(out.loss.backward(), &model))?;
         model = optim.step(lr, model, grads).update_bias(&out.counts);
-        let load = load_ratio(&out.counts);
         state.step += 1;
         state.lm.push(lm);
         state.mtp.push(mtp);
         if state.step > 3 {
             timed += step_start.elapsed();
-            timed_tokens += args.batch * args.seq;
+            timed_tokens += world * args.batch * args.seq;
         }
-        let tok_s = timed_tokens as f64 / timed.as_secs_f64().max(1e-9);
-        let filled = 24 * state.step / args.steps;
-        print!("\r[{}{}] {:>5}/{} loss {lm:.3} mtp {mtp:.3} | {tok_s:>6.0} tok/s | load max/mean {load:.2}  ", "#".repeat(filled), "-".repeat(24 - filled), state.step, args.steps);
-        std::io::stdout().flush().ok();
+        if rank == 0 {
+            let load = load_ratio(&out.counts);
+            let tok_s = timed_tokens as f64 / timed.as_secs_f64().max(1e-9);
+            let filled = 24 * state.step / args.steps;
+            print!("\r[{}{}] {:>5}/{} loss {lm:.3} mtp {mtp:.3} | {tok_s:>6.0} tok/s | load max/mean {load:.2}  ", "#".repeat(filled), "-".repeat(24 - filled), state.step, args.steps);
+            std::io::stdout().flush().ok();
+        }
         if state.step % args.save_every == 0 || state.step == args.steps {
-            let held = held_out_loss(&model.valid(), held_text, args, device);
-            state.held_out.push((state.step, held));
-            println!("\n  step {}: held-out loss {held:.3} ({:.1} s)", state.step, start.elapsed().as_secs_f64());
-            model.clone().save_file(args.out.join("model"), &recorder).expect("write the model record");
-            recorder.record(optim.to_record(), args.out.join("optim")).expect("write the optimizer record");
-            state.save(&state_path).expect("write state.json");
-            std::fs::write(args.out.join("loss.svg"), loss_svg(&state)).expect("write loss.svg");
+            let whole = model.unshard_experts()?;
+            recorder().record(optim.to_record(), args.out.join(&optim_name)).expect("write the optimizer record");
+            if rank == 0 {
+                let held = held_out_loss(&whole.valid(), held_text, args, device);
+                state.held_out.push((state.step, held));
+                println!("\n  step {}: held-out loss {held:.3} ({:.1} s)", state.step, start.elapsed().as_secs_f64());
+                whole.save_file(args.out.join("model"), &recorder()).expect("write the model record");
+                state.save(args.out.join("state.json")).expect("write state.json");
+                std::fs::write(args.out.join("loss.svg"), loss_svg(&state)).expect("write loss.svg");
+            }
         }
     }
-    println!("wrote {}/{{model.mpk, optim.mpk, state.json, loss.svg}}", args.out.display());
-
-    let valid = model.valid();
-    let prompt = "Phileas Fogg ";
-    let ids: Vec<u32> = prompt.bytes().map(u32::from).collect();
-    let mut session = Session::new(&valid, &config.mla, ids.len() + args.sample, Sampling { seed: args.seed, ..Default::default() }, device);
-    let drawn = session.generate(&ids, args.sample).expect("prompt and sample fit the cache");
+    // Every rank takes part in gathering the experts; rank 0 samples.
+    let valid = model.unshard_experts()?.valid();
+    if rank != 0 {
+        return Ok(());
+    }
+    println!("wrote {}/{{model.mpk, {optim_name}.mpk, state.json, loss.svg}}", args.out.display());
+    let ids: Vec<u32> = PROMPT.bytes().map(u32::from).collect();
+    let mut session = Session::new(&valid, &state.model.mla, ids.len() + args.sample, Sampling { seed: args.seed, ..Default::default() }, device);
+    let drawn = session.generate(&ids, args.sample).expect("prompt and sample fit the cache (checked at the start)");
     let bytes: Vec<u8> = drawn.iter().map(|&t| t as u8).collect();
-    println!("sample (temperature 0.8, top-40):\n{prompt}{}", String::from_utf8_lossy(&bytes));
+    println!("sample (temperature 0.8, top-40):\n{PROMPT}{}", String::from_utf8_lossy(&bytes));
+    Ok(())
 }
 
 /// The loss curves as an SVG: next-token and MTP loss (mean of every 10 steps) and the
@@ -274,11 +332,17 @@ fn main() {
     let args = parse_args();
     match args.backend.as_str() {
         #[cfg(feature = "ndarray")]
-        "ndarray" => train::<burn::backend::Autodiff<burn::backend::NdArray>>(&args, &Default::default(), "ndarray (reference CPU backend)"),
+        "ndarray" => train::<burn::backend::Autodiff<burn::backend::NdArray>>(&args, &vec![Default::default(); args.ep], "ndarray (reference CPU backend)"),
         #[cfg(feature = "wgpu")]
-        "wgpu" => train::<burn::backend::Autodiff<burn::backend::Wgpu>>(&args, &burn::backend::wgpu::WgpuDevice::DefaultDevice, "wgpu"),
+        "wgpu" => {
+            use burn::backend::wgpu::WgpuDevice;
+            train::<burn::backend::Autodiff<burn::backend::Wgpu>>(&args, &[WgpuDevice::DefaultDevice, WgpuDevice::Cpu], "wgpu")
+        }
         #[cfg(feature = "cuda")]
-        "cuda" => train::<burn::backend::Autodiff<burn::backend::Cuda>>(&args, &Default::default(), "cuda"),
+        "cuda" => {
+            use burn::backend::cuda::CudaDevice;
+            train::<burn::backend::Autodiff<burn::backend::Cuda>>(&args, &(0..args.ep).map(CudaDevice::new).collect::<Vec<_>>(), "cuda")
+        }
         other => panic!("backend {other:?} is not compiled in; build with --features {other}"),
     }
 }

@@ -17,11 +17,15 @@
 //!
 //! - [`model`]: a DeepSeek-V3-shaped language model assembled from those pieces — MLA in
 //!   every block, MoE after the dense layers, optional FP8, multi-token prediction — with
-//!   its training loss, the balancing update and cached generation.
+//!   its training loss, the balancing update, cached generation and expert parallelism
+//!   over the ranks of a `burn_moe::comm::Comm` group.
 //! - [`hf`]: Hugging Face interop — DeepSeek-V3 / V2 `config.json` files by their real
-//!   field names, turned into the attention and MoE configs.
+//!   field names, turned into the model config, and safetensors weights by their Hugging
+//!   Face key names.
 //!
-//! The cargo examples in `examples/` and the chapters in `docs/` show each piece in use.
+//! The cargo examples in `examples/` and the chapters in `docs/` (also here, as the
+//! `guide_*` modules, whose code runs as doc tests) show each piece in use; the README's
+//! main command, `cargo run --release --example train_tiny`, trains the tiny model.
 
 pub mod hf;
 pub mod model;
@@ -47,6 +51,9 @@ pub mod guide_mla {}
 
 #[doc = include_str!("../docs/dualpipe.md")]
 pub mod guide_dualpipe {}
+
+#[doc = include_str!("../docs/model.md")]
+pub mod guide_model {}
 
 /// The README's code compiles.
 #[cfg(doctest)]

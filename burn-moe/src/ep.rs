@@ -138,7 +138,9 @@ pub struct EpOutput<B: Backend> {
 
 impl<B: Backend> ExpertParallelMoe<B> {
     /// Rank `rank`'s shard of `moe` under `placement`, copied onto `device` through host
-    /// memory (fresh parameter ids).
+    /// memory. The copies are fresh leaves (each rank's autodiff graph is its own) under
+    /// the source's parameter ids, so an optimizer record of a shard loads into the same
+    /// shard of a later run.
     pub fn shard(moe: &Moe<B>, placement: Placement, rank: usize, device: &B::Device) -> Result<Self, EpError> {
         let (slots, gpus, experts) = (placement.phys_to_log.len(), placement.gpus, moe.experts.n_experts());
         let bad = |detail: String| Err(EpError::Placement { detail });
@@ -154,7 +156,7 @@ impl<B: Backend> ExpertParallelMoe<B> {
         let per = slots / gpus;
         let mine: Vec<i64> = placement.phys_to_log[rank * per..(rank + 1) * per].iter().map(|&e| e as i64).collect();
         let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(mine, [per]), &moe.experts.w_gate.device());
-        let slots_of = |w: &Param<Tensor<B, 3>>| leaf(w.val().select(0, ids.clone()), w.is_require_grad(), device);
+        let slots_of = |w: &Param<Tensor<B, 3>>| leaf(w.id, w.val().select(0, ids.clone()), w.is_require_grad(), device);
         let experts = RoutedExperts {
             w_gate: slots_of(&moe.experts.w_gate),
             w_up: slots_of(&moe.experts.w_up),
@@ -185,14 +187,14 @@ impl<B: Backend> ExpertParallelMoe<B> {
     }
 }
 
-/// `value` as a fresh leaf parameter on `device`, copied through host memory (a new
+/// `value` as a fresh leaf parameter `id` on `device`, copied through host memory (a new
 /// node: the ranks' autodiff graphs share nothing with the source module).
-fn leaf<B: Backend, const D: usize>(value: Tensor<B, D>, require_grad: bool, device: &B::Device) -> Param<Tensor<B, D>> {
-    Param::initialized(ParamId::new(), Tensor::from_data(value.into_data(), device).set_require_grad(require_grad))
+fn leaf<B: Backend, const D: usize>(id: ParamId, value: Tensor<B, D>, require_grad: bool, device: &B::Device) -> Param<Tensor<B, D>> {
+    Param::initialized(id, Tensor::from_data(value.into_data(), device).set_require_grad(require_grad))
 }
 
 fn copy<B: Backend, const D: usize>(param: &Param<Tensor<B, D>>, device: &B::Device) -> Param<Tensor<B, D>> {
-    leaf(param.val(), param.is_require_grad(), device)
+    leaf(param.id, param.val(), param.is_require_grad(), device)
 }
 
 fn copy_linear<B: Backend>(linear: &Linear<B>, device: &B::Device) -> Linear<B> {
@@ -282,6 +284,31 @@ impl<B: MoeBackend> ExpertParallelMoe<B> {
 }
 
 impl<B: MoeBackend> ExpertParallelMoe<B> {
+    /// The whole layer again, on every rank: each logical expert's weights all-gathered
+    /// from the rank of its first replica, the replicated parameters this rank's copies
+    /// (parameter ids kept). Every rank of the group must call it (checkpoints, and
+    /// inference on one device after expert-parallel training).
+    pub fn gather(&self, comm: &Comm) -> Result<Moe<B>, EpError> {
+        let p = &self.placement;
+        if comm.world_size() != p.gpus {
+            return Err(EpError::Placement { detail: format!("a group of {} ranks gathers a placement over {}", comm.world_size(), p.gpus) });
+        }
+        let first: Vec<i64> = p.log_to_phys.iter().map(|r| r[0] as i64).collect();
+        let device = self.moe.experts.w_gate.device();
+        let first = Tensor::<B, 1, Int>::from_data(TensorData::new(first, [p.replicas.len()]), &device);
+        let whole = |w: &Param<Tensor<B, 3>>| -> Result<Param<Tensor<B, 3>>, EpError> {
+            let all = crate::comm::all_gather(w.val().detach(), comm)?; // [slots, p, q]
+            Ok(Param::initialized(w.id, all.select(0, first.clone()).detach().set_require_grad(w.is_require_grad())))
+        };
+        let experts = RoutedExperts {
+            w_gate: whole(&self.moe.experts.w_gate)?,
+            w_up: whole(&self.moe.experts.w_up)?,
+            w_down: whole(&self.moe.experts.w_down)?,
+            fp8: self.moe.experts.fp8,
+        };
+        Ok(Moe { experts, ..self.moe.clone() })
+    }
+
     /// The physical slot of each (token, expert) pair, on the device: the replicas of an
     /// expert take turns by token index plus this rank ([`Placement::route`]'s rule).
     ///

@@ -6,6 +6,8 @@ use burn::nn::{Initializer, Linear, LinearConfig, RmsNorm};
 use burn::tensor::activation::silu;
 use burn::tensor::{backend::Backend, Int, Tensor};
 use burn_fp8::linear::{Fp8Linear, Fp8Recipe};
+use super::ep::ExpertShard;
+use burn_moe::ep::EpError;
 use burn_moe::mla::{CacheError, LatentCache, SeqId};
 use burn_moe::{Mla, Moe, MoeBackend};
 
@@ -85,6 +87,9 @@ pub enum Ffn<B: Backend> {
     Dense(DenseMlp<B>),
     /// The DeepSeekMoE layer.
     Moe(Moe<B>),
+    /// This rank's part of the DeepSeekMoE layer under expert parallelism
+    /// ([`DeepSeekV3::shard_experts`](super::DeepSeekV3::shard_experts)).
+    ExpertParallel(ExpertShard<B>),
 }
 
 /// What an MLP adds to the block's statistics: the routed tokens per expert and the
@@ -112,28 +117,28 @@ impl<B: MoeBackend> Block<B> {
     ///
     /// # Shapes
     /// `x [B, S, d_model]` → `[B, S, d_model]`.
-    pub(crate) fn forward(&self, x: Tensor<B, 3>) -> (Tensor<B, 3>, FfnStats<B>) {
+    pub(crate) fn forward(&self, x: Tensor<B, 3>) -> Result<(Tensor<B, 3>, FfnStats<B>), EpError> {
         let h = x.clone() + self.attn.forward(self.attn_norm.forward(x));
         self.mlp(h)
     }
 
     /// The cached path: `x [n, d_model]`, the next `n` tokens of sequence `id`, appended
-    /// to `cache` (a prompt, or one token per decode step).
+    /// to `cache` (a prompt, or one token per decode step). Runs on models whose experts
+    /// are not sharded ([`Session::new`](super::Session::new) checks).
     pub(crate) fn forward_cached(&self, x: Tensor<B, 2>, id: SeqId, cache: &mut LatentCache<B>) -> Result<Tensor<B, 2>, CacheError> {
         let normed = self.attn_norm.forward(x.clone());
         let attn = self.attn.prefill(normed, id, cache)?;
-        let (h, _) = self.mlp((x + attn).unsqueeze_dim(0));
+        let (h, _) = self.mlp((x + attn).unsqueeze_dim(0)).expect("sessions run on models with unsharded experts");
         Ok(h.squeeze_dim(0))
     }
 
-    fn mlp(&self, h: Tensor<B, 3>) -> (Tensor<B, 3>, FfnStats<B>) {
+    fn mlp(&self, h: Tensor<B, 3>) -> Result<(Tensor<B, 3>, FfnStats<B>), EpError> {
         let normed = self.ffn_norm.forward(h.clone());
-        match &self.ffn {
-            Ffn::Dense(mlp) => (h + mlp.forward(normed), FfnStats { counts: None, balance_loss: None }),
-            Ffn::Moe(moe) => {
-                let out = moe.forward(normed);
-                (h + out.output, FfnStats { counts: Some(out.counts), balance_loss: out.balance_loss })
-            }
-        }
+        let out = match &self.ffn {
+            Ffn::Dense(mlp) => return Ok((h + mlp.forward(normed), FfnStats { counts: None, balance_loss: None })),
+            Ffn::Moe(moe) => moe.forward(normed),
+            Ffn::ExpertParallel(shard) => shard.layer.forward(normed, &shard.comm)?.moe,
+        };
+        Ok((h + out.output, FfnStats { counts: Some(out.counts), balance_loss: out.balance_loss }))
     }
 }

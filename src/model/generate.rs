@@ -48,7 +48,12 @@ impl<'a, B: MoeBackend> Session<'a, B> {
     /// A session that can hold `capacity` tokens (prompt and generated), at most the
     /// attention's `max_seq_len`. `mla` is the config the model was built with (it sizes
     /// the caches).
+    ///
+    /// # Panics
+    /// When the model's experts are sharded ([`DeepSeekV3::shard_experts`]): generate
+    /// with [`DeepSeekV3::unshard_experts`]'s model.
     pub fn new(model: &'a DeepSeekV3<B>, mla: &MlaConfig, capacity: usize, sampling: Sampling, device: &B::Device) -> Self {
+        assert!(model.expert_group().is_none(), "Session::new: the model's experts are sharded over ranks; generate with the model from DeepSeekV3::unshard_experts");
         let pages = capacity.min(mla.max_seq_len).div_ceil(PAGE_SIZE).max(1);
         let caches = (0..model.layers.len())
             .map(|_| {

@@ -9,6 +9,9 @@
 //!   [`DeepSeekV3::loss`] the training objective `L_main + λ/D · Σ_k L_MTP,k` (plus the
 //!   MoE balance losses) with its parts; [`DeepSeekV3::update_bias`] applies the
 //!   auxiliary-loss-free balancing update after an optimizer step.
+//! - [`DeepSeekV3::shard_experts`] spreads every MoE layer's experts over the ranks of a
+//!   `burn_moe::comm::Comm` group (expert parallelism, the rest data-parallel);
+//!   [`DeepSeekV3::sync_grads`] and [`DeepSeekV3::unshard_experts`] go with it.
 //! - [`Session`] generates with a [`LatentCache`](burn_moe::mla::LatentCache) per layer
 //!   (the prompt in one pass, then one token per step through MLA's absorbed decode).
 //! - [`crate::hf::weights`] loads and saves the weights under Hugging Face's key names.
@@ -38,10 +41,12 @@
 
 mod block;
 mod config;
+mod ep;
 mod generate;
 mod mtp;
 
 pub use block::{Block, DenseMlp, Ffn, Projection};
+pub use ep::ExpertShard;
 pub use config::DeepSeekV3Config;
 pub use generate::{Sampling, Session};
 pub use mtp::MtpModule;
@@ -50,6 +55,7 @@ use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::{Embedding, Linear, RmsNorm};
 use burn::tensor::{backend::Backend, Int, Tensor};
+use burn_moe::ep::EpError;
 use burn_moe::MoeBackend;
 
 /// The model; built by [`DeepSeekV3Config::init`]. See the [module docs](self).
@@ -115,10 +121,11 @@ impl<B: Backend> DeepSeekV3<B> {
     }
 
     /// The MoE layers in the order of [`LossOutput::counts`]: the main model's, then the
-    /// MTP modules'.
+    /// MTP modules' (with sharded experts, this rank's part of each).
     pub fn moe_layers(&self) -> impl Iterator<Item = &burn_moe::Moe<B>> {
         self.layers.iter().chain(self.mtp.iter().map(|m| &m.block)).filter_map(|b| match &b.ffn {
             Ffn::Moe(moe) => Some(moe),
+            Ffn::ExpertParallel(shard) => Some(&shard.layer.moe),
             Ffn::Dense(_) => None,
         })
     }
@@ -135,6 +142,10 @@ impl<B: Backend> DeepSeekV3<B> {
         let mut counts = counts.iter().cloned();
         let mut update = |block: Block<B>| match block.ffn {
             Ffn::Moe(moe) => Block { ffn: Ffn::Moe(moe.update_bias(counts.next().expect("counted above"))), ..block },
+            Ffn::ExpertParallel(mut shard) => {
+                shard.layer.moe = shard.layer.moe.update_bias(counts.next().expect("counted above"));
+                Block { ffn: Ffn::ExpertParallel(shard), ..block }
+            }
             dense => Block { ffn: dense, ..block },
         };
         let layers = self.layers.into_iter().map(&mut update).collect();
@@ -150,18 +161,26 @@ impl<B: MoeBackend> DeepSeekV3<B> {
     /// `tokens [B, S]` → logits `[B, S, vocab]`.
     ///
     /// # Panics
-    /// When `S` exceeds the attention's `max_seq_len`.
+    /// When `S` exceeds the attention's `max_seq_len`, or a collective of a model with
+    /// sharded experts fails (such a model runs [`DeepSeekV3::try_forward`]).
     pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> ModelOutput<B> {
+        self.try_forward(tokens).unwrap_or_else(|e| panic!("DeepSeekV3::forward: {e}"))
+    }
+
+    /// [`DeepSeekV3::forward`], returning the error of a failed expert-parallel step
+    /// (a rank that failed or timed out, non-finite router logits) instead of panicking.
+    /// Every rank of the group runs it on its own tokens.
+    pub fn try_forward(&self, tokens: Tensor<B, 2, Int>) -> Result<ModelOutput<B>, EpError> {
         let mut x = self.embed.forward(tokens);
         let (mut counts, mut balance_loss) = (Vec::new(), None);
         for layer in &self.layers {
-            let (y, stats) = layer.forward(x);
+            let (y, stats) = layer.forward(x)?;
             x = y;
             counts.extend(stats.counts);
             balance_loss = add(balance_loss, stats.balance_loss);
         }
         let logits = self.head.forward(self.norm.forward(x.clone()));
-        ModelOutput { logits, hidden: x, counts, balance_loss }
+        Ok(ModelOutput { logits, hidden: x, counts, balance_loss })
     }
 
     /// The training objective on `tokens [B, S + 1]`: the main model reads `0..S` and
@@ -170,8 +189,25 @@ impl<B: MoeBackend> DeepSeekV3<B> {
     ///
     /// # Panics
     /// When `S + 1` is below `mtp_depth + 2` (nothing left to predict at the last depth),
-    /// or `S` exceeds the attention's `max_seq_len`.
+    /// `S` exceeds the attention's `max_seq_len`, or a collective of a model with sharded
+    /// experts fails (such a model runs [`DeepSeekV3::try_loss`]).
     pub fn loss(&self, tokens: Tensor<B, 2, Int>) -> LossOutput<B> {
+        self.try_loss(tokens).unwrap_or_else(|e| panic!("DeepSeekV3::loss: {e}"))
+    }
+
+    /// [`DeepSeekV3::loss`], returning the error of a failed expert-parallel step instead
+    /// of panicking.
+    ///
+    /// With experts sharded over `N` ranks ([`DeepSeekV3::shard_experts`]), each rank
+    /// passes its own `[B, S + 1]` tokens and `loss` is the rank's share of the objective
+    /// of all `N · B` rows: `(lm_loss + λ / D · Σ mtp_losses) / N + balance_loss` (the
+    /// balance loss already a share), so that the ranks' gradients, summed by
+    /// [`DeepSeekV3::sync_grads`] and by the all-to-alls' backward, are those of the whole
+    /// batch. `lm_loss` and `mtp_losses` are the rank's own means; `counts` are global.
+    ///
+    /// # Panics
+    /// As [`DeepSeekV3::loss`], for the shape errors.
+    pub fn try_loss(&self, tokens: Tensor<B, 2, Int>) -> Result<LossOutput<B>, EpError> {
         let [b, n] = tokens.dims();
         let depth = self.mtp.len();
         assert!(n >= depth + 2, "DeepSeekV3::loss: tokens [{b}, {n}] are too short for MTP depth {depth}: need at least {} per row", depth + 2);
@@ -183,7 +219,7 @@ impl<B: MoeBackend> DeepSeekV3<B> {
             let targets = tokens.clone().slice([0..b, from..from + len]).reshape([b * len]);
             ce.forward(logits.reshape([b * len, vocab]), targets)
         };
-        let out = self.forward(tokens.clone().slice([0..b, 0..s]));
+        let out = self.try_forward(tokens.clone().slice([0..b, 0..s]))?;
         let lm_loss = cross_entropy(out.logits, 1);
         let (mut counts, mut balance_loss) = (out.counts, out.balance_loss);
         let mut previous = out.hidden;
@@ -193,7 +229,7 @@ impl<B: MoeBackend> DeepSeekV3<B> {
             let len = s - k;
             let d = previous.dims()[2];
             let embedded = self.embed.forward(tokens.clone().slice([0..b, k..s]));
-            let (h, stats) = module.forward(previous.slice([0..b, 0..len, 0..d]), embedded);
+            let (h, stats) = module.forward(previous.slice([0..b, 0..len, 0..d]), embedded)?;
             counts.extend(stats.counts);
             balance_loss = add(balance_loss, stats.balance_loss);
             mtp_losses.push(cross_entropy(self.head.forward(module.norm.forward(h.clone())), k + 1));
@@ -204,9 +240,12 @@ impl<B: MoeBackend> DeepSeekV3<B> {
             let mtp = mtp_losses.iter().cloned().reduce(|a, b| a + b).expect("depth > 0");
             loss = loss + mtp * (self.mtp_loss_weight / depth as f64);
         }
+        if let Some(comm) = self.expert_group() {
+            loss = loss / comm.world_size() as f64;
+        }
         if let Some(bl) = &balance_loss {
             loss = loss + bl.clone();
         }
-        LossOutput { loss, lm_loss, mtp_losses, balance_loss, counts }
+        Ok(LossOutput { loss, lm_loss, mtp_losses, balance_loss, counts })
     }
 }

@@ -7,6 +7,7 @@ use super::block::{Block, FfnStats};
 use burn::module::Module;
 use burn::nn::{Linear, RmsNorm};
 use burn::tensor::{backend::Backend, Tensor};
+use burn_moe::ep::EpError;
 use burn_moe::MoeBackend;
 
 /// One MTP depth: `h'ᵢ = M [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}ᵢ)]`, then a block, then
@@ -34,7 +35,7 @@ impl<B: MoeBackend> MtpModule<B> {
     /// `previous [B, L, d]`, `embedded [B, L, d]` (embeddings of the tokens `k` ahead) →
     /// `[B, L, d]`, the representation the head reads after `norm` and the next depth
     /// takes as `previous`.
-    pub(crate) fn forward(&self, previous: Tensor<B, 3>, embedded: Tensor<B, 3>) -> (Tensor<B, 3>, FfnStats<B>) {
+    pub(crate) fn forward(&self, previous: Tensor<B, 3>, embedded: Tensor<B, 3>) -> Result<(Tensor<B, 3>, FfnStats<B>), EpError> {
         let joined = Tensor::cat(vec![self.enorm.forward(embedded), self.hnorm.forward(previous)], 2);
         self.block.forward(self.eh_proj.forward(joined))
     }

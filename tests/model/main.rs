@@ -6,5 +6,6 @@
 #[allow(dead_code)]
 #[path = "../moe/common.rs"]
 mod common;
+mod ep;
 mod model;
 mod weights;

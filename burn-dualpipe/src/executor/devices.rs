@@ -2,7 +2,7 @@
 //! activations: through the host, or with Burn's `to_device`.
 
 use super::Transfer;
-use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param};
+use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Bool, Int, Tensor};
@@ -12,9 +12,18 @@ use burn::tensor::{Bool, Int, Tensor};
 pub(super) fn fork<B: AutodiffBackend, M: AutodiffModule<B>>(module: M, device: &B::Device, transfer: Transfer) -> M {
     let here = module.devices().iter().all(|d| d == device);
     match transfer {
-        Transfer::Host if !here => module.map(&mut HostCopy { device }),
+        Transfer::Host if !here => copy_to_device(module, device),
         _ => module.fork(device),
     }
+}
+
+/// A copy of `module` on `device` through host memory (`into_data`, then `from_data`):
+/// works between any two Burn devices, where `Module::to_device` between two wgpu
+/// devices panics in Burn 0.21. Parameter ids and gradient requirements are kept; every
+/// parameter is a fresh leaf, so the copy's autodiff graph shares nothing with the
+/// source (a rank's replica in data or expert parallelism, a pipeline stage).
+pub fn copy_to_device<B: Backend, M: Module<B>>(module: M, device: &B::Device) -> M {
+    module.map(&mut HostCopy { device })
 }
 
 /// `grads` (of `module`'s parameters) moved to `device`.

@@ -26,6 +26,7 @@ mod devices;
 mod overlap;
 mod rank;
 
+pub use devices::copy_to_device;
 pub use overlap::{Concurrent, Job, Overlap, OverlapPair, Sequential};
 
 use crate::schedule::{validate, Schedule, ScheduleError, Task};
