@@ -20,3 +20,6 @@ cargo test --workspace --features cuda --lib --tests --no-fail-fast -- --test-th
 
 echo "== cargo test --workspace --features cuda --doc (crate docs and the docs/ chapters)"
 cargo test --workspace --features cuda --doc --no-fail-fast
+
+echo "== cargo doc --workspace --no-deps (warnings are errors)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps
