@@ -35,7 +35,9 @@ use burn_fp8::Fp8Backend;
 use std::marker::PhantomData;
 use std::time::{Duration, Instant};
 
-const CORPUS: &str = include_str!("../data/around-the-world-in-80-days.txt");
+#[path = "common/corpus.rs"]
+mod corpus;
+use corpus::{corpus, Batches};
 
 #[derive(Clone, Debug)]
 struct Args {
@@ -163,34 +165,6 @@ impl<B: Backend, L: LinearLayer<B>> TinyLm<B, L> {
     }
 }
 
-/// Batches of `seq + 1` bytes at random offsets of `text`, from a seeded xorshift.
-struct Batches<'a> {
-    text: &'a [u8],
-    state: u64,
-}
-
-impl Batches<'_> {
-    fn next(&mut self, b: usize, seq: usize) -> Vec<u8> {
-        let mut out = Vec::with_capacity(b * (seq + 1));
-        for _ in 0..b {
-            self.state ^= self.state << 13;
-            self.state ^= self.state >> 7;
-            self.state ^= self.state << 17;
-            let start = (self.state % (self.text.len() - seq - 1) as u64) as usize;
-            out.extend_from_slice(&self.text[start..start + seq + 1]);
-        }
-        out
-    }
-}
-
-/// The book without Project Gutenberg's header and license, split 90/10 into train and
-/// held-out text.
-fn corpus() -> (&'static [u8], &'static [u8]) {
-    let start = CORPUS.find("*** START OF").and_then(|i| CORPUS[i..].find('\n').map(|j| i + j + 1)).unwrap_or(0);
-    let end = CORPUS.find("End of Project Gutenberg").unwrap_or(CORPUS.len());
-    let text = CORPUS[start..end].as_bytes();
-    text.split_at(text.len() * 9 / 10)
-}
 
 struct Run<B: AutodiffBackend, L: Module<B>> {
     name: &'static str,
@@ -222,7 +196,7 @@ where
         let model = self.model.as_ref().unwrap();
         let mut batches = Batches { text, state: 0x9E37_79B9_7F4A_7C15 };
         let n = 8;
-        (0..n).map(|_| model.loss(&batches.next(args.batch, args.seq), args.batch, device).into_scalar().elem::<f64>()).sum::<f64>() / n as f64
+        (0..n).map(|_| model.loss(&batches.next(args.batch, args.seq + 1), args.batch, device).into_scalar().elem::<f64>()).sum::<f64>() / n as f64
     }
 }
 
@@ -246,7 +220,7 @@ fn train<B: AutodiffBackend + Fp8Backend>(args: &Args, device: &B::Device) {
     let warmup = (args.steps / 10).max(1);
     for step in 0..args.steps {
         let lr = args.lr * ((step + 1) as f64 / warmup as f64).min(1.0);
-        let batch = batches.next(args.batch, args.seq);
+        let batch = batches.next(args.batch, args.seq + 1);
         f32_run.step(&mut f32_optim, &batch, args, lr, device);
         fp8_run.step(&mut fp8_optim, &batch, args, lr, device);
         if step % 25 == 0 || step + 1 == args.steps {

@@ -14,7 +14,8 @@
 //! dense first block then DeepSeekMoE blocks (16 routed experts, top-4 of 2/4 groups, one
 //! shared, the balancing bias updated after every step), and a depth-1 multi-token
 //! prediction module (λ = 0.3). The corpus is `data/around-the-world-in-80-days.txt`
-//! (Project Gutenberg eBook #103, public domain); the last 10% is held out.
+//! (Project Gutenberg eBook #103, public domain) without Project Gutenberg's header and license;
+//! the last 10% of the novel is held out.
 //!
 //! While it trains it shows a progress line: loss of the next-token head and of the MTP
 //! head, tokens per second, and the expert load (max / mean tokens per expert, averaged
@@ -45,7 +46,9 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
-const CORPUS: &str = include_str!("../data/around-the-world-in-80-days.txt");
+#[path = "common/corpus.rs"]
+mod corpus;
+use corpus::{corpus, Batches};
 
 #[derive(Clone, Debug)]
 struct Args {
@@ -122,30 +125,9 @@ struct TrainState {
     model: DeepSeekV3Config,
 }
 
-/// Windows of `seq + 2` bytes (inputs, next-token targets and the MTP target) at seeded
-/// random offsets.
-struct Batches {
-    text: &'static [u8],
-    state: u64,
-}
-
-impl Batches {
-    fn next(&mut self, b: usize, n: usize) -> Vec<i64> {
-        (0..b)
-            .flat_map(|_| {
-                self.state ^= self.state << 13;
-                self.state ^= self.state >> 7;
-                self.state ^= self.state << 17;
-                let start = (self.state % (self.text.len() - n) as u64) as usize;
-                self.text[start..start + n].iter().map(|&c| c as i64)
-            })
-            .collect()
-    }
-}
-
-fn tokens<B: burn::tensor::backend::Backend>(ids: Vec<i64>, b: usize, device: &B::Device) -> Tensor<B, 2, Int> {
-    let n = ids.len() / b;
-    Tensor::from_data(TensorData::new(ids, [b, n]), device)
+fn tokens<B: burn::tensor::backend::Backend>(bytes: Vec<u8>, b: usize, device: &B::Device) -> Tensor<B, 2, Int> {
+    let n = bytes.len() / b;
+    Tensor::from_data(TensorData::new(bytes.into_iter().map(i64::from).collect(), [b, n]), device)
 }
 
 /// Max over mean of each MoE layer's counts, averaged over the layers.
@@ -164,7 +146,7 @@ fn load_ratio<B: burn::tensor::backend::Backend>(counts: &[Tensor<B, 1, Int>]) -
 /// Next-token loss on `text` in windows of `seq + 2` (inference, no gradients).
 fn held_out_loss<B: MoeBackend>(model: &DeepSeekV3<B>, text: &[u8], args: &Args, device: &B::Device) -> f32 {
     let n = args.seq + 2;
-    let windows: Vec<i64> = text.chunks_exact(n).take(16).flatten().map(|&c| c as i64).collect();
+    let windows: Vec<u8> = text.chunks_exact(n).take(16).flatten().copied().collect();
     let b = windows.len() / n;
     let out = model.loss(tokens::<B>(windows, b, device));
     out.lm_loss.into_scalar().elem::<f32>()
@@ -210,8 +192,8 @@ where
         config.mtp_depth,
         if config.fp8.is_some() { "on" } else { "off" }
     );
-    let text = CORPUS.as_bytes();
-    println!("corpus: {} bytes ({} held out); batch {} × {} tokens per rank; {} steps", text.len(), text.len() / 10, args.batch, args.seq, args.steps);
+    let (train_text, held_text) = corpus();
+    println!("corpus: {} bytes of the novel ({} held out); batch {} × {} tokens per rank; {} steps", train_text.len() + held_text.len(), held_text.len(), args.batch, args.seq, args.steps);
     if args.ep == 1 {
         run::<B>(args, &model, state, None, device).expect("a single device has no collectives to fail");
         return;
@@ -233,9 +215,7 @@ where
     B::InnerBackend: MoeBackend,
 {
     let (rank, world) = comm.as_ref().map_or((0, 1), |c| (c.rank(), c.world_size()));
-    let text = CORPUS.as_bytes();
-    let split = text.len() * 9 / 10;
-    let (train_text, held_text) = (&text[..split], &text[split..]);
+    let (train_text, held_text) = corpus();
     let optim_name = if world == 1 { "optim".to_string() } else { format!("optim-ep{world}-rank{rank}") };
     let mut model = match &comm {
         Some(comm) => model.shard_experts(comm, device)?,
