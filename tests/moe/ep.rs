@@ -297,8 +297,10 @@ fn dispatch_bytes(moe: &Moe<Ref>, d: usize, fp8: Option<QuantConfig>) -> (u64, S
         let device = Default::default();
         let shard = ExpertParallelMoe::shard(moe, Placement::identity(16, 2), comm.rank(), &device)?.with_dispatch_fp8(fp8);
         // The same tokens on both ranks: each sends to the other what it receives back.
-        let x: Vec<f32> = (0..6 * d).map(|i| (i as f32 * 0.37).sin()).collect();
-        let x = Tensor::<Ref, 3>::from_data(TensorData::new(x, [1, 6, d]), &device);
+        // 32 tokens, so that some route across ranks whatever the random gate (with 6,
+        // one CI run's gate sent every token to rank 1's experts).
+        let x: Vec<f32> = (0..32 * d).map(|i| (i as f32 * 0.37).sin()).collect();
+        let x = Tensor::<Ref, 3>::from_data(TensorData::new(x, [1, 32, d]), &device);
         let splits = shard.forward(x, &comm)?.splits;
         Ok::<_, EpError>((comm.sent_bytes(), splits))
     })
