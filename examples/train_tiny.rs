@@ -6,6 +6,7 @@
 //! cargo run --release --example train_tiny -- --resume --steps 1200  # continue from the checkpoint
 //! cargo run --release --example train_tiny -- --backend wgpu --fp8   # CubeCL kernels, FP8 MLPs and experts
 //! cargo run --release --example train_tiny -- --ep 2                 # experts over 2 ranks (threads, one device each)
+//! cargo run --release --example train_tiny -- --dualpipe 2           # DualPipeV: 4 stages over 2 ranks
 //! cargo run --release --features cuda --example train_tiny -- --backend cuda --d-model 256 --steps 3000
 //! ```
 //!
@@ -31,6 +32,13 @@
 //! (`DeepSeekV3::shard_experts`, `sync_grads`). The checkpoint holds the whole model
 //! (gathered from the ranks) and one optimizer state per rank (`optim-ep{N}-rank{r}.mpk`),
 //! so `--resume` takes the same `--ep`.
+//!
+//! `--dualpipe N` trains with pipeline parallelism: the model cut into `2N` stages
+//! (`DeepSeekV3::into_stages`; the embedding and the head/MTP tail both on rank 0) run by
+//! burn-dualpipe's executor on the DualPipeV schedule over N ranks (threads, one device
+//! each), the batch in `--micro-batches M` (default `2N`); the progress line adds the
+//! measured pipeline bubble of the step. The checkpoint is the whole model and one
+//! optimizer state, the same files as a single-device run, so either resumes the other.
 
 use burn::config::Config;
 use burn::module::{AutodiffModule, Module};
@@ -39,6 +47,9 @@ use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Int, Tensor, TensorData};
 use burn_deepseek::model::{DeepSeekV3, DeepSeekV3Config, Sampling, Session};
+use burn::backend::autodiff::grads::Gradients;
+use burn_deepseek::dualpipe::executor::{materialize, Pipeline};
+use burn_deepseek::dualpipe::schedule::{Schedule, ScheduleKind};
 use burn_moe::comm::{launch, Comm, Transport};
 use burn_moe::ep::EpError;
 use burn_moe::MoeBackend;
@@ -61,6 +72,8 @@ struct Args {
     fp8: bool,
     resume: bool,
     ep: usize,
+    dualpipe: usize,
+    micro_batches: Option<usize>,
     out: PathBuf,
     save_every: usize,
     sample: usize,
@@ -78,6 +91,8 @@ fn parse_args() -> Args {
         fp8: false,
         resume: false,
         ep: 1,
+        dualpipe: 0,
+        micro_batches: None,
         out: PathBuf::from("target/train_tiny"),
         save_every: 250,
         sample: 200,
@@ -96,18 +111,22 @@ fn parse_args() -> Args {
             "--fp8" => a.fp8 = true,
             "--resume" => a.resume = true,
             "--ep" => a.ep = value().parse().expect("--ep N"),
+            "--dualpipe" => a.dualpipe = value().parse().expect("--dualpipe N"),
+            "--micro-batches" => a.micro_batches = Some(value().parse().expect("--micro-batches M")),
             "--out" => a.out = PathBuf::from(value()),
             "--save-every" => a.save_every = value().parse().expect("--save-every N"),
             "--sample" => a.sample = value().parse().expect("--sample N"),
             "--seed" => a.seed = value().parse().expect("--seed N"),
             "--help" | "-h" => {
-                println!("train_tiny [--backend ndarray|wgpu|cuda] [--steps N] [--batch N] [--seq N] [--d-model N] [--lr X] [--fp8] [--resume] [--ep N] [--out DIR] [--save-every N] [--sample N] [--seed N]");
+                println!("train_tiny [--backend ndarray|wgpu|cuda] [--steps N] [--batch N] [--seq N] [--d-model N] [--lr X] [--fp8] [--resume] [--ep N | --dualpipe N [--micro-batches M]] [--out DIR] [--save-every N] [--sample N] [--seed N]");
                 std::process::exit(0);
             }
             other => panic!("unknown flag {other}; see --help"),
         }
     }
     assert!(a.ep >= 1, "--ep {}: at least one rank", a.ep);
+    assert!(a.ep == 1 || a.dualpipe == 0, "--ep {} and --dualpipe {}: one kind of parallelism at a time", a.ep, a.dualpipe);
+    assert!(a.micro_batches.is_none() || a.dualpipe > 0, "--micro-batches goes with --dualpipe");
     a
 }
 
@@ -159,7 +178,7 @@ const PROMPT: &str = "Phileas Fogg ";
 
 /// Builds (or loads) the model on the first device, then trains it on one device, or with
 /// its experts spread over `--ep N` ranks (one thread and one device each).
-fn train<B: AutodiffBackend + MoeBackend>(args: &Args, devices: &[B::Device], name: &str)
+fn train<B: AutodiffBackend<Gradients = Gradients> + MoeBackend>(args: &Args, devices: &[B::Device], name: &str)
 where
     B::InnerBackend: MoeBackend,
 {
@@ -175,7 +194,10 @@ where
     } else {
         let config = DeepSeekV3Config::tiny().with_width(args.d_model).with_fp8_everywhere(args.fp8.then(Default::default));
         let state = TrainState { step: 0, lm: Vec::new(), mtp: Vec::new(), held_out: Vec::new(), model: config.clone() };
-        (config.init::<B>(device), state)
+        let model = config.init::<B>(device);
+        // The initial weights drawn now, in module order: the same model for every mode.
+        materialize(&model);
+        (model, state)
     };
     let config = &state.model;
     let max = config.mla.max_seq_len;
@@ -194,6 +216,9 @@ where
     );
     let (train_text, held_text) = corpus();
     println!("corpus: {} bytes of the novel ({} held out); batch {} × {} tokens per rank; {} steps", train_text.len() + held_text.len(), held_text.len(), args.batch, args.seq, args.steps);
+    if args.dualpipe > 0 {
+        return run_pipeline::<B>(args, model, state, devices);
+    }
     if args.ep == 1 {
         run::<B>(args, &model, state, None, device).expect("a single device has no collectives to fail");
         return;
@@ -208,6 +233,71 @@ fn recorder() -> NamedMpkFileRecorder<FullPrecisionSettings> {
     NamedMpkFileRecorder::new()
 }
 
+/// The learning rate of the step after `step`: linear warm-up over 30 steps.
+fn learning_rate(args: &Args, step: usize) -> f64 {
+    args.lr * ((step + 1) as f64 / 30.0).min(1.0)
+}
+
+/// Tokens per second over the steps after the first three (compilation, autotune).
+#[derive(Default)]
+struct Throughput {
+    tokens: usize,
+    time: std::time::Duration,
+}
+
+impl Throughput {
+    fn add(&mut self, step: usize, tokens: usize, since: Instant) {
+        if step > 3 {
+            self.time += since.elapsed();
+            self.tokens += tokens;
+        }
+    }
+
+    fn per_second(&self) -> f64 {
+        self.tokens as f64 / self.time.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Records the step's losses and redraws the progress line (`extra` after the load).
+fn progress(state: &mut TrainState, args: &Args, (lm, mtp): (f32, f32), tok_s: f64, load: f64, extra: &str) {
+    state.lm.push(lm);
+    state.mtp.push(mtp);
+    let filled = 24 * state.step / args.steps;
+    print!("\r[{}{}] {:>5}/{} loss {lm:.3} mtp {mtp:.3} | {tok_s:>6.0} tok/s | load max/mean {load:.2}{extra}  ", "#".repeat(filled), "-".repeat(24 - filled), state.step, args.steps);
+    std::io::stdout().flush().ok();
+}
+
+/// Every `--save-every` steps and at the end: the held-out loss, `model.mpk`,
+/// `state.json` and `loss.svg` (the optimizer records are written by the caller).
+fn checkpoint<B: AutodiffBackend + MoeBackend>(args: &Args, state: &mut TrainState, model: &DeepSeekV3<B>, device: &B::Device, start: Instant)
+where
+    B::InnerBackend: MoeBackend,
+{
+    let (_, held_text) = corpus();
+    let held = held_out_loss(&model.valid(), held_text, args, device);
+    state.held_out.push((state.step, held));
+    println!("\n  step {}: held-out loss {held:.3} ({:.1} s)", state.step, start.elapsed().as_secs_f64());
+    model.clone().save_file(args.out.join("model"), &recorder()).expect("write the model record");
+    state.save(args.out.join("state.json")).expect("write state.json");
+    std::fs::write(args.out.join("loss.svg"), loss_svg(state)).expect("write loss.svg");
+}
+
+/// Continues the prompt with the trained model and the latent cache.
+fn sample<B: MoeBackend>(args: &Args, state: &TrainState, model: &DeepSeekV3<B>, optim_name: &str, device: &B::Device) {
+    println!("wrote {}/{{model.mpk, {optim_name}.mpk, state.json, loss.svg}}", args.out.display());
+    let ids: Vec<u32> = PROMPT.bytes().map(u32::from).collect();
+    let mut session = Session::new(model, &state.model.mla, ids.len() + args.sample, Sampling { seed: args.seed, ..Default::default() }, device);
+    let drawn = session.generate(&ids, args.sample).expect("prompt and sample fit the cache (checked at the start)");
+    let bytes: Vec<u8> = drawn.iter().map(|&t| t as u8).collect();
+    println!("sample (temperature 0.8, top-40):\n{PROMPT}{}", String::from_utf8_lossy(&bytes));
+}
+
+/// The batch stream of `rank`, continuing where a resumed run stopped.
+fn batches(args: &Args, step: usize, rank: usize) -> Batches<'static> {
+    let (train_text, _) = corpus();
+    Batches { text: train_text, state: (args.seed ^ step as u64 ^ ((rank as u64) << 32)).wrapping_mul(0x2545_F491_4F6C_DD1D) | 1 }
+}
+
 /// One rank's training loop (the only one without `--ep`): rank 0 prints, evaluates,
 /// writes the model and samples; every rank writes its optimizer state.
 fn run<B: AutodiffBackend + MoeBackend>(args: &Args, model: &DeepSeekV3<B>, mut state: TrainState, comm: Option<Comm>, device: &B::Device) -> Result<(), EpError>
@@ -215,7 +305,6 @@ where
     B::InnerBackend: MoeBackend,
 {
     let (rank, world) = comm.as_ref().map_or((0, 1), |c| (c.rank(), c.world_size()));
-    let (train_text, held_text) = corpus();
     let optim_name = if world == 1 { "optim".to_string() } else { format!("optim-ep{world}-rank{rank}") };
     let mut model = match &comm {
         Some(comm) => model.shard_experts(comm, device)?,
@@ -226,57 +315,95 @@ where
         let path = args.out.join(&optim_name);
         optim = optim.load_record(recorder().load(path.clone(), device).unwrap_or_else(|e| panic!("--resume: {}.mpk (the optimizer state of this rank count): {e}", path.display())));
     }
-    let mut batches = Batches { text: train_text, state: (args.seed ^ state.step as u64 ^ ((rank as u64) << 32)).wrapping_mul(0x2545_F491_4F6C_DD1D) | 1 };
-    let warmup = 30;
-    let start = Instant::now();
-    let (mut timed_tokens, mut timed) = (0usize, std::time::Duration::ZERO);
+    let mut batches = batches(args, state.step, rank);
+    let (start, mut speed) = (Instant::now(), Throughput::default());
     while state.step < args.steps {
         let step_start = Instant::now();
-        let lr = args.lr * ((state.step + 1) as f64 / warmup as f64).min(1.0);
+        let lr = learning_rate(args, state.step);
         let batch = tokens::<B>(batches.next(args.batch, args.seq + 2), args.batch, device);
         let out = model.try_loss(batch)?;
-        let (lm, mtp) = (out.lm_loss.clone().into_scalar().elem::<f32>(), out.mtp_losses[0].clone().into_scalar().elem::<f32>());
+        let losses = (out.lm_loss.clone().into_scalar().elem::<f32>(), out.mtp_losses[0].clone().into_scalar().elem::<f32>());
         let grads = model.sync_grads(GradientsParams::from_grads(out.loss.backward(), &model))?;
         model = optim.step(lr, model, grads).update_bias(&out.counts);
         state.step += 1;
-        state.lm.push(lm);
-        state.mtp.push(mtp);
-        if state.step > 3 {
-            timed += step_start.elapsed();
-            timed_tokens += world * args.batch * args.seq;
-        }
+        speed.add(state.step, world * args.batch * args.seq, step_start);
         if rank == 0 {
-            let load = load_ratio(&out.counts);
-            let tok_s = timed_tokens as f64 / timed.as_secs_f64().max(1e-9);
-            let filled = 24 * state.step / args.steps;
-            print!("\r[{}{}] {:>5}/{} loss {lm:.3} mtp {mtp:.3} | {tok_s:>6.0} tok/s | load max/mean {load:.2}  ", "#".repeat(filled), "-".repeat(24 - filled), state.step, args.steps);
-            std::io::stdout().flush().ok();
+            progress(&mut state, args, losses, speed.per_second(), load_ratio(&out.counts), "");
         }
         if state.step % args.save_every == 0 || state.step == args.steps {
             let whole = model.unshard_experts()?;
             recorder().record(optim.to_record(), args.out.join(&optim_name)).expect("write the optimizer record");
             if rank == 0 {
-                let held = held_out_loss(&whole.valid(), held_text, args, device);
-                state.held_out.push((state.step, held));
-                println!("\n  step {}: held-out loss {held:.3} ({:.1} s)", state.step, start.elapsed().as_secs_f64());
-                whole.save_file(args.out.join("model"), &recorder()).expect("write the model record");
-                state.save(args.out.join("state.json")).expect("write state.json");
-                std::fs::write(args.out.join("loss.svg"), loss_svg(&state)).expect("write loss.svg");
+                checkpoint(args, &mut state, &whole, device, start);
             }
         }
     }
     // Every rank takes part in gathering the experts; rank 0 samples.
     let valid = model.unshard_experts()?.valid();
-    if rank != 0 {
-        return Ok(());
+    if rank == 0 {
+        sample(args, &state, &valid, &optim_name, device);
     }
-    println!("wrote {}/{{model.mpk, {optim_name}.mpk, state.json, loss.svg}}", args.out.display());
-    let ids: Vec<u32> = PROMPT.bytes().map(u32::from).collect();
-    let mut session = Session::new(&valid, &state.model.mla, ids.len() + args.sample, Sampling { seed: args.seed, ..Default::default() }, device);
-    let drawn = session.generate(&ids, args.sample).expect("prompt and sample fit the cache (checked at the start)");
-    let bytes: Vec<u8> = drawn.iter().map(|&t| t as u8).collect();
-    println!("sample (temperature 0.8, top-40):\n{PROMPT}{}", String::from_utf8_lossy(&bytes));
     Ok(())
+}
+
+/// The training loop with `--dualpipe N`: the model cut into `2N` stages, DualPipeV over
+/// `N` ranks (one thread and one device each; rank 0 holds the embedding and the
+/// head/MTP tail), `--micro-batches M` (default `2N`) micro-batches per step.
+fn run_pipeline<B: AutodiffBackend<Gradients = Gradients> + MoeBackend>(args: &Args, model: DeepSeekV3<B>, mut state: TrainState, devices: &[B::Device])
+where
+    B::InnerBackend: MoeBackend,
+{
+    let ranks = args.dualpipe;
+    let m = args.micro_batches.unwrap_or(2 * ranks);
+    assert!(ranks <= devices.len(), "--dualpipe {ranks}: this backend offers {} devices here", devices.len());
+    assert!(m > 0 && args.batch % m == 0, "--batch {} does not split into {m} equal micro-batches", args.batch);
+    let schedule = Schedule::new(ScheduleKind::DualPipeV, ranks, m).unwrap_or_else(|e| panic!("--dualpipe {ranks}: {e}"));
+    let staged = model.into_stages(schedule.stages()).unwrap_or_else(|e| panic!("--dualpipe {ranks}: {e}"));
+    let cut: Vec<String> = staged.stages.iter().map(|s| format!("{}{}{}", if s.embed.is_some() { "embed+" } else { "" }, s.layers.len(), if s.tail.is_some() { "+head/MTP" } else { "" })).collect();
+    println!("DualPipeV: {ranks} ranks, {} stages (blocks per stage: {}), {m} micro-batches of {} rows", schedule.stages(), cut.join(" | "), args.batch / m);
+    let objective = staged.objective;
+    let device = &devices[0];
+    let mut pipeline = Pipeline::new(staged.stages, devices[..ranks].to_vec(), schedule).expect("stages and devices fit the schedule");
+    // The optimizer record is keyed by parameter id, as the whole model's: `optim.mpk`.
+    let mut optim = AdamWConfig::new().with_weight_decay(0.1).init();
+    if args.resume {
+        let path = args.out.join("optim");
+        optim = optim.load_record(recorder().load(path.clone(), device).unwrap_or_else(|e| panic!("--resume: {}.mpk: {e}", path.display())));
+    }
+    let mut batches = batches(args, state.step, 0);
+    let (start, mut speed) = (Instant::now(), Throughput::default());
+    let rows = args.batch / m;
+    while state.step < args.steps {
+        let step_start = Instant::now();
+        let lr = learning_rate(args, state.step);
+        let bytes = batches.next(args.batch, args.seq + 2);
+        let micro: Vec<TensorData> = bytes.chunks(bytes.len() / m).map(|c| TensorData::new(c.iter().map(|&b| i64::from(b)).collect(), [rows, c.len() / rows])).collect();
+        let inputs = micro.iter().map(|t| objective.input(Tensor::<B, 2, Int>::from_data(t.clone(), device))).collect();
+        let losses = std::sync::Mutex::new((0.0f32, 0.0f32));
+        let out = pipeline
+            .step(inputs, |y, i| {
+                let parts = objective.loss(y.clone(), Tensor::from_data(micro[i].clone(), &y.device()));
+                let (lm, mtp) = (parts.lm_loss.into_scalar().elem::<f32>(), parts.mtp_losses[0].clone().into_scalar().elem::<f32>());
+                let mut sum = losses.lock().unwrap();
+                *sum = (sum.0 + lm / m as f32, sum.1 + mtp / m as f32);
+                parts.loss
+            })
+            .unwrap_or_else(|e| panic!("pipeline step {}: {e}", state.step + 1));
+        let counts: Vec<_> = pipeline.stages().iter().map(|s| s.take_counts(m)).collect();
+        let bubble = out.timeline.bubble_fraction();
+        pipeline.optimize(&mut optim, lr, out.grads);
+        pipeline.map_stages(|s, stage| stage.update_bias(&counts[s]));
+        state.step += 1;
+        speed.add(state.step, args.batch * args.seq, step_start);
+        let load = load_ratio(&counts.concat());
+        progress(&mut state, args, losses.into_inner().unwrap(), speed.per_second(), load, &format!(" | bubble {:.0}%", 100.0 * bubble));
+        if state.step % args.save_every == 0 || state.step == args.steps {
+            recorder().record(optim.to_record(), args.out.join("optim")).expect("write the optimizer record");
+            checkpoint(args, &mut state, &DeepSeekV3::from_stages(pipeline.stages().to_vec()), device, start);
+        }
+    }
+    let model = DeepSeekV3::from_stages(pipeline.into_stages()).valid();
+    sample(args, &state, &model, "optim", device);
 }
 
 /// The loss curves as an SVG: next-token and MTP loss (mean of every 10 steps) and the
@@ -312,7 +439,7 @@ fn main() {
     let args = parse_args();
     match args.backend.as_str() {
         #[cfg(feature = "ndarray")]
-        "ndarray" => train::<burn::backend::Autodiff<burn::backend::NdArray>>(&args, &vec![Default::default(); args.ep], "ndarray (reference CPU backend)"),
+        "ndarray" => train::<burn::backend::Autodiff<burn::backend::NdArray>>(&args, &vec![Default::default(); args.ep.max(args.dualpipe)], "ndarray (reference CPU backend)"),
         #[cfg(feature = "wgpu")]
         "wgpu" => {
             use burn::backend::wgpu::WgpuDevice;
@@ -321,7 +448,7 @@ fn main() {
         #[cfg(feature = "cuda")]
         "cuda" => {
             use burn::backend::cuda::CudaDevice;
-            train::<burn::backend::Autodiff<burn::backend::Cuda>>(&args, &(0..args.ep).map(CudaDevice::new).collect::<Vec<_>>(), "cuda")
+            train::<burn::backend::Autodiff<burn::backend::Cuda>>(&args, &(0..args.ep.max(args.dualpipe)).map(CudaDevice::new).collect::<Vec<_>>(), "cuda")
         }
         other => panic!("backend {other:?} is not compiled in; build with --features {other}"),
     }

@@ -99,6 +99,28 @@ pub(crate) struct FfnStats<B: Backend> {
     pub balance_loss: Option<Tensor<B, 1>>,
 }
 
+impl<B: Backend> Block<B> {
+    /// The block with its MoE layer's balancing bias updated from `counts` (the next
+    /// count tensor of the model's MoE layers); a dense block is returned as it is.
+    pub(crate) fn update_bias(self, counts: &mut impl Iterator<Item = Tensor<B, 1, Int>>) -> Self {
+        let mut next = || counts.next().expect("one count tensor per MoE layer (checked by the caller)");
+        let ffn = match self.ffn {
+            Ffn::Moe(moe) => Ffn::Moe(moe.update_bias(next())),
+            Ffn::ExpertParallel(mut shard) => {
+                shard.layer.moe = shard.layer.moe.update_bias(next());
+                Ffn::ExpertParallel(shard)
+            }
+            dense => dense,
+        };
+        Self { ffn, ..self }
+    }
+
+    /// Whether the MLP is a MoE layer (whole or sharded).
+    pub(crate) fn is_moe(&self) -> bool {
+        !matches!(self.ffn, Ffn::Dense(_))
+    }
+}
+
 /// `x + MLA(norm(x))`, then `h + MLP(norm(h))`.
 #[derive(Module, Debug)]
 pub struct Block<B: Backend> {

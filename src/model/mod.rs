@@ -12,6 +12,9 @@
 //! - [`DeepSeekV3::shard_experts`] spreads every MoE layer's experts over the ranks of a
 //!   `burn_moe::comm::Comm` group (expert parallelism, the rest data-parallel);
 //!   [`DeepSeekV3::sync_grads`] and [`DeepSeekV3::unshard_experts`] go with it.
+//! - [`DeepSeekV3::into_stages`] cuts the model into [`ModelStage`]s for
+//!   `burn_dualpipe`'s executor (DualPipe, DualPipeV, 1F1B, ZB1P over several devices);
+//!   [`StageObjective`] feeds the first and scores the last.
 //! - [`Session`] generates with a [`LatentCache`](burn_moe::mla::LatentCache) per layer
 //!   (the prompt in one pass, then one token per step through MLA's absorbed decode).
 //! - [`crate::hf::weights`] loads and saves the weights under Hugging Face's key names.
@@ -44,12 +47,14 @@ mod config;
 mod ep;
 mod generate;
 mod mtp;
+mod pipeline;
 
 pub use block::{Block, DenseMlp, Ffn, Projection};
 pub use ep::ExpertShard;
 pub use config::DeepSeekV3Config;
 pub use generate::{Sampling, Session};
 pub use mtp::MtpModule;
+pub use pipeline::{ModelStage, SplitError, StageLoss, StageObjective, StageTail, StagedModel};
 
 use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
@@ -114,6 +119,21 @@ fn add<B: Backend>(sum: Option<Tensor<B, 1>>, b: Option<Tensor<B, 1>>) -> Option
     }
 }
 
+/// Mean cross-entropy of `logits [B, L, vocab]` against `tokens[:, from..from + L]`.
+fn cross_entropy<B: Backend>(logits: Tensor<B, 3>, tokens: &Tensor<B, 2, Int>, from: usize) -> Tensor<B, 1> {
+    let [b, len, vocab] = logits.dims();
+    let targets = tokens.clone().slice([0..b, from..from + len]).reshape([b * len]);
+    CrossEntropyLossConfig::new().init(&logits.device()).forward(logits.reshape([b * len, vocab]), targets)
+}
+
+/// `lm_loss + λ / D · Σ mtp_losses` (`D` the MTP depth).
+fn language_objective<B: Backend>(lm_loss: Tensor<B, 1>, mtp_losses: &[Tensor<B, 1>], mtp_loss_weight: f64) -> Tensor<B, 1> {
+    match mtp_losses.iter().cloned().reduce(|a, b| a + b) {
+        Some(mtp) => lm_loss + mtp * (mtp_loss_weight / mtp_losses.len() as f64),
+        None => lm_loss,
+    }
+}
+
 impl<B: Backend> DeepSeekV3<B> {
     /// Vocabulary size.
     pub fn vocab_size(&self) -> usize {
@@ -140,16 +160,8 @@ impl<B: Backend> DeepSeekV3<B> {
         let n = self.moe_layers().count();
         assert_eq!(counts.len(), n, "DeepSeekV3::update_bias: {} count tensors for {n} MoE layers", counts.len());
         let mut counts = counts.iter().cloned();
-        let mut update = |block: Block<B>| match block.ffn {
-            Ffn::Moe(moe) => Block { ffn: Ffn::Moe(moe.update_bias(counts.next().expect("counted above"))), ..block },
-            Ffn::ExpertParallel(mut shard) => {
-                shard.layer.moe = shard.layer.moe.update_bias(counts.next().expect("counted above"));
-                Block { ffn: Ffn::ExpertParallel(shard), ..block }
-            }
-            dense => Block { ffn: dense, ..block },
-        };
-        let layers = self.layers.into_iter().map(&mut update).collect();
-        let mtp = self.mtp.into_iter().map(|m| MtpModule { block: update(m.block), ..m }).collect();
+        let layers = self.layers.into_iter().map(|b| b.update_bias(&mut counts)).collect();
+        let mtp = self.mtp.into_iter().map(|m| MtpModule { block: m.block.update_bias(&mut counts), ..m }).collect();
         Self { layers, mtp, ..self }
     }
 }
@@ -212,34 +224,13 @@ impl<B: MoeBackend> DeepSeekV3<B> {
         let depth = self.mtp.len();
         assert!(n >= depth + 2, "DeepSeekV3::loss: tokens [{b}, {n}] are too short for MTP depth {depth}: need at least {} per row", depth + 2);
         let s = n - 1;
-        let ce = CrossEntropyLossConfig::new().init(&tokens.device());
-        let vocab = self.vocab_size();
-        let cross_entropy = |logits: Tensor<B, 3>, from: usize| {
-            let len = logits.dims()[1];
-            let targets = tokens.clone().slice([0..b, from..from + len]).reshape([b * len]);
-            ce.forward(logits.reshape([b * len, vocab]), targets)
-        };
         let out = self.try_forward(tokens.clone().slice([0..b, 0..s]))?;
-        let lm_loss = cross_entropy(out.logits, 1);
-        let (mut counts, mut balance_loss) = (out.counts, out.balance_loss);
-        let mut previous = out.hidden;
-        let mut mtp_losses = Vec::with_capacity(depth);
-        for (i, module) in self.mtp.iter().enumerate() {
-            let k = i + 1;
-            let len = s - k;
-            let d = previous.dims()[2];
-            let embedded = self.embed.forward(tokens.clone().slice([0..b, k..s]));
-            let (h, stats) = module.forward(previous.slice([0..b, 0..len, 0..d]), embedded)?;
-            counts.extend(stats.counts);
-            balance_loss = add(balance_loss, stats.balance_loss);
-            mtp_losses.push(cross_entropy(self.head.forward(module.norm.forward(h.clone())), k + 1));
-            previous = h;
-        }
-        let mut loss = lm_loss.clone();
-        if depth > 0 {
-            let mtp = mtp_losses.iter().cloned().reduce(|a, b| a + b).expect("depth > 0");
-            loss = loss + mtp * (self.mtp_loss_weight / depth as f64);
-        }
+        let lm_loss = cross_entropy(out.logits, &tokens, 1);
+        let mtp = mtp::run_depths(&self.mtp, &self.head, out.hidden, |k| self.embed.forward(tokens.clone().slice([0..b, k..s])))?;
+        let mtp_losses: Vec<_> = mtp.logits.into_iter().enumerate().map(|(i, logits)| cross_entropy(logits, &tokens, i + 2)).collect();
+        let counts = out.counts.into_iter().chain(mtp.counts).collect();
+        let balance_loss = add(out.balance_loss, mtp.balance_loss);
+        let mut loss = language_objective(lm_loss.clone(), &mtp_losses, self.mtp_loss_weight);
         if let Some(comm) = self.expert_group() {
             loss = loss / comm.world_size() as f64;
         }

@@ -6,6 +6,7 @@
 use super::block::{Block, FfnStats};
 use burn::module::Module;
 use burn::nn::{Linear, RmsNorm};
+use super::add;
 use burn::tensor::{backend::Backend, Tensor};
 use burn_moe::ep::EpError;
 use burn_moe::MoeBackend;
@@ -39,4 +40,33 @@ impl<B: MoeBackend> MtpModule<B> {
         let joined = Tensor::cat(vec![self.enorm.forward(embedded), self.hnorm.forward(previous)], 2);
         self.block.forward(self.eh_proj.forward(joined))
     }
+}
+
+/// What [`run_depths`] gives: each depth's logits and the MoE statistics of its block.
+pub(crate) struct MtpOutput<B: Backend> {
+    /// Depth `k`'s logits `[B, S − k, vocab]` (predicting tokens `k + 1 ..= S`).
+    pub logits: Vec<Tensor<B, 3>>,
+    /// Routed tokens per expert of the depths' MoE layers, depth 1 first.
+    pub counts: Vec<burn::tensor::Tensor<B, 1, burn::tensor::Int>>,
+    /// The depths' weighted balance losses, summed.
+    pub balance_loss: Option<Tensor<B, 1>>,
+}
+
+/// Runs the MTP depths after the main model: depth `k` reads the previous depth's first
+/// `S − k` positions (`hidden [B, S, d]`, the main model's last block output, for depth 1)
+/// and `embedded(k)`, the embeddings of tokens `k..S` (`[B, S − k, d]`), and its logits
+/// come from the shared `head`.
+pub(crate) fn run_depths<B: MoeBackend>(modules: &[MtpModule<B>], head: &Linear<B>, hidden: Tensor<B, 3>, embedded: impl Fn(usize) -> Tensor<B, 3>) -> Result<MtpOutput<B>, EpError> {
+    let [b, s, d] = hidden.dims();
+    let mut out = MtpOutput { logits: Vec::with_capacity(modules.len()), counts: Vec::new(), balance_loss: None };
+    let mut previous = hidden;
+    for (i, module) in modules.iter().enumerate() {
+        let k = i + 1;
+        let (h, stats) = module.forward(previous.slice([0..b, 0..s - k, 0..d]), embedded(k))?;
+        out.counts.extend(stats.counts);
+        out.balance_loss = add(out.balance_loss, stats.balance_loss);
+        out.logits.push(head.forward(module.norm.forward(h.clone())));
+        previous = h;
+    }
+    Ok(out)
 }

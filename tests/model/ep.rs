@@ -8,7 +8,7 @@ use burn::backend::Autodiff;
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::{Int, Tensor, TensorData};
-use burn_deepseek::model::{DeepSeekV3, DeepSeekV3Config};
+use burn_deepseek::model::DeepSeekV3Config;
 use burn_moe::comm::{launch, Comm, CommError, Transport};
 use burn_moe::ep::EpError;
 use std::collections::HashMap;
@@ -30,14 +30,14 @@ impl ModuleVisitor<B> for HostGrads<'_> {
     }
 }
 
-fn host_grads(model: &DeepSeekV3<B>, grads: &GradientsParams) -> HashMap<ParamId, (Vec<usize>, Vec<f32>)> {
+pub(crate) fn host_grads<M: Module<B>>(model: &M, grads: &GradientsParams) -> HashMap<ParamId, (Vec<usize>, Vec<f32>)> {
     let mut v = HostGrads { grads, out: HashMap::new() };
     model.visit(&mut v);
     v.out
 }
 
 /// Largest |a − b| over the largest |b|.
-fn rel_diff(a: &[f32], b: &[f32]) -> f64 {
+pub(crate) fn rel_diff(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len());
     let scale = b.iter().fold(0f64, |m, &v| m.max(v.abs() as f64)).max(1e-12);
     a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).abs()).fold(0.0, f64::max) / scale

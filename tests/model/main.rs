@@ -8,4 +8,5 @@
 mod common;
 mod ep;
 mod model;
+mod pipeline;
 mod weights;

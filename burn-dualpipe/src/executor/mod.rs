@@ -126,6 +126,16 @@ pub struct StepOutput {
     pub timeline: Timeline,
 }
 
+/// Initializes every lazily initialized parameter of `module` now, in the module's order.
+///
+/// Burn draws a parameter's initial values when the parameter is first read, so the
+/// values depend on what ran before on the backend's random stream. Materializing right
+/// after `init` (after seeding) gives the same weights however the module is used next:
+/// whole, cut into stages, or sharded.
+pub fn materialize<B: burn::tensor::backend::Backend, M: burn::module::Module<B>>(module: &M) {
+    module.visit(&mut Materialize);
+}
+
 /// Initializes every lazy parameter of a module by reading it.
 struct Materialize;
 
@@ -190,7 +200,7 @@ where
         // own: without this, the ranks' copies of a stage would start from different
         // weights.
         for stage in &stages {
-            stage.visit(&mut Materialize);
+            materialize(stage);
         }
         Ok(Self { stages, devices, schedule, timeout: Duration::from_secs(120), overlap: Arc::new(Concurrent), transfer: Transfer::Host })
     }
@@ -246,6 +256,13 @@ where
         let grads = self.stage_grads(grads);
         let stages = std::mem::take(&mut self.stages);
         self.stages = stages.into_iter().zip(grads).map(|(stage, g)| optim.step(lr, stage, g)).collect();
+    }
+
+    /// Replaces every stage module `s` by `f(s, stage)`, e.g. to apply an update that is
+    /// not a gradient step (a balancing bias) between steps.
+    pub fn map_stages(&mut self, mut f: impl FnMut(usize, S) -> S) {
+        let stages = std::mem::take(&mut self.stages);
+        self.stages = stages.into_iter().enumerate().map(|(s, stage)| f(s, stage)).collect();
     }
 
     /// Runs one step: micro-batch `m` is `inputs[m]` (on any device), its loss is
