@@ -56,7 +56,7 @@ pub use generate::{Sampling, Session};
 pub use mtp::MtpModule;
 pub use pipeline::{ModelStage, SplitError, StageLoss, StageObjective, StageTail, StagedModel};
 
-use burn::module::Module;
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::{Embedding, Linear, RmsNorm};
 use burn::tensor::{backend::Backend, Int, Tensor};
@@ -134,10 +134,45 @@ fn language_objective<B: Backend>(lm_loss: Tensor<B, 1>, mtp_losses: &[Tensor<B,
     }
 }
 
+/// Counts float parameters by their declared shapes, and those already drawn.
+#[derive(Default)]
+struct ParamShapes {
+    declared: usize,
+    drawn: usize,
+}
+
+impl<B: Backend> ModuleVisitor<B> for ParamShapes {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let n = param.lazy_shape().num_elements();
+        self.declared += n;
+        if param.is_initialized() {
+            self.drawn += n;
+        }
+    }
+}
+
 impl<B: Backend> DeepSeekV3<B> {
+    /// Parameters by their declared shapes, without drawing any: Burn initializes a
+    /// parameter when it is first read (`Module::num_params` reads them all), so a
+    /// model at DeepSeek-V3's true shape can be built and inspected where its 685 B
+    /// values would not fit.
+    pub fn declared_params(&self) -> usize {
+        let mut count = ParamShapes::default();
+        self.visit(&mut count);
+        count.declared
+    }
+
+    /// Parameters whose values exist (drawn, loaded, or created eagerly); the rest are
+    /// drawn when first read.
+    pub fn materialized_params(&self) -> usize {
+        let mut count = ParamShapes::default();
+        self.visit(&mut count);
+        count.drawn
+    }
+
     /// Vocabulary size.
     pub fn vocab_size(&self) -> usize {
-        self.embed.weight.dims()[0]
+        self.embed.weight.lazy_shape()[0]
     }
 
     /// The MoE layers in the order of [`LossOutput::counts`]: the main model's, then the

@@ -193,3 +193,24 @@ fn parameter_counts() {
     assert!((670_000_000_000..672_000_000_000).contains(&main), "main model {main}");
     assert!((11_000_000_000..15_000_000_000).contains(&(v3.param_count() - main)), "MTP {}", v3.param_count() - main);
 }
+
+/// DeepSeek-V3 at its true shape (61 blocks, 256 experts of 2048, 129,280 tokens) is built
+/// lazily: every parameter declared, none drawn but the balancing biases; it cuts into the
+/// 16 stages of DualPipeV over 8 ranks without drawing any either.
+#[test]
+fn true_shape_v3_builds_lazily() {
+    let config = DeepSeekV3Config::deepseek_v3();
+    let start = std::time::Instant::now();
+    let model = config.init::<Ref>(&Default::default());
+    assert_eq!(model.declared_params(), config.param_count());
+    // The biases ([256] per MoE layer) are the only eager values.
+    let biases = 256 * (config.n_layers - config.n_dense_layers + config.mtp_depth);
+    assert!(model.materialized_params() <= biases, "{} values drawn", model.materialized_params());
+    let staged = model.into_stages(16).unwrap();
+    let blocks: Vec<usize> = staged.stages.iter().map(|s| s.layers.len()).collect();
+    assert_eq!(blocks.iter().sum::<usize>(), 61);
+    let rebuilt = burn_deepseek::model::DeepSeekV3::from_stages(staged.stages);
+    assert_eq!(rebuilt.declared_params(), config.param_count());
+    assert!(rebuilt.materialized_params() <= biases);
+    assert!(start.elapsed().as_secs() < 60, "took {:?}", start.elapsed());
+}
