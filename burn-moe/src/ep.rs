@@ -163,7 +163,7 @@ impl<B: Backend> ExpertParallelMoe<B> {
             w_down: slots_of(&moe.experts.w_down),
             fp8: moe.experts.fp8,
         };
-        let shared = moe.shared.as_ref().map(|s| SwiGluMlp { gate: copy_linear(&s.gate, device), up: copy_linear(&s.up, device), down: copy_linear(&s.down, device) });
+        let shared = moe.shared.as_ref().map(|s| SwiGluMlp::from_projections(copy_linear(&s.gate, device), copy_linear(&s.up, device), copy_linear(&s.down, device)));
         let local = Moe {
             gate: copy_linear(&moe.gate, device),
             bias: copy(&moe.bias, device),

@@ -3,12 +3,13 @@
 
 use burn::module::Module;
 use burn::nn::{Initializer, Linear, LinearConfig, RmsNorm};
-use burn::tensor::activation::silu;
 use burn::tensor::{backend::Backend, Int, Tensor};
-use burn_fp8::linear::{Fp8Linear, Fp8Recipe};
+use burn_fp8::linear::{Fp8Linear, Fp8Recipe, LinearLayer};
+use burn_fp8::Fp8Backend;
 use super::ep::ExpertShard;
 use burn_moe::ep::EpError;
 use burn_moe::mla::{CacheError, LatentCache, SeqId};
+use burn_moe::moe::SwiGluMlp;
 use burn_moe::{Mla, Moe, MoeBackend};
 
 /// A bias-free projection in f32 (Burn's `Linear`) or FP8 (`Fp8Linear`); both keep the
@@ -39,9 +40,14 @@ impl<B: Backend> Projection<B> {
     }
 }
 
-impl<B: MoeBackend> Projection<B> {
+impl<B: Fp8Backend> LinearLayer<B> for Projection<B> {
+    /// An f32 projection (wrap an `Fp8Linear` in [`Projection::Fp8`] for FP8).
+    fn init(config: &LinearConfig, device: &B::Device) -> Self {
+        Self::F32(config.init(device))
+    }
+
     /// `x · W`.
-    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+    fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         match self {
             Self::F32(l) => l.forward(x),
             Self::Fp8(l) => l.forward(x),
@@ -49,35 +55,15 @@ impl<B: MoeBackend> Projection<B> {
     }
 }
 
-/// The dense SwiGLU MLP of the first layers, `(silu(x·W_gate) ⊙ x·W_up) · W_down`.
-#[derive(Module, Debug)]
-pub struct DenseMlp<B: Backend> {
-    /// `d_model → d_ffn`.
-    pub gate: Projection<B>,
-    /// `d_model → d_ffn`.
-    pub up: Projection<B>,
-    /// `d_ffn → d_model`.
-    pub down: Projection<B>,
-}
+/// The dense SwiGLU MLP of the first layers, `(silu(x·W_gate) ⊙ x·W_up) · W_down`:
+/// burn-moe's SwiGLU over [`Projection`]s (f32 or FP8).
+pub type DenseMlp<B> = SwiGluMlp<B, Projection<B>>;
 
-impl<B: Backend> DenseMlp<B> {
-    /// Normal(0, `std`) weights; FP8 GEMMs with `fp8`.
-    pub fn new(d_model: usize, d_ffn: usize, std: f64, fp8: Option<Fp8Recipe>, device: &B::Device) -> Self {
-        let init = Initializer::Normal { mean: 0.0, std };
-        Self {
-            gate: Projection::new(d_model, d_ffn, &init, fp8, device),
-            up: Projection::new(d_model, d_ffn, &init, fp8, device),
-            down: Projection::new(d_ffn, d_model, &init, fp8, device),
-        }
-    }
-}
-
-impl<B: MoeBackend> DenseMlp<B> {
-    /// # Shapes
-    /// `[..., d_model]` → `[..., d_model]`.
-    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        self.down.forward(silu(self.gate.forward(x.clone())) * self.up.forward(x))
-    }
+/// Normal(0, `std`) weights; FP8 GEMMs with `fp8`.
+pub(crate) fn dense_mlp<B: Backend>(d_model: usize, d_ffn: usize, std: f64, fp8: Option<Fp8Recipe>, device: &B::Device) -> DenseMlp<B> {
+    let init = Initializer::Normal { mean: 0.0, std };
+    let projection = |i, o| Projection::new(i, o, &init, fp8, device);
+    SwiGluMlp::from_projections(projection(d_model, d_ffn), projection(d_model, d_ffn), projection(d_ffn, d_model))
 }
 
 /// A block's MLP.

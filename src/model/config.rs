@@ -163,7 +163,7 @@ impl DeepSeekV3Config {
     fn block<B: Backend>(&self, moe: bool, device: &B::Device) -> Block<B> {
         let d = self.d_model();
         let norm = || RmsNormConfig::new(d).with_epsilon(self.norm_eps).init(device);
-        let ffn = if moe { Ffn::Moe(self.moe.init(device)) } else { Ffn::Dense(super::block::DenseMlp::new(d, self.d_ffn, self.init_std, self.fp8, device)) };
+        let ffn = if moe { Ffn::Moe(self.moe.init(device)) } else { Ffn::Dense(super::block::dense_mlp(d, self.d_ffn, self.init_std, self.fp8, device)) };
         Block { attn_norm: norm(), attn: self.mla.init(device), ffn_norm: norm(), ffn }
     }
 }

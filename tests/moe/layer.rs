@@ -240,11 +240,11 @@ pub fn copy<A: AutodiffBackend, B: AutodiffBackend>(src: &Moe<A>, dst: Moe<B>, d
     }
     let shared = dst.shared.map(|sh| {
         let s = src.shared.as_ref().unwrap();
-        burn_moe::moe::SwiGluMlp {
-            gate: burn::nn::Linear { weight: p(&s.gate.weight, sh.gate.weight, device), bias: None },
-            up: burn::nn::Linear { weight: p(&s.up.weight, sh.up.weight, device), bias: None },
-            down: burn::nn::Linear { weight: p(&s.down.weight, sh.down.weight, device), bias: None },
-        }
+        burn_moe::moe::SwiGluMlp::from_projections(
+            burn::nn::Linear { weight: p(&s.gate.weight, sh.gate.weight, device), bias: None },
+            burn::nn::Linear { weight: p(&s.up.weight, sh.up.weight, device), bias: None },
+            burn::nn::Linear { weight: p(&s.down.weight, sh.down.weight, device), bias: None },
+        )
     });
     Moe {
         gate: burn::nn::Linear { weight: p(&src.gate.weight, dst.gate.weight, device), bias: None },

@@ -3,7 +3,7 @@
 
 use crate::backend::MoeBackend;
 use crate::dispatch::{grouped_matmul, grouped_matmul_fp8, DispatchPlan};
-use burn_fp8::linear::Fp8Recipe;
+use burn_fp8::linear::{Fp8Recipe, LinearLayer};
 use burn::module::{Module, Param};
 use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::tensor::{activation::silu, backend::Backend, Tensor};
@@ -66,25 +66,37 @@ impl<B: MoeBackend> RoutedExperts<B> {
     }
 }
 
-/// A dense SwiGLU MLP (the shared experts, fused into one of width `n_shared · d_expert`).
+/// A dense SwiGLU MLP, `(silu(x·W_gate) ⊙ x·W_up) · W_down`, over any bias-free
+/// projection `L`: Burn's `Linear` (the shared experts here, fused into one of width
+/// `n_shared · d_expert`) or an FP8 one (`burn_fp8::linear::Fp8Linear`, or the
+/// DeepSeek-V3 model's dense MLPs).
 ///
 /// # Shapes
 /// - input `[..., d_model]` → `[..., d_model]`
 #[derive(Module, Debug)]
-pub struct SwiGluMlp<B: Backend> {
+pub struct SwiGluMlp<B: Backend, L: Module<B> = Linear<B>> {
     /// `d_model → d_hidden`.
-    pub gate: Linear<B>,
+    pub gate: L,
     /// `d_model → d_hidden`.
-    pub up: Linear<B>,
+    pub up: L,
     /// `d_hidden → d_model`.
-    pub down: Linear<B>,
+    pub down: L,
+    #[module(skip)]
+    backend: core::marker::PhantomData<B>,
 }
 
-impl<B: Backend> SwiGluMlp<B> {
+impl<B: Backend, L: Module<B>> SwiGluMlp<B, L> {
+    /// The MLP from its three projections.
+    pub fn from_projections(gate: L, up: L, down: L) -> Self {
+        Self { gate, up, down, backend: core::marker::PhantomData }
+    }
+}
+
+impl<B: Backend, L: LinearLayer<B>> SwiGluMlp<B, L> {
     /// Bias-free projections initialized with `init`.
     pub fn new(d_model: usize, d_hidden: usize, init: &Initializer, device: &B::Device) -> Self {
-        let linear = |i, o| LinearConfig::new(i, o).with_bias(false).with_initializer(init.clone()).init(device);
-        Self { gate: linear(d_model, d_hidden), up: linear(d_model, d_hidden), down: linear(d_hidden, d_model) }
+        let linear = |i, o| L::init(&LinearConfig::new(i, o).with_bias(false).with_initializer(init.clone()), device);
+        Self::from_projections(linear(d_model, d_hidden), linear(d_model, d_hidden), linear(d_hidden, d_model))
     }
 
     /// `(silu(x·W_gate) ⊙ (x·W_up)) · W_down`.
