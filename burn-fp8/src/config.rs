@@ -1,4 +1,17 @@
 //! Quantization layouts: tile shapes, scale rounding, and their Burn `QuantScheme` names.
+//!
+//! # Example
+//! ```
+//! use burn_fp8::{QuantConfig, ScaleMode, TileShape};
+//!
+//! // DeepSeek-V3's recipe: 1×128 tiles for activations, 128×128 blocks for weights.
+//! let weights = QuantConfig::weight();
+//! assert_eq!(weights.tile, TileShape::Block128x128);
+//! assert_eq!(weights.tile.scale_shape([256, 300]), [2, 3]); // one scale per block, tails included
+//! // Power-of-two scales (UE8M0), as FP8 dispatch uses: amax 100 → 2^ceil(log2(100 / 448)).
+//! let dispatch = QuantConfig::activation().with_scale_mode(ScaleMode::PowerOfTwo);
+//! assert_eq!(dispatch.tile_scale(100.0).scale, 0.25);
+//! ```
 
 use crate::Fp8Format;
 use burn::tensor::quantization::{QuantLevel, QuantMode, QuantParam, QuantScheme, QuantStore};

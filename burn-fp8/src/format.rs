@@ -22,6 +22,19 @@
 //!
 //! The kernels carry a bit-for-bit copy of this codec written with integer operations
 //! (`kernel/codec.rs`); the tests check the two agree on all 256 codes and on random inputs.
+//!
+//! # Example
+//! ```
+//! use burn_fp8::Fp8Format;
+//!
+//! let e4m3 = Fp8Format::E4M3;
+//! let round_trip = |x: f32| e4m3.decode(e4m3.encode(x));
+//! assert_eq!(round_trip(1.0), 1.0);
+//! assert_eq!(round_trip(0.3), 0.3125); // 3 mantissa bits: 1.2 · 2⁻² rounds to 1.25 · 2⁻²
+//! assert_eq!(round_trip(1000.0), 448.0); // saturates
+//! assert!(round_trip(f32::NAN).is_nan());
+//! assert_eq!(Fp8Format::E5M2.decode(Fp8Format::E5M2.encode(1000.0)), 1024.0);
+//! ```
 
 use serde::{Deserialize, Serialize};
 

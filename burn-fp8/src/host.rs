@@ -1,5 +1,19 @@
 //! Host (CPU, plain Rust) quantization and an f64 GEMM: the ground truth the kernels and
 //! the Burn reference are tested against. Slow by design.
+//!
+//! # Example
+//! ```
+//! use burn_fp8::host::{calc_diff, matmul_nt_f64, HostFp8};
+//! use burn_fp8::QuantConfig;
+//!
+//! let x: Vec<f32> = (0..2 * 256).map(|i| (i as f32 * 0.37).sin()).collect();
+//! let q = HostFp8::quantize(&x, [2, 256], QuantConfig::activation());
+//! let exact: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+//! // E4M3 keeps 3 mantissa bits: DeepGEMM's calc_diff of a round trip is below 1e-3.
+//! assert!(calc_diff(&q.dequantize_f64(), &exact) < 1e-3);
+//! let gram = matmul_nt_f64(&exact, &exact, 2, 2, 256); // x · xᵀ in f64, [2, 2]
+//! assert!(gram[0] > 0.0 && gram.len() == 4);
+//! ```
 
 use crate::config::{CODES_PER_WORD, TILE_K, WORDS_PER_TILE};
 use crate::{Fp8Tensor, QuantConfig};

@@ -4,6 +4,23 @@
 //! It follows the kernels' arithmetic step for step (the same f32 products and the same
 //! rounding rule), so quantization agrees bit for bit and the GEMM differs only in the
 //! order of f32 additions.
+//!
+//! # Example
+//! ```
+//! use burn::backend::NdArray;
+//! use burn::tensor::{Distribution, Tensor};
+//! use burn_fp8::{reference, Fp8Layout, QuantConfig};
+//!
+//! let device = Default::default();
+//! let x = Tensor::<NdArray, 2>::random([4, 200], Distribution::Normal(0.0, 1.0), &device);
+//! let config = QuantConfig::activation();
+//! let (words, scales) = reference::quantize(x.clone(), config);
+//! // Four codes per u32 word, 128 columns per tile (the tail padded); one scale per 1×128 tile.
+//! assert_eq!((words.dims(), scales.dims()), ([4, 64], [4, 2]));
+//! let back = reference::dequantize(words, scales, Fp8Layout { shape: [4, 200], config });
+//! let err = (back - x.clone()).abs().max().into_scalar() / x.abs().max().into_scalar();
+//! assert!(err < 0.07, "{err}"); // E4M3 rounds to within 2⁻⁴ of each value
+//! ```
 
 use crate::backend::Fp8Layout;
 use crate::config::{ScaleMode, TILE_K, WORDS_PER_TILE};

@@ -3,6 +3,21 @@
 //! the baseline the kernels are tested against.
 //!
 //! Callers ([`crate::dispatch`]) handle empty inputs before calling these.
+//!
+//! # Example
+//! ```
+//! use burn::backend::NdArray;
+//! use burn::tensor::{Int, Tensor, TensorData};
+//! use burn_moe::reference::grouped_matmul;
+//!
+//! let device = Default::default();
+//! // Rows 0..2 belong to expert 0, expert 1 is empty, row 2 to expert 2.
+//! let a = Tensor::<NdArray, 2>::from_data([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], &device);
+//! let b = Tensor::<NdArray, 3>::from_data([[[1.0, 2.0], [3.0, 4.0]], [[9.0, 9.0], [9.0, 9.0]], [[1.0, 0.0], [0.0, -1.0]]], &device);
+//! let offsets = Tensor::<NdArray, 1, Int>::from_data(TensorData::new(vec![0i64, 2, 2, 3], [4]), &device);
+//! let out = grouped_matmul(a, b, offsets, false);
+//! assert_eq!(out.into_data().to_vec::<f32>().unwrap(), vec![1.0, 2.0, 3.0, 4.0, 1.0, -1.0]);
+//! ```
 
 use burn::tensor::{backend::Backend, IndexingUpdateOp, Int, Tensor};
 

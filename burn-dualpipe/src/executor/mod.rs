@@ -21,6 +21,42 @@
 //! A rank that panics or errs sets a shared abort flag; ranks waiting on a receive see it
 //! within a poll interval and stop, and a receive that waits longer than the timeout
 //! fails naming the rank it waits for: a step ends with an error, never a hang.
+//!
+//! # Example
+//! ```
+//! use burn::backend::{Autodiff, NdArray};
+//! use burn::module::Module;
+//! use burn::nn::{Linear, LinearConfig};
+//! use burn::optim::SgdConfig;
+//! use burn::tensor::backend::{AutodiffBackend, Backend};
+//! use burn::tensor::{Distribution, Tensor};
+//! use burn_dualpipe::executor::{Pipeline, PipelineStage};
+//! use burn_dualpipe::schedule::{Schedule, ScheduleKind};
+//!
+//! #[derive(Module, Debug)]
+//! struct Stage<B: Backend> {
+//!     linear: Linear<B>,
+//! }
+//!
+//! impl<B: AutodiffBackend> PipelineStage<B, 2> for Stage<B> {
+//!     fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+//!         self.linear.forward(x).tanh()
+//!     }
+//! }
+//!
+//! type B = Autodiff<NdArray>;
+//! let device = Default::default();
+//! // 1F1B over two ranks (threads, a device each), four micro-batches.
+//! let schedule = Schedule::new(ScheduleKind::OneFOneB, 2, 4).unwrap();
+//! let stages = (0..2).map(|_| Stage { linear: LinearConfig::new(8, 8).init::<B>(&device) }).collect();
+//! let mut pipeline = Pipeline::new(stages, vec![device; 2], schedule).unwrap();
+//! let inputs = (0..4).map(|_| Tensor::<B, 2>::random([3, 8], Distribution::Normal(0.0, 1.0), &device)).collect();
+//! let out = pipeline.step(inputs, |y, _micro_batch| y.powi_scalar(2).mean()).unwrap();
+//! assert!(out.loss > 0.0);
+//! assert_eq!(out.timeline.ranks.len(), 2); // the measured compute spans of each rank
+//! let mut optim = SgdConfig::new().init();
+//! pipeline.optimize(&mut optim, 0.1, out.grads);
+//! ```
 
 mod devices;
 mod overlap;

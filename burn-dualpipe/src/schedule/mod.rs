@@ -22,6 +22,20 @@
 //! cool-down, ZB1P's greedy zero-bubble order); [`Schedule::new`] then adds the
 //! [`Instr::Recv`] before and [`Instr::Send`] after each compute whose input or output
 //! crosses ranks. [`validate`] checks the invariants and [`crate::simulate`] the timing.
+//!
+//! # Example
+//! ```
+//! use burn_dualpipe::schedule::{validate, Instr, Schedule, ScheduleKind};
+//!
+//! let schedule = Schedule::new(ScheduleKind::DualPipeV, 4, 8).unwrap();
+//! assert_eq!(schedule.stages(), 8); // a V of 2·P stages
+//! assert_eq!(schedule.stage_of_chunk(0, 0), 0); // rank 0 holds the first stage
+//! assert_eq!(schedule.stage_of_chunk(0, 1), 7); // and the last
+//! validate(&schedule).unwrap();
+//! let overlapped = schedule.programs[2].iter().filter(|i| matches!(i, Instr::ForwardBackward { .. })).count();
+//! assert!(overlapped > 0, "DualPipe's overlapped forward-and-backward pairs");
+//! assert!(Schedule::new(ScheduleKind::DualPipe, 3, 8).is_err()); // DualPipe needs an even rank count
+//! ```
 
 mod classic;
 mod dualpipe;

@@ -6,6 +6,26 @@
 //! [`crate::kernel`]; `Fusion` registers them as custom operations; `Autodiff` forwards to
 //! its inner backend for those, and records an FP8 backward for [`Fp8Backend::fp8_linear`],
 //! the op behind [`crate::linear::Fp8Linear`].
+//!
+//! # Example
+//! ```
+//! use burn::backend::NdArray;
+//! use burn::tensor::{Distribution, Tensor};
+//! use burn_fp8::{fp8_gemm, Fp8Backend, Fp8Tensor, QuantConfig};
+//!
+//! /// `x · wᵀ` through FP8 on any backend with the extension.
+//! fn fp8_matmul_t<B: Fp8Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 2> {
+//!     fp8_gemm(&Fp8Tensor::quantize(x, QuantConfig::activation()), &Fp8Tensor::quantize(w, QuantConfig::weight()))
+//! }
+//!
+//! let device = Default::default();
+//! let x = Tensor::<NdArray, 2>::random([8, 256], Distribution::Normal(0.0, 1.0), &device);
+//! let w = Tensor::<NdArray, 2>::random([16, 256], Distribution::Normal(0.0, 1.0), &device);
+//! let y = fp8_matmul_t(x.clone(), w.clone());
+//! let exact = x.matmul(w.transpose());
+//! let err = (y - exact.clone()).abs().max().into_scalar() / exact.abs().max().into_scalar();
+//! assert!(err < 0.05, "{err}");
+//! ```
 
 mod autodiff;
 mod cube;

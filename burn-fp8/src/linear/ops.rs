@@ -13,6 +13,27 @@
 //! differs). Wgrad contracts over the tokens, so its operands are tiled 128×1 in the
 //! original orientation: [`Fp8Tensor::quantize_transposed`] produces that tiling straight
 //! from the f32 tensor, without a second rounding of already-quantized values.
+//!
+//! # Example
+//! ```
+//! use burn::backend::NdArray;
+//! use burn::tensor::{Distribution, Tensor};
+//! use burn_fp8::linear::{ops, Fp8Recipe};
+//!
+//! type B = NdArray;
+//! let device = Default::default();
+//! let recipe = Fp8Recipe::deepseek_v3();
+//! let x = Tensor::<B, 2>::random([4, 256], Distribution::Normal(0.0, 1.0), &device);
+//! let w = Tensor::<B, 2>::random([256, 128], Distribution::Normal(0.0, 0.05), &device);
+//! let dy = Tensor::<B, 2>::random([4, 128], Distribution::Normal(0.0, 1.0), &device);
+//! let y = ops::forward(x.clone(), w.clone(), &recipe); // Fprop
+//! let dx = ops::backward_input(dy.clone(), w.clone(), &recipe); // Dgrad
+//! let dw = ops::backward_weight(&ops::save_input(x.clone(), &recipe), &ops::save_output_grad(dy.clone(), &recipe)); // Wgrad
+//! let rel = |a: Tensor<B, 2>, b: Tensor<B, 2>| (a - b.clone()).abs().max().into_scalar() / b.abs().max().into_scalar();
+//! assert!(rel(y, x.clone().matmul(w.clone())) < 0.05);
+//! assert!(rel(dx, dy.clone().matmul(w.transpose())) < 0.05);
+//! assert!(rel(dw, x.transpose().matmul(dy)) < 0.05);
+//! ```
 
 use super::Fp8Recipe;
 use crate::{fp8_gemm, Fp8Backend, Fp8Tensor};

@@ -1,6 +1,23 @@
 //! The differentiable collectives over a [`Comm`]: [`all_to_all`] (a backend op,
 //! [`MoeBackend::moe_all_to_all`], so that `Autodiff` records its backward, the reverse
 //! all-to-all), and [`all_gather`] and [`all_reduce`], written with it and Burn ops.
+//!
+//! # Example
+//! ```
+//! use burn::backend::NdArray;
+//! use burn::tensor::Tensor;
+//! use burn_moe::comm::{all_gather, all_reduce, launch, Comm, CommError, Transport};
+//!
+//! let device = Default::default();
+//! let results = launch(Comm::group(3, Transport::Host), |comm| {
+//!     let x = Tensor::<NdArray, 1>::from_floats([comm.rank() as f32 + 1.0], &device);
+//!     let gathered = all_gather(x.clone(), &comm)?; // [1, 2, 3] on every rank
+//!     let total = all_reduce(x, &comm)?; // [6]
+//!     Ok::<_, CommError>((gathered.into_data().to_vec::<f32>().unwrap(), total.into_scalar()))
+//! })
+//! .unwrap();
+//! assert!(results.iter().all(|(g, t)| g == &[1.0, 2.0, 3.0] && *t == 6.0));
+//! ```
 
 use super::{Comm, CommError, Transport};
 use crate::backend::MoeBackend;

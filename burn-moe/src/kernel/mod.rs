@@ -1,6 +1,29 @@
 //! CubeCL kernels and their launchers. Each file holds `#[cube]` code and `launch_*`
 //! functions taking [`CubeTensor`]s; [`crate::backend`] calls them. Floats are f32 and
 //! indices u32 inside the kernels (the backend impl casts on the way in and out).
+//!
+//! # Example
+//! The kernels run behind [`crate::MoeBackend`]; here the grouped GEMM on wgpu (a GPU, or
+//! Mesa's lavapipe on a CPU) against the reference:
+//! ```
+//! use burn::backend::Wgpu;
+//! use burn::tensor::{Distribution, Int, Tensor, TensorData};
+//! use burn_moe::dispatch::{dispatch, grouped_matmul, DispatchPlan};
+//!
+//! let device = Default::default();
+//! let x = Tensor::<Wgpu, 2>::random([10, 32], Distribution::Normal(0.0, 1.0), &device);
+//! let w = Tensor::<Wgpu, 3>::random([3, 32, 24], Distribution::Normal(0.0, 1.0), &device);
+//! // Top-1 routing: tokens 0..4 to expert 2, 4..10 to expert 0; expert 1 gets none.
+//! let experts: Vec<i64> = (0..10).map(|t| if t < 4 { 2 } else { 0 }).collect();
+//! let indices = Tensor::<Wgpu, 2, Int>::from_data(TensorData::new(experts, [10, 1]), &device);
+//! let counts = Tensor::<Wgpu, 1, Int>::from_data(TensorData::new(vec![6i64, 0, 4], [3]), &device);
+//! let plan = DispatchPlan::new(indices, counts);
+//! let rows = dispatch(x, &plan); // the dispatch kernel: expert-contiguous rows
+//! let out = grouped_matmul(rows.clone(), w.clone(), &plan); // one launch for all experts
+//! let reference = burn_moe::reference::grouped_matmul(rows, w, plan.offsets(), false);
+//! let err = (out - reference).abs().max().into_scalar();
+//! assert!(err < 1e-4, "{err}");
+//! ```
 
 #[allow(missing_docs)] // `#[cube]` generates undocumented expansion modules.
 pub mod grouped;

@@ -14,6 +14,31 @@
 //!
 //! Ties go to the lower index, at every step, on every backend (top-k here is `k` rounds
 //! of max plus lowest-index-at-max, not a sort whose tie order depends on the backend).
+//!
+//! # Example
+//! ```
+//! use burn::backend::NdArray;
+//! use burn::tensor::{Distribution, Tensor};
+//! use burn_moe::router::{route, RouterConfig, RouterError};
+//!
+//! let device = Default::default();
+//! let config = RouterConfig::tiny(); // 16 experts in 4 groups, 2 groups and 4 experts per token
+//! let logits = Tensor::<NdArray, 2>::random([5, 16], Distribution::Normal(0.0, 1.0), &device);
+//! let routing = route(logits, None, &config).unwrap();
+//! assert_eq!(routing.indices.dims(), [5, 4]);
+//! assert_eq!(routing.counts.clone().sum().into_scalar(), 20); // 5 tokens × 4 experts
+//! let experts: Vec<i64> = routing.indices.into_data().convert::<i64>().to_vec().unwrap();
+//! for token in experts.chunks(4) {
+//!     let mut groups: Vec<i64> = token.iter().map(|e| e / 4).collect();
+//!     groups.sort();
+//!     groups.dedup();
+//!     assert!(groups.len() <= 2, "{token:?}");
+//! }
+//! // Inconsistent rules are named.
+//! let bad = RouterConfig { top_k: 17, ..config };
+//! let err = route(Tensor::<NdArray, 2>::zeros([1, 16], &device), None, &bad).unwrap_err();
+//! assert!(matches!(err, RouterError::TopK { .. }), "{err}");
+//! ```
 
 mod balance;
 mod reference;
