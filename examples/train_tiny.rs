@@ -68,6 +68,7 @@ struct Args {
     batch: usize,
     seq: usize,
     d_model: usize,
+    layers: usize,
     lr: f64,
     fp8: bool,
     resume: bool,
@@ -87,6 +88,7 @@ fn parse_args() -> Args {
         batch: 8,
         seq: 64,
         d_model: 64,
+        layers: 3,
         lr: 3e-3,
         fp8: false,
         resume: false,
@@ -107,6 +109,7 @@ fn parse_args() -> Args {
             "--batch" => a.batch = value().parse().expect("--batch N"),
             "--seq" => a.seq = value().parse().expect("--seq N"),
             "--d-model" => a.d_model = value().parse().expect("--d-model N"),
+            "--layers" => a.layers = value().parse().expect("--layers N"),
             "--lr" => a.lr = value().parse().expect("--lr X"),
             "--fp8" => a.fp8 = true,
             "--resume" => a.resume = true,
@@ -118,7 +121,7 @@ fn parse_args() -> Args {
             "--sample" => a.sample = value().parse().expect("--sample N"),
             "--seed" => a.seed = value().parse().expect("--seed N"),
             "--help" | "-h" => {
-                println!("train_tiny [--backend ndarray|wgpu|cuda] [--steps N] [--batch N] [--seq N] [--d-model N] [--lr X] [--fp8] [--resume] [--ep N | --dualpipe N [--micro-batches M]] [--out DIR] [--save-every N] [--sample N] [--seed N]");
+                println!("train_tiny [--backend ndarray|wgpu|cuda] [--steps N] [--batch N] [--seq N] [--d-model N] [--layers N] [--lr X] [--fp8] [--resume] [--ep N | --dualpipe N [--micro-batches M]] [--out DIR] [--save-every N] [--sample N] [--seed N]");
                 std::process::exit(0);
             }
             other => panic!("unknown flag {other}; see --help"),
@@ -192,7 +195,8 @@ where
         println!("resumed from {} at step {}", args.out.display(), state.step);
         (model, state)
     } else {
-        let config = DeepSeekV3Config::tiny().with_width(args.d_model).with_fp8_everywhere(args.fp8.then(Default::default));
+        assert!(args.layers >= 2, "--layers {}: the tiny model has a dense block and at least one MoE block", args.layers);
+        let config = DeepSeekV3Config { n_layers: args.layers, ..DeepSeekV3Config::tiny() }.with_width(args.d_model).with_fp8_everywhere(args.fp8.then(Default::default));
         let state = TrainState { step: 0, lm: Vec::new(), mtp: Vec::new(), held_out: Vec::new(), model: config.clone() };
         let model = config.init::<B>(device);
         // The initial weights drawn now, in module order: the same model for every mode.
@@ -358,7 +362,7 @@ where
     assert!(ranks <= devices.len(), "--dualpipe {ranks}: this backend offers {} devices here", devices.len());
     assert!(m > 0 && args.batch % m == 0, "--batch {} does not split into {m} equal micro-batches", args.batch);
     let schedule = Schedule::new(ScheduleKind::DualPipeV, ranks, m).unwrap_or_else(|e| panic!("--dualpipe {ranks}: {e}"));
-    let staged = model.into_stages(schedule.stages()).unwrap_or_else(|e| panic!("--dualpipe {ranks}: {e}"));
+    let staged = model.into_stages(schedule.stages()).unwrap_or_else(|e| panic!("--dualpipe {ranks}: {e} (--layers N gives the model N blocks)"));
     let cut: Vec<String> = staged.stages.iter().map(|s| format!("{}{}{}", if s.embed.is_some() { "embed+" } else { "" }, s.layers.len(), if s.tail.is_some() { "+head/MTP" } else { "" })).collect();
     println!("DualPipeV: {ranks} ranks, {} stages (blocks per stage: {}), {m} micro-batches of {} rows", schedule.stages(), cut.join(" | "), args.batch / m);
     let objective = staged.objective;
