@@ -85,7 +85,7 @@ where
         let (a, b, offsets) = (f32_in(a), f32_in(b), u32_in(offsets));
         let n = b.meta.shape()[if transpose_b { 1 } else { 2 }];
         let out = empty(&a.client, &a.device, [a.meta.shape()[0], n], DType::F32);
-        grouped::launch_grouped_matmul(a, b, offsets, out.clone(), transpose_b);
+        grouped::launch_grouped_matmul(a, b, offsets, out.clone(), transpose_b, grouped::Staging::Auto);
         f32_out::<R, F>(out)
     }
 
@@ -93,7 +93,7 @@ where
         let (a, d, offsets) = (f32_in(a), f32_in(d), u32_in(offsets));
         let e = offsets.meta.shape()[0] - 1;
         let out = empty(&a.client, &a.device, [e, a.meta.shape()[1], d.meta.shape()[1]], DType::F32);
-        grouped::launch_grouped_wgrad(a, d, offsets, out.clone());
+        grouped::launch_grouped_wgrad(a, d, offsets, out.clone(), grouped::Staging::Auto);
         f32_out::<R, F>(out)
     }
 
