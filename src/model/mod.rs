@@ -47,7 +47,7 @@ mod config;
 mod ep;
 mod generate;
 mod mtp;
-mod pipeline;
+pub mod pipeline;
 
 pub use block::{Block, DenseMlp, Ffn, Projection};
 pub use ep::ExpertShard;

@@ -8,7 +8,7 @@
 //! Every unit of an 8 × 8 cube owns a `tile_m × 8` register tile of a `8·tile_m × 64`
 //! output block. On GPUs (devices with plane operations) both kernels stage `CHUNK`-deep
 //! slices of the operands through shared memory, k-major; on CPU adapters (lavapipe) they
-//! read the operands straight from memory ([`accumulate_direct`]), which ran 1.7-1.8x
+//! read the operands straight from memory ([`Staging::Direct`]), which ran 1.7-1.8x
 //! faster there. `tile_m` follows the mean rows per expert ([`Tiling::select`]), so that small
 //! experts do not pay for a block of mostly empty rows. The forward grid has
 //! `⌈R / block_m⌉ + E` rows of cubes; each cube finds its expert and row tile by walking
