@@ -383,16 +383,18 @@ where
         let bytes = batches.next(args.batch, args.seq + 2);
         let micro: Vec<TensorData> = bytes.chunks(bytes.len() / m).map(|c| TensorData::new(c.iter().map(|&b| i64::from(b)).collect(), [rows, c.len() / rows])).collect();
         let inputs = micro.iter().map(|t| objective.input(Tensor::<B, 2, Int>::from_data(t.clone(), device))).collect();
-        let losses = std::sync::Mutex::new((0.0f32, 0.0f32));
+        // The parts of each micro-batch's loss, kept on the device and read after the step
+        // (a read inside the closure would stall the last stage's rank; under DualPipeV the
+        // last stage is on rank 0, so they share a device).
+        let parts = std::sync::Mutex::new(Vec::with_capacity(m));
         let out = pipeline
             .step(inputs, |y, i| {
-                let parts = objective.loss(y.clone(), Tensor::from_data(micro[i].clone(), &y.device()));
-                let (lm, mtp) = (parts.lm_loss.into_scalar().elem::<f32>(), parts.mtp_losses[0].clone().into_scalar().elem::<f32>());
-                let mut sum = losses.lock().unwrap();
-                *sum = (sum.0 + lm / m as f32, sum.1 + mtp / m as f32);
-                parts.loss
+                let loss = objective.loss(y.clone(), Tensor::from_data(micro[i].clone(), &y.device()));
+                parts.lock().unwrap().push(Tensor::cat(vec![loss.lm_loss.detach(), loss.mtp_losses[0].clone().detach()], 0));
+                loss.loss
             })
             .unwrap_or_else(|e| panic!("pipeline step {}: {e}", state.step + 1));
+        let mean: Vec<f32> = Tensor::stack::<2>(parts.into_inner().unwrap(), 0).mean_dim(0).into_data().convert::<f32>().to_vec().expect("f32 losses");
         let counts: Vec<_> = pipeline.stages().iter().map(|s| s.take_counts(m)).collect();
         let bubble = out.timeline.bubble_fraction();
         pipeline.optimize(&mut optim, lr, out.grads);
@@ -400,7 +402,7 @@ where
         state.step += 1;
         speed.add(state.step, args.batch * args.seq, step_start);
         let load = load_ratio(&counts.concat());
-        progress(&mut state, args, losses.into_inner().unwrap(), speed.per_second(), load, &format!(" | bubble {:.0}%", 100.0 * bubble));
+        progress(&mut state, args, (mean[0], mean[1]), speed.per_second(), load, &format!(" | bubble {:.0}%", 100.0 * bubble));
         if state.step % args.save_every == 0 || state.step == args.steps {
             recorder().record(optim.to_record(), args.out.join("optim")).expect("write the optimizer record");
             checkpoint(args, &mut state, &DeepSeekV3::from_stages(pipeline.stages().to_vec()), device, start);

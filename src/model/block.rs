@@ -107,6 +107,27 @@ impl<B: Backend> Block<B> {
     }
 }
 
+/// What [`run_blocks`] gives: the last block's output and the blocks' MoE statistics.
+pub(crate) struct BlocksOutput<B: Backend> {
+    pub hidden: Tensor<B, 3>,
+    /// Routed tokens per expert of each MoE block, in order.
+    pub counts: Vec<Tensor<B, 1, Int>>,
+    /// The MoE blocks' weighted balance losses, summed.
+    pub balance_loss: Option<Tensor<B, 1>>,
+}
+
+/// `x [B, S, d_model]` through `blocks` in order (training forward).
+pub(crate) fn run_blocks<B: MoeBackend>(blocks: &[Block<B>], x: Tensor<B, 3>) -> Result<BlocksOutput<B>, EpError> {
+    let mut out = BlocksOutput { hidden: x, counts: Vec::new(), balance_loss: None };
+    for block in blocks {
+        let (h, stats) = block.forward(out.hidden)?;
+        out.hidden = h;
+        out.counts.extend(stats.counts);
+        out.balance_loss = super::add(out.balance_loss, stats.balance_loss);
+    }
+    Ok(out)
+}
+
 /// `x + MLA(norm(x))`, then `h + MLP(norm(h))`.
 #[derive(Module, Debug)]
 pub struct Block<B: Backend> {

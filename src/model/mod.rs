@@ -218,16 +218,9 @@ impl<B: MoeBackend> DeepSeekV3<B> {
     /// (a rank that failed or timed out, non-finite router logits) instead of panicking.
     /// Every rank of the group runs it on its own tokens.
     pub fn try_forward(&self, tokens: Tensor<B, 2, Int>) -> Result<ModelOutput<B>, EpError> {
-        let mut x = self.embed.forward(tokens);
-        let (mut counts, mut balance_loss) = (Vec::new(), None);
-        for layer in &self.layers {
-            let (y, stats) = layer.forward(x)?;
-            x = y;
-            counts.extend(stats.counts);
-            balance_loss = add(balance_loss, stats.balance_loss);
-        }
-        let logits = self.head.forward(self.norm.forward(x.clone()));
-        Ok(ModelOutput { logits, hidden: x, counts, balance_loss })
+        let out = block::run_blocks(&self.layers, self.embed.forward(tokens))?;
+        let logits = self.head.forward(self.norm.forward(out.hidden.clone()));
+        Ok(ModelOutput { logits, hidden: out.hidden, counts: out.counts, balance_loss: out.balance_loss })
     }
 
     /// The training objective on `tokens [B, S + 1]`: the main model reads `0..S` and

@@ -57,7 +57,7 @@
 //! assert_eq!(model.moe_layers().count(), 3);
 //! ```
 
-use super::block::Block;
+use super::block::{run_blocks, Block};
 use super::mtp::{run_depths, MtpModule};
 use super::{add, cross_entropy, language_objective, DeepSeekV3};
 use burn::module::Module;
@@ -67,6 +67,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use burn_dualpipe::executor::PipelineStage;
 use burn_moe::MoeBackend;
 use core::fmt;
+use std::any::Any;
 use std::sync::{Arc, Mutex};
 
 /// Why [`DeepSeekV3::into_stages`] cannot cut the model.
@@ -113,20 +114,49 @@ pub struct StageTail<B: Backend> {
     pub mtp: Vec<MtpModule<B>>,
 }
 
-/// Each MoE layer's summed counts and the forwards recorded, shared by a stage's copies.
+/// Each MoE layer's counts summed on the device (one sum per device the stage's copies
+/// ran on) and the forwards recorded; shared by a stage's copies. Nothing is read to the
+/// host until [`ModelStage::take_counts`]. The sums are `Tensor<B, 1, Int>` behind `Any`:
+/// a skipped field of a Burn module cannot be generic over the backend.
 #[derive(Clone, Debug, Default)]
-struct CountLog(Arc<Mutex<Vec<(Vec<i64>, usize)>>>);
+struct CountLog(Arc<Mutex<Vec<LayerCounts>>>);
+
+#[derive(Debug, Default)]
+struct LayerCounts {
+    sums: Vec<Box<dyn Any + Send>>,
+    calls: usize,
+}
 
 impl CountLog {
-    fn record<B: Backend>(&self, counts: &[Tensor<B, 1, Int>]) {
-        let counts: Vec<Vec<i64>> = counts.iter().map(|c| c.clone().into_data().convert::<i64>().to_vec().expect("i64 counts")).collect();
+    fn record<B: Backend>(&self, counts: Vec<Tensor<B, 1, Int>>) {
         let mut log = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        log.resize(counts.len(), (Vec::new(), 0));
-        for ((sum, calls), c) in log.iter_mut().zip(counts) {
-            sum.resize(c.len(), 0);
-            sum.iter_mut().zip(c).for_each(|(s, c)| *s += c);
-            *calls += 1;
+        log.resize_with(counts.len(), LayerCounts::default);
+        for (layer, c) in log.iter_mut().zip(counts) {
+            layer.calls += 1;
+            let device = c.device();
+            let same = layer.sums.iter_mut().filter_map(|s| s.downcast_mut::<Tensor<B, 1, Int>>()).find(|s| s.device() == device);
+            match same {
+                Some(sum) => *sum = sum.clone() + c,
+                None => layer.sums.push(Box::new(c)),
+            }
         }
+    }
+
+    /// Each layer's counts over the recorded forwards, on the host, and the forwards.
+    fn take<B: Backend>(&self) -> Vec<(Vec<i64>, usize)> {
+        let log = std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()));
+        log.into_iter()
+            .map(|layer| {
+                let mut total: Vec<i64> = Vec::new();
+                for sum in layer.sums {
+                    let sum = sum.downcast::<Tensor<B, 1, Int>>().expect("a stage records the counts of its own backend");
+                    let sum: Vec<i64> = sum.into_data().convert::<i64>().to_vec().expect("i64 counts");
+                    total.resize(sum.len(), 0);
+                    total.iter_mut().zip(sum).for_each(|(t, c)| *t += c);
+                }
+                (total, layer.calls)
+            })
+            .collect()
     }
 }
 
@@ -285,7 +315,7 @@ impl<B: Backend> ModelStage<B> {
     /// its MTP modules') over the `micro_batches` since the last call, on the stage's
     /// device; the record is cleared.
     pub fn take_counts(&self, micro_batches: usize) -> Vec<Tensor<B, 1, Int>> {
-        let log = std::mem::take(&mut *self.log.0.lock().unwrap_or_else(|p| p.into_inner()));
+        let log = self.log.take::<B>();
         let device = self.devices().into_iter().next().expect("a stage has parameters");
         let moe = self.blocks().filter(|b| b.is_moe()).count();
         (0..moe)
@@ -333,16 +363,13 @@ impl<B: MoeBackend> ModelStage<B> {
             }
             None => Carry::unpack(x, mtp),
         };
-        let mut counts = Vec::new();
         let sharded = "stages hold no sharded experts (into_stages checks)";
-        for block in &self.layers {
-            let (h, stats) = block.forward(carry.hidden).expect(sharded);
-            carry.hidden = h;
-            counts.extend(stats.counts);
-            carry.aux = add(Some(carry.aux), stats.balance_loss).expect("some");
-        }
+        let blocks = run_blocks(&self.layers, carry.hidden).expect(sharded);
+        carry.hidden = blocks.hidden;
+        carry.aux = add(Some(carry.aux), blocks.balance_loss).expect("some");
+        let mut counts = blocks.counts;
         let Some(tail) = &self.tail else {
-            self.log.record(&counts);
+            self.log.record(counts);
             return carry.pack();
         };
         let logits = tail.head.forward(tail.norm.forward(carry.hidden.clone()));
@@ -355,7 +382,7 @@ impl<B: MoeBackend> ModelStage<B> {
         })
         .expect(sharded);
         counts.extend(depths.counts);
-        self.log.record(&counts);
+        self.log.record(counts);
         let aux = add(Some(carry.aux), depths.balance_loss).expect("some");
         let mut rows = vec![logits];
         rows.extend(depths.logits);

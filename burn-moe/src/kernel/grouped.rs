@@ -54,6 +54,18 @@ impl Tiling {
     }
 }
 
+/// `acc[i][j] += a_reg[i] · b_reg[j]` over the unit's `tile_m × 8` register tile.
+#[cube]
+fn outer_product(acc: &mut Array<f32>, a_reg: &Array<f32>, b_reg: &Array<f32>, #[comptime] tile_m: usize) {
+    #[unroll]
+    for i in 0..tile_m {
+        #[unroll]
+        for j in 0..TILE_N {
+            acc[i * TILE_N + j] += a_reg[i] * b_reg[j];
+        }
+    }
+}
+
 /// Accumulates one staged chunk: `acc[i][j] += Σ_kk a_sh[kk][row_i] · b_sh[kk][col_j]`.
 #[cube]
 fn fma_chunk(a_sh: &SharedMemory<f32>, b_sh: &SharedMemory<f32>, acc: &mut Array<f32>, a_reg: &mut Array<f32>, b_reg: &mut Array<f32>, #[comptime] tile_m: usize) {
@@ -69,13 +81,7 @@ fn fma_chunk(a_sh: &SharedMemory<f32>, b_sh: &SharedMemory<f32>, acc: &mut Array
         for j in 0..TILE_N {
             b_reg[j] = b_sh[kk * BLOCK_N + ux + j * UNITS];
         }
-        #[unroll]
-        for i in 0..tile_m {
-            #[unroll]
-            for j in 0..TILE_N {
-                acc[i * TILE_N + j] += a_reg[i] * b_reg[j];
-            }
-        }
+        outer_product(acc, a_reg, b_reg, tile_m);
     }
 }
 
@@ -137,13 +143,7 @@ fn accumulate_direct(a: &Array<f32>, b: &Array<f32>, acc: &mut Array<f32>, a_reg
                 b_reg[j] = b[at.b0 + kk * at.n + col];
             }
         }
-        #[unroll]
-        for i in 0..tile_m {
-            #[unroll]
-            for j in 0..TILE_N {
-                acc[i * TILE_N + j] += a_reg[i] * b_reg[j];
-            }
-        }
+        outer_product(acc, a_reg, b_reg, tile_m);
     }
 }
 
@@ -227,8 +227,6 @@ fn grouped_matmul_kernel(
     store(out, &acc, 0, m0, m_end, n0, n, tile_m);
 }
 
-/// `out[e] = a_eᵀ · d_e`: output rows are `a`'s columns (`tile_m = 8`, 64 per cube),
-/// columns `d`'s; the contraction runs over the expert's rows.
 /// The weight-gradient tile straight from global memory (see [`accumulate_direct`]):
 /// `acc[i][j] += Σ_r a[r, i0 + …] · d[r, j0 + …]` over the expert's rows `[start, end)`.
 #[cube]
@@ -245,16 +243,12 @@ fn accumulate_direct_wgrad(a: &Array<f32>, d: &Array<f32>, acc: &mut Array<f32>,
         for j in 0..TILE_N {
             d_reg[j] = d[r * n + min(j0 + ux + j * UNITS, n - 1)];
         }
-        #[unroll]
-        for i in 0..TILE_N {
-            #[unroll]
-            for j in 0..TILE_N {
-                acc[i * TILE_N + j] += a_reg[i] * d_reg[j];
-            }
-        }
+        outer_product(acc, a_reg, d_reg, TILE_N);
     }
 }
 
+/// `out[e] = a_eᵀ · d_e`: output rows are `a`'s columns (`tile_m = 8`, 64 per cube),
+/// columns `d`'s; the contraction runs over the expert's rows.
 #[cube(launch)]
 fn grouped_wgrad_kernel(a: &Array<f32>, d: &Array<f32>, offsets: &Array<u32>, out: &mut Array<f32>, k: usize, n: usize, #[comptime] staged: bool) {
     let expert = CUBE_POS_Z as usize;
