@@ -28,6 +28,8 @@
 #[allow(missing_docs)] // `#[cube]` generates undocumented expansion modules.
 pub mod grouped;
 #[allow(missing_docs)]
+pub mod grouped_direct;
+#[allow(missing_docs)]
 pub mod mla;
 #[allow(missing_docs)]
 pub mod plan;
