@@ -29,10 +29,12 @@
 //! let y = ops::forward(x.clone(), w.clone(), &recipe); // Fprop
 //! let dx = ops::backward_input(dy.clone(), w.clone(), &recipe); // Dgrad
 //! let dw = ops::backward_weight(&ops::save_input(x.clone(), &recipe), &ops::save_output_grad(dy.clone(), &recipe)); // Wgrad
-//! let rel = |a: Tensor<B, 2>, b: Tensor<B, 2>| (a - b.clone()).abs().max().into_scalar() / b.abs().max().into_scalar();
-//! assert!(rel(y, x.clone().matmul(w.clone())) < 0.05);
-//! assert!(rel(dx, dy.clone().matmul(w.transpose())) < 0.05);
-//! assert!(rel(dw, x.transpose().matmul(dy)) < 0.05);
+//! // Relative error in the Frobenius norm: each E4M3 operand carries up to 2⁻⁴ relative
+//! // rounding (3 mantissa bits); the norm of the error lands near 0.04 of the result's.
+//! let rel = |a: Tensor<B, 2>, b: Tensor<B, 2>| (a - b.clone()).powi_scalar(2).sum().sqrt().into_scalar() / b.powi_scalar(2).sum().sqrt().into_scalar();
+//! assert!(rel(y, x.clone().matmul(w.clone())) < 0.08);
+//! assert!(rel(dx, dy.clone().matmul(w.transpose())) < 0.08);
+//! assert!(rel(dw, x.transpose().matmul(dy)) < 0.08);
 //! ```
 
 use super::Fp8Recipe;
