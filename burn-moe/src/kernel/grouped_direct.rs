@@ -21,6 +21,7 @@
 //! not stored.
 
 use super::grouped::UNITS;
+use super::vector_width;
 use burn_fp8::kernel::groups::grouped_row_tile;
 use cubecl::prelude::*;
 
@@ -227,10 +228,6 @@ pub fn direct_wgrad_kernel<N: Size>(
     }
 }
 
-/// The widest vector (4, 2 or 1 floats) that divides every length in `dims`.
-pub fn vector_width(dims: &[usize]) -> usize {
-    [4, 2, 1].into_iter().find(|w| dims.iter().all(|d| d % w == 0)).unwrap_or(1)
-}
 
 /// Column vectors per unit of [`direct_matmul_kernel`]: 4 (8 rows × 4 vectors: 9.7 GFLOP/s
 /// on lavapipe for v3-slim's up projection, against 7.6 with 2).

@@ -49,3 +49,9 @@ pub fn empty<R: CubeRuntime, const D: usize>(
 ) -> CubeTensor<R> {
     numeric::empty_device_contiguous_dtype(client.clone(), device.clone(), Shape::new(shape), dtype)
 }
+
+/// The widest vector (4, 2 or 1 floats) that divides every length in `dims`: the kernels
+/// read rows in vectors of that many floats.
+pub fn vector_width(dims: &[usize]) -> usize {
+    [4, 2, 1].into_iter().find(|w| dims.iter().all(|d| d % w == 0)).unwrap_or(1)
+}

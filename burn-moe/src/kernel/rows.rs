@@ -8,19 +8,22 @@
 //! Gather and combine are each other's adjoints; the gate gradient is the derivative of
 //! either with respect to `w`. Without weights, `w = 1`.
 
+use super::vector_width;
 use burn_cubecl::{tensor::CubeTensor, CubeRuntime};
 use cubecl::prelude::*;
 
 // Gather and combine give each output row to one cube, whose units stride over the
-// columns: the row's source index is read once and no unit divides by the width.
+// row's vectors of `N` floats (4, 2 or 1, the widest dividing the width: lavapipe turns
+// each per-unit read into a load per SIMD lane, so wider reads move more per load); the
+// row's source index is read once and no unit divides by the width.
 
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
-fn gather_kernel(
-    src: &Array<f32>,
+fn gather_kernel<N: Size>(
+    src: &Array<Vector<f32, N>>,
     row_slots: &Array<u32>,
     weights: &Array<f32>,
-    out: &mut Array<f32>,
+    out: &mut Array<Vector<f32, N>>,
     rows: usize,
     width: usize,
     top_k: usize,
@@ -30,15 +33,16 @@ fn gather_kernel(
     if r >= rows {
         terminate!();
     }
+    let vectors = width / N::value();
     let slot = row_slots[r] as usize;
-    let s0 = (slot / top_k) * width;
-    let o0 = r * width;
+    let s0 = (slot / top_k) * vectors;
+    let o0 = r * vectors;
     let step = CUBE_DIM as usize;
-    for l in 0..width.div_ceil(step) {
+    for l in 0..vectors.div_ceil(step) {
         let c = l * step + UNIT_POS as usize;
-        if c < width {
+        if c < vectors {
             if comptime!(weighted) {
-                out[o0 + c] = src[s0 + c] * weights[slot];
+                out[o0 + c] = src[s0 + c] * Vector::new(weights[slot]);
             } else {
                 out[o0 + c] = src[s0 + c];
             }
@@ -48,11 +52,11 @@ fn gather_kernel(
 
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
-fn combine_kernel(
-    src: &Array<f32>,
+fn combine_kernel<N: Size>(
+    src: &Array<Vector<f32, N>>,
     positions: &Array<u32>,
     weights: &Array<f32>,
-    out: &mut Array<f32>,
+    out: &mut Array<Vector<f32, N>>,
     rows: usize,
     width: usize,
     top_k: usize,
@@ -62,17 +66,18 @@ fn combine_kernel(
     if t >= rows {
         terminate!();
     }
-    let o0 = t * width;
+    let vectors = width / N::value();
+    let o0 = t * vectors;
     let step = CUBE_DIM as usize;
-    for l in 0..width.div_ceil(step) {
+    for l in 0..vectors.div_ceil(step) {
         let c = l * step + UNIT_POS as usize;
-        if c < width {
-            let mut acc = 0.0f32;
+        if c < vectors {
+            let mut acc = Vector::<f32, N>::new(0.0);
             for j in 0..top_k {
                 let slot = t * top_k + j;
-                let v = src[positions[slot] as usize * width + c];
+                let v = src[positions[slot] as usize * vectors + c];
                 if comptime!(weighted) {
-                    acc += v * weights[slot];
+                    acc += v * Vector::new(weights[slot]);
                 } else {
                     acc += v;
                 }
@@ -83,18 +88,24 @@ fn combine_kernel(
 }
 
 #[cube(launch)]
-fn gate_grad_kernel(a: &Array<f32>, rows: &Array<f32>, positions: &Array<u32>, out: &mut Array<f32>, width: usize, top_k: usize) {
+fn gate_grad_kernel<N: Size>(a: &Array<Vector<f32, N>>, rows: &Array<Vector<f32, N>>, positions: &Array<u32>, out: &mut Array<f32>, width: usize, top_k: usize) {
     let slot = ABSOLUTE_POS;
     if slot >= out.len() {
         terminate!();
     }
-    let a0 = (slot / top_k) * width;
-    let r0 = positions[slot] as usize * width;
-    let mut acc = 0.0f32;
-    for c in 0..width {
+    let vectors = width / N::value();
+    let a0 = (slot / top_k) * vectors;
+    let r0 = positions[slot] as usize * vectors;
+    let mut acc = Vector::<f32, N>::new(0.0);
+    for c in 0..vectors {
         acc += a[a0 + c] * rows[r0 + c];
     }
-    out[slot] = acc;
+    let mut sum = 0.0f32;
+    #[unroll]
+    for i in 0..N::value() {
+        sum += acc[i];
+    }
+    out[slot] = sum;
 }
 
 fn elementwise<R: CubeRuntime>(out: &CubeTensor<R>) -> Option<(CubeCount, CubeDim)> {
@@ -129,10 +140,11 @@ fn launch_movement<R: CubeRuntime>(movement: Movement, src: CubeTensor<R>, index
     let dim = CubeDim::new_1d(ROW_UNITS);
     let weighted = weights.is_some();
     let weights = weights.unwrap_or_else(|| src.clone());
+    let vector = vector_width(&[width]);
     let (src, index, weights, out) = (src.into_array_arg(), index.into_array_arg(), weights.into_array_arg(), out.into_array_arg());
     match movement {
-        Movement::Gather => gather_kernel::launch::<R>(&client, count, dim, src, index, weights, out, rows, width, top_k, weighted),
-        Movement::Combine => combine_kernel::launch::<R>(&client, count, dim, src, index, weights, out, rows, width, top_k, weighted),
+        Movement::Gather => gather_kernel::launch::<R>(&client, count, dim, vector, src, index, weights, out, rows, width, top_k, weighted),
+        Movement::Combine => combine_kernel::launch::<R>(&client, count, dim, vector, src, index, weights, out, rows, width, top_k, weighted),
     }
 }
 
@@ -156,6 +168,7 @@ pub fn launch_gate_grad<R: CubeRuntime>(a: CubeTensor<R>, rows: CubeTensor<R>, p
         &client,
         count,
         dim,
+        vector_width(&[width]),
         a.into_array_arg(),
         rows.into_array_arg(),
         positions.into_array_arg(),
