@@ -7,6 +7,7 @@ use crate::kernel::{
     plan::launch_plan,
     rows,
 };
+use burn_fp8::linear::Fp8Recipe;
 use burn::tensor::{
     ops::{FloatTensor, IntTensor},
     DType,
@@ -87,6 +88,16 @@ where
         let out = empty(&a.client, &a.device, [a.meta.shape()[0], n], DType::F32);
         grouped::launch_grouped_matmul(a, b, offsets, out.clone(), transpose_b, grouped::Staging::Auto);
         f32_out::<R, F>(out)
+    }
+
+    fn moe_grouped_matmul_fp8(a: FloatTensor<Self>, b: FloatTensor<Self>, offsets: IntTensor<Self>, transpose_b: bool, recipe: Fp8Recipe) -> FloatTensor<Self> {
+        let staged = grouped::Staging::Auto.shared(&a.client);
+        let (a, b, offsets) = (super::float(a), super::float(b), super::int(offsets));
+        if staged {
+            super::prim(super::grouped_matmul_fp8::<Self>(a, b, offsets, transpose_b, &recipe))
+        } else {
+            super::prim(super::grouped_matmul_fp8_decoded::<Self>(a, b, offsets, transpose_b, &recipe))
+        }
     }
 
     fn moe_grouped_wgrad(a: FloatTensor<Self>, d: FloatTensor<Self>, offsets: IntTensor<Self>) -> FloatTensor<Self> {

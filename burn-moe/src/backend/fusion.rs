@@ -11,6 +11,7 @@ use burn_fusion::{
     stream::{Operation, OperationStreams},
     Fusion, FusionBackend, FusionRuntime, FusionTensor,
 };
+use burn_fp8::linear::Fp8Recipe;
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 use core::marker::PhantomData;
 
@@ -27,6 +28,7 @@ enum MoeOp {
     Combine { top_k: usize, weighted: bool },
     GateGrad { top_k: usize },
     GroupedMatmul { transpose_b: bool },
+    GroupedMatmulFp8 { transpose_b: bool, recipe: Fp8Recipe },
     GroupedWgrad,
     MlaDecode { kv_lora: usize },
 }
@@ -77,6 +79,10 @@ impl<B: FusionBackend + MoeBackend> Operation<B::FusionRuntime> for MoeCustom<B>
             MoeOp::GroupedMatmul { transpose_b } => {
                 let (a, b, offsets) = (float(h, 0), float(h, 1), h.get_int_tensor::<B>(&inp[2]));
                 h.register_float_tensor::<B>(&out[0].id, B::moe_grouped_matmul(a, b, offsets, transpose_b));
+            }
+            MoeOp::GroupedMatmulFp8 { transpose_b, recipe } => {
+                let (a, b, offsets) = (float(h, 0), float(h, 1), h.get_int_tensor::<B>(&inp[2]));
+                h.register_float_tensor::<B>(&out[0].id, B::moe_grouped_matmul_fp8(a, b, offsets, transpose_b, recipe));
             }
             MoeOp::GroupedWgrad => {
                 let (a, d, offsets) = (float(h, 0), float(h, 1), h.get_int_tensor::<B>(&inp[2]));
@@ -147,6 +153,13 @@ impl<B: FusionBackend + MoeBackend> MoeBackend for Fusion<B> {
         let shape = vec![a.shape[0], b.shape[if transpose_b { 1 } else { 2 }]];
         let op = MoeOp::GroupedMatmul { transpose_b };
         single::<B>(register::<B>("moe_grouped_matmul", vec![a, b, offsets], &[(shape, float_dtype::<B>())], op))
+    }
+
+    /// One custom operation: the inner backend picks the FP8 path for its device.
+    fn moe_grouped_matmul_fp8(a: FloatTensor<Self>, b: FloatTensor<Self>, offsets: IntTensor<Self>, transpose_b: bool, recipe: Fp8Recipe) -> FloatTensor<Self> {
+        let shape = vec![a.shape[0], b.shape[if transpose_b { 1 } else { 2 }]];
+        let op = MoeOp::GroupedMatmulFp8 { transpose_b, recipe };
+        single::<B>(register::<B>("moe_grouped_matmul_fp8", vec![a, b, offsets], &[(shape, float_dtype::<B>())], op))
     }
 
     fn moe_grouped_wgrad(a: FloatTensor<Self>, d: FloatTensor<Self>, offsets: IntTensor<Self>) -> FloatTensor<Self> {

@@ -42,6 +42,7 @@ mod fusion;
 use crate::comm::{ops::Splits, Comm, CommError};
 use crate::reference;
 use burn_fp8::linear::Fp8Recipe;
+use burn_fp8::config::{TileShape, TILE_K};
 use burn_fp8::{fp8_grouped_gemm, Fp8Backend, Fp8Tensor, QuantConfig};
 use burn::tensor::{
     backend::Backend,
@@ -90,13 +91,47 @@ fn prim<B: Backend, const D: usize>(x: Tensor<B, D>) -> FloatTensor<B> {
     x.into_primitive().tensor()
 }
 
-/// The FP8 grouped matmul as burn-fp8 ops: burn-fp8 contracts over the last dimension of
-/// its B operand, so the expert matrices are stacked `[E·N, K]` (a copy unless
-/// `transpose_b`, where `b [E, N, K]` already is).
-fn grouped_matmul_fp8<B: Fp8Backend>(a: Tensor<B, 2>, b: Tensor<B, 3>, offsets: Tensor<B, 1, Int>, transpose_b: bool, recipe: &Fp8Recipe) -> Tensor<B, 2> {
+/// The expert matrices stacked `[E·N, K]`: burn-fp8 contracts over the last dimension of
+/// its B operand (a copy unless `transpose_b`, where `b [E, N, K]` already is).
+fn stacked<B: Backend>(b: Tensor<B, 3>, transpose_b: bool) -> Tensor<B, 2> {
     let [e, p, q] = b.dims();
-    let stacked = if transpose_b { b.reshape([e * p, q]) } else { b.swap_dims(1, 2).reshape([e * q, p]) };
-    fp8_grouped_gemm(&Fp8Tensor::quantize(a, recipe.input), &Fp8Tensor::quantize(stacked, recipe.weight), offsets)
+    if transpose_b {
+        b.reshape([e * p, q])
+    } else {
+        b.swap_dims(1, 2).reshape([e * q, p])
+    }
+}
+
+/// The FP8 grouped matmul as burn-fp8 ops: the rows and the stacked expert matrices
+/// quantized, then burn-fp8's grouped tile-scaled GEMM.
+fn grouped_matmul_fp8<B: Fp8Backend>(a: Tensor<B, 2>, b: Tensor<B, 3>, offsets: Tensor<B, 1, Int>, transpose_b: bool, recipe: &Fp8Recipe) -> Tensor<B, 2> {
+    let a = Fp8Tensor::quantize(a, recipe.input);
+    let b = Fp8Tensor::quantize(stacked(b, transpose_b), recipe.weight);
+    fp8_grouped_gemm(&a, &b, offsets)
+}
+
+/// The same FP8 numerics with the codes decoded once: both operands quantized as in
+/// [`grouped_matmul_fp8`], dequantized to f32 (each code times its tile's scale, exact),
+/// and multiplied by the f32 grouped kernel. It differs from the tile-scaled GEMM only in
+/// where the scales enter the f32 sums (per product here, per 128-wide K block there).
+/// CubeCL backends take this path on devices without plane operations (CPU adapters),
+/// where the tile-scaled GEMM's shared-memory staging is the slow part.
+///
+/// With 128×128 weight blocks that tile each expert's `[K, N]` exactly, a block holds the
+/// same elements in either orientation, so `b [E, K, N]` is quantized as it lies (the
+/// codes and scales of the stacked `[E·N, K]`, without the transposing copy) and
+/// multiplied without transposition.
+fn grouped_matmul_fp8_decoded<B: MoeBackend>(a: Tensor<B, 2>, b: Tensor<B, 3>, offsets: Tensor<B, 1, Int>, transpose_b: bool, recipe: &Fp8Recipe) -> Tensor<B, 2> {
+    let [e, p, q] = b.dims();
+    let a = Fp8Tensor::quantize(a, recipe.input).dequantize();
+    let blocks_fit = recipe.weight.tile == TileShape::Block128x128 && p % TILE_K == 0 && q % TILE_K == 0;
+    let decode = |b: Tensor<B, 2>, shape: [usize; 3]| Fp8Tensor::quantize(b, recipe.weight).dequantize().reshape(shape);
+    let (b, transpose) = if transpose_b || blocks_fit {
+        (decode(b.reshape([e * p, q]), [e, p, q]), transpose_b)
+    } else {
+        (decode(stacked(b, false), [e, q, p]), true)
+    };
+    float(B::moe_grouped_matmul(prim(a), prim(b), offsets.into_primitive(), transpose))
 }
 
 /// Token dispatch, combine and grouped expert GEMM.

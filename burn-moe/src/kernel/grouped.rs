@@ -246,7 +246,8 @@ pub enum Staging {
 }
 
 impl Staging {
-    fn shared<R: CubeRuntime>(self, client: &ComputeClient<R>) -> bool {
+    /// Whether this staging reads through shared memory on `client`'s device.
+    pub(crate) fn shared<R: CubeRuntime>(self, client: &ComputeClient<R>) -> bool {
         match self {
             Staging::Auto => client.properties().features.plane.contains(cubecl::features::Plane::Ops),
             Staging::Shared => true,
