@@ -241,7 +241,7 @@ pub enum Staging {
     /// `CHUNK`-deep slices of both operands staged through shared memory.
     Shared,
     /// Straight from memory in vectors of up to 4 floats, no shared memory and no
-    /// barriers ([`grouped_direct`](super::grouped_direct)).
+    /// barriers ([`grouped_direct`]).
     Direct,
 }
 

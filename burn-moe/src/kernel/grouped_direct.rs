@@ -9,11 +9,11 @@
 //! multiply-adds. On lavapipe (v3-slim's up projection, 64 experts of 64 rows) this ran
 //! 2.2x the scalar reads of the same tiling.
 //!
-//! - [`direct_matmul_kernel`]: `out[r, :] = a[r, :] · B_e`, `b [E, K, N]`, vectors along
+//! - [`direct_matmul_kernel`](fn@direct_matmul_kernel): `out[r, :] = a[r, :] · B_e`, `b [E, K, N]`, vectors along
 //!   `K` of `a` and along `N` of `b` and `out`;
-//! - [`direct_matmul_bt_kernel`]: `out[r, c] = a[r, :] · b_e[c, :]`, `b [E, N, K]`,
+//! - [`direct_matmul_bt_kernel`](fn@direct_matmul_bt_kernel): `out[r, c] = a[r, :] · b_e[c, :]`, `b [E, N, K]`,
 //!   vectors along `K` of both, summed at the end;
-//! - [`direct_wgrad_kernel`]: `out[e] = a_eᵀ · d_e`, vectors along `K` of `a` and `N` of
+//! - [`direct_wgrad_kernel`](fn@direct_wgrad_kernel): `out[e] = a_eᵀ · d_e`, vectors along `K` of `a` and `N` of
 //!   `d` and `out`.
 //!
 //! Every unit of an 8 × 8 cube owns rows `m0 + uy + 8i` and columns (or column vectors)
@@ -229,17 +229,17 @@ pub fn direct_wgrad_kernel<N: Size>(
 }
 
 
-/// Column vectors per unit of [`direct_matmul_kernel`]: 4 (8 rows × 4 vectors: 9.7 GFLOP/s
+/// Column vectors per unit of [`direct_matmul_kernel`](fn@direct_matmul_kernel): 4 (8 rows × 4 vectors: 9.7 GFLOP/s
 /// on lavapipe for v3-slim's up projection, against 7.6 with 2).
 const TILE_N: usize = 4;
-/// Columns per unit of [`direct_matmul_bt_kernel`]: 8 (4 rows × 8: 6.3 GFLOP/s on the same
+/// Columns per unit of [`direct_matmul_bt_kernel`](fn@direct_matmul_bt_kernel): 8 (4 rows × 8: 6.3 GFLOP/s on the same
 /// shapes, against 5.1 with 4).
 const TILE_N_BT: usize = 8;
 /// The weight-gradient tile, `a`-column vectors × `d`-column vectors per unit: 4 × 4 (15.9
 /// GFLOP/s, against 13.2 for 2 × 4).
 const WGRAD_TILE: [usize; 2] = [4, 4];
 
-/// Launches [`direct_matmul_kernel`] (or, with `transpose_b`, [`direct_matmul_bt_kernel`])
+/// Launches [`direct_matmul_kernel`](fn@direct_matmul_kernel) (or, with `transpose_b`, [`direct_matmul_bt_kernel`](fn@direct_matmul_bt_kernel))
 /// over `row_tiles` row tiles of `8·tile_m` rows.
 #[allow(clippy::too_many_arguments)]
 pub fn launch_direct_matmul<R: cubecl::Runtime>(
@@ -264,7 +264,7 @@ pub fn launch_direct_matmul<R: cubecl::Runtime>(
     }
 }
 
-/// Launches [`direct_wgrad_kernel`] for `out [E, K, N]`.
+/// Launches [`direct_wgrad_kernel`](fn@direct_wgrad_kernel) for `out [E, K, N]`.
 pub fn launch_direct_wgrad<R: cubecl::Runtime>(client: &ComputeClient<R>, a: ArrayArg<R>, d: ArrayArg<R>, offsets: ArrayArg<R>, out: ArrayArg<R>, [n_experts, k, n]: [usize; 3]) {
     let width = vector_width(&[k, n]);
     let [tile_m, tile_n] = WGRAD_TILE;
