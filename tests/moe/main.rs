@@ -9,4 +9,6 @@ mod eplb;
 mod fp8;
 mod layer;
 mod mla;
+#[cfg(feature = "mpi")]
+mod mpi;
 mod router;

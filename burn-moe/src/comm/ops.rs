@@ -19,9 +19,9 @@
 //! assert!(results.iter().all(|(g, t)| g == &[1.0, 2.0, 3.0] && *t == 6.0));
 //! ```
 
-use super::{Comm, CommError, Transport};
+use super::{Comm, CommError};
 use crate::backend::MoeBackend;
-use burn::tensor::{backend::Backend, BasicOps, Int, Tensor, TensorKind, TensorPrimitive};
+use burn::tensor::{backend::Backend, Int, Tensor, TensorPrimitive};
 use burn_fp8::{Fp8Backend, Fp8Tensor, QuantConfig};
 
 /// Rows this rank sends to and receives from each rank, by rank.
@@ -36,7 +36,10 @@ pub struct Splits {
 impl Splits {
     /// The splits of the way back: what was received is sent.
     pub fn reversed(&self) -> Self {
-        Self { send: self.recv.clone(), recv: self.send.clone() }
+        Self {
+            send: self.recv.clone(),
+            recv: self.send.clone(),
+        }
     }
 }
 
@@ -52,9 +55,16 @@ impl Splits {
 /// # Errors
 /// Split lengths other than the group size, `Σ send` other than the rows of `x`, a rank
 /// sending a number of rows other than `recv` says, and failed or stalled ranks.
-pub fn all_to_all<B: MoeBackend>(x: Tensor<B, 2>, splits: &Splits, comm: &Comm, fp8: Option<QuantConfig>) -> Result<Tensor<B, 2>, CommError> {
+pub fn all_to_all<B: MoeBackend>(
+    x: Tensor<B, 2>,
+    splits: &Splits,
+    comm: &Comm,
+    fp8: Option<QuantConfig>,
+) -> Result<Tensor<B, 2>, CommError> {
     check_splits(x.dims(), splits, comm)?;
-    Ok(Tensor::from_primitive(TensorPrimitive::Float(B::moe_all_to_all(x.into_primitive().tensor(), splits, comm, fp8)?)))
+    Ok(Tensor::from_primitive(TensorPrimitive::Float(
+        B::moe_all_to_all(x.into_primitive().tensor(), splits, comm, fp8)?,
+    )))
 }
 
 fn check_splits([n, d]: [usize; 2], splits: &Splits, comm: &Comm) -> Result<(), CommError> {
@@ -64,7 +74,12 @@ fn check_splits([n, d]: [usize; 2], splits: &Splits, comm: &Comm) -> Result<(), 
         return Err(comm.shape_error("all_to_all", detail));
     }
     if splits.send.iter().sum::<usize>() != n {
-        let detail = format!("send splits {:?} sum to {}, x {:?} has {n} rows", splits.send, splits.send.iter().sum::<usize>(), [n, d]);
+        let detail = format!(
+            "send splits {:?} sum to {}, x {:?} has {n} rows",
+            splits.send,
+            splits.send.iter().sum::<usize>(),
+            [n, d]
+        );
         return Err(comm.shape_error("all_to_all", detail));
     }
     Ok(())
@@ -76,19 +91,34 @@ fn check_splits([n, d]: [usize; 2], splits: &Splits, comm: &Comm) -> Result<(), 
 ///
 /// # Shapes
 /// - x: `[n_r, ...]` on rank `r` → `[Σ n_r, ...]`
-pub fn all_gather<B: MoeBackend, const D: usize>(x: Tensor<B, D>, comm: &Comm) -> Result<Tensor<B, D>, CommError> {
+pub fn all_gather<B: MoeBackend, const D: usize>(
+    x: Tensor<B, D>,
+    comm: &Comm,
+) -> Result<Tensor<B, D>, CommError> {
     let dims = x.dims();
     let rows = dims[0];
     let width: usize = dims[1..].iter().product();
-    let sizes = comm.all_gather_host("all_gather sizes", (rows, dims))?;
-    if let Some((r, (_, other))) = sizes.iter().enumerate().find(|(_, (_, other))| other[1..] != dims[1..]) {
-        let detail = format!("x {dims:?} and rank {r}'s {other:?} differ beyond the first dimension");
+    let sizes = comm.all_gather_host("all_gather sizes", (rows, dims.to_vec()))?;
+    if let Some((r, (_, other))) = sizes
+        .iter()
+        .enumerate()
+        .find(|(_, (_, other))| other[1..] != dims[1..])
+    {
+        let detail =
+            format!("x {dims:?} and rank {r}'s {other:?} differ beyond the first dimension");
         return Err(comm.shape_error("all_gather", detail));
     }
     let world = comm.world_size();
     let flat = x.reshape([rows, width]);
-    let repeated = if world == 1 { flat } else { Tensor::cat(vec![flat; world], 0) };
-    let splits = Splits { send: vec![rows; world], recv: sizes.iter().map(|(n, _)| *n).collect() };
+    let repeated = if world == 1 {
+        flat
+    } else {
+        Tensor::cat(vec![flat; world], 0)
+    };
+    let splits = Splits {
+        send: vec![rows; world],
+        recv: sizes.iter().map(|(n, _)| *n).collect(),
+    };
     let gathered = all_to_all(repeated, &splits, comm, None)?;
     let mut out = dims;
     out[0] = splits.recv.iter().sum();
@@ -97,112 +127,138 @@ pub fn all_gather<B: MoeBackend, const D: usize>(x: Tensor<B, D>, comm: &Comm) -
 
 /// The element-wise sum of every rank's `x` (same shape on every rank), on every rank.
 /// Backward: the all-reduce of the gradients.
-pub fn all_reduce<B: MoeBackend, const D: usize>(x: Tensor<B, D>, comm: &Comm) -> Result<Tensor<B, D>, CommError> {
+pub fn all_reduce<B: MoeBackend, const D: usize>(
+    x: Tensor<B, D>,
+    comm: &Comm,
+) -> Result<Tensor<B, D>, CommError> {
     let dims = x.dims();
     let numel: usize = dims.iter().product();
     let gathered = all_gather(x.reshape([1, numel]), comm)?;
     let [world, _] = gathered.dims();
     if world != comm.world_size() {
-        return Err(comm.shape_error("all_reduce", format!("x {dims:?} has a different shape on another rank")));
+        return Err(comm.shape_error(
+            "all_reduce",
+            format!("x {dims:?} has a different shape on another rank"),
+        ));
     }
     Ok(gathered.sum_dim(0).reshape(dims))
 }
 
-/// A tensor from another rank moved onto `device` by the group's transport.
-fn deliver<B: Backend, const D: usize, K: TensorKind<B> + BasicOps<B>>(x: Tensor<B, D, K>, device: &B::Device, transport: Transport) -> Tensor<B, D, K> {
-    if &x.device() == device {
-        return x;
-    }
-    match transport {
-        Transport::Host => {
-            // Keep the dtype: FP8 codes travel as u32 words in an int tensor whose backend
-            // default may be i32.
-            let data = x.into_data();
-            let dtype = data.dtype;
-            Tensor::from_data(data, (device, dtype))
-        }
-        Transport::Device => x.to_device(device),
-    }
-}
-
 /// What travels for one non-empty part of an all-to-all (empty parts travel as `None`:
 /// CubeCL tensors without rows are not safe to read or copy).
-enum Payload<B: Backend> {
+enum RowPart<B: Backend> {
     F32(Tensor<B, 2>),
-    /// Packed codes, scales and the logical shape.
-    Fp8 { data: Tensor<B, 2, Int>, scales: Tensor<B, 2>, shape: [usize; 2] },
+    /// Packed codes and scales.
+    Fp8 {
+        data: Tensor<B, 2, Int>,
+        scales: Tensor<B, 2>,
+    },
 }
 
-impl<B: Fp8Backend> Payload<B> {
+impl<B: Fp8Backend> RowPart<B> {
     fn new(x: Tensor<B, 2>, fp8: Option<QuantConfig>) -> Self {
         match fp8 {
-            None => Payload::F32(x),
+            None => RowPart::F32(x),
             Some(config) => {
-                let shape = x.dims();
                 let q = Fp8Tensor::quantize(x, config);
-                Payload::Fp8 { data: q.data().clone(), scales: q.scales().clone(), shape }
+                RowPart::Fp8 {
+                    data: q.data().clone(),
+                    scales: q.scales().clone(),
+                }
             }
-        }
-    }
-
-    fn bytes(&self) -> usize {
-        match self {
-            Payload::F32(x) => 4 * x.shape().num_elements(),
-            Payload::Fp8 { data, scales, .. } => 4 * (data.shape().num_elements() + scales.shape().num_elements()),
-        }
-    }
-
-    /// The rows, moved onto `device` (and dequantized).
-    fn open(self, device: &B::Device, transport: Transport, fp8: Option<QuantConfig>) -> Tensor<B, 2> {
-        match (self, fp8) {
-            (Payload::F32(x), _) => deliver(x, device, transport),
-            (Payload::Fp8 { data, scales, shape }, Some(config)) => {
-                let (data, scales) = (deliver(data, device, transport), deliver(scales, device, transport));
-                Fp8Tensor::from_parts(data, scales, shape, config).expect("parts quantized with this config").dequantize()
-            }
-            (Payload::Fp8 { .. }, None) => unreachable!("FP8 parts are only sent with an FP8 config"),
-        }
-    }
-
-    fn rows(&self) -> usize {
-        match self {
-            Payload::F32(x) => x.dims()[0],
-            Payload::Fp8 { shape, .. } => shape[0],
         }
     }
 }
 
 /// The all-to-all on a plain backend (the default of [`MoeBackend::moe_all_to_all`]):
-/// slice, exchange through the mailbox, move onto this rank's device, concatenate.
-pub(crate) fn all_to_all_rows<B: Fp8Backend>(x: Tensor<B, 2>, splits: &Splits, comm: &Comm, fp8: Option<QuantConfig>) -> Result<Tensor<B, 2>, CommError> {
+/// slice, exchange through the communicator (one exchange for f32 rows; FP8 codes, then
+/// their scales), move onto this rank's device, concatenate.
+pub(crate) fn all_to_all_rows<B: Fp8Backend>(
+    x: Tensor<B, 2>,
+    splits: &Splits,
+    comm: &Comm,
+    fp8: Option<QuantConfig>,
+) -> Result<Tensor<B, 2>, CommError> {
     let [_, d] = x.dims();
-    let (device, me) = (x.device(), comm.rank());
+    let device = x.device();
     let mut start = 0;
-    let mut sent = 0;
     let mut parts = Vec::with_capacity(splits.send.len());
-    for (dst, &n) in splits.send.iter().enumerate() {
+    for &n in &splits.send {
         start += n;
-        let part = (n > 0 && d > 0).then(|| Payload::new(x.clone().slice([start - n..start, 0..d]), fp8));
-        if dst != me {
-            sent += part.as_ref().map_or(0, Payload::bytes);
-        }
-        parts.push(part);
+        parts.push(
+            (n > 0 && d > 0).then(|| RowPart::new(x.clone().slice([start - n..start, 0..d]), fp8)),
+        );
     }
-    comm.count_sent(sent);
-    let received = comm.exchange::<Option<Payload<B>>>("all_to_all", parts)?;
-    let mut rows = Vec::new();
-    for (src, (part, &expected)) in received.into_iter().zip(&splits.recv).enumerate() {
-        let n = part.as_ref().map_or(0, Payload::rows);
+    let rows: Vec<Option<Tensor<B, 2>>> = match fp8 {
+        None => {
+            let f32_parts = parts
+                .into_iter()
+                .map(|p| {
+                    p.map(|p| match p {
+                        RowPart::F32(x) => x,
+                        RowPart::Fp8 { .. } => unreachable!("f32 rows"),
+                    })
+                })
+                .collect();
+            comm.exchange_tensors("all_to_all", f32_parts, &device)?
+        }
+        Some(config) => {
+            let (data, scales): (Vec<_>, Vec<_>) = parts
+                .into_iter()
+                .map(|p| match p {
+                    Some(RowPart::Fp8 { data, scales }) => (Some(data), Some(scales)),
+                    Some(RowPart::F32(_)) => unreachable!("FP8 rows"),
+                    None => (None, None),
+                })
+                .unzip();
+            let data = comm.exchange_tensors("all_to_all fp8 codes", data, &device)?;
+            let scales = comm.exchange_tensors("all_to_all fp8 scales", scales, &device)?;
+            let mut rows = Vec::with_capacity(data.len());
+            for (src, (data, scales)) in data.into_iter().zip(scales).enumerate() {
+                rows.push(match (data, scales) {
+                    (Some(data), Some(scales)) => {
+                        let n = splits.recv[src];
+                        let q =
+                            Fp8Tensor::from_parts(data, scales, [n, d], config).map_err(|e| {
+                                comm.shape_error(
+                                    "all_to_all",
+                                    format!(
+                                        "rank {src}'s FP8 part does not hold {n} rows of {d}: {e}"
+                                    ),
+                                )
+                            })?;
+                        Some(q.dequantize())
+                    }
+                    (None, None) => None,
+                    _ => {
+                        return Err(comm.shape_error(
+                            "all_to_all",
+                            format!(
+                                "rank {src} sent FP8 codes without scales or scales without codes"
+                            ),
+                        ))
+                    }
+                });
+            }
+            rows
+        }
+    };
+    let mut out = Vec::new();
+    for (src, (part, &expected)) in rows.into_iter().zip(&splits.recv).enumerate() {
+        let n = part.as_ref().map_or(0, |p| p.dims()[0]);
         // A zero-width tensor travels as no part: its rows are known from the splits.
         if n != expected && d > 0 {
-            let detail = format!("rank {src} sent {n} rows, recv splits {:?} expect {expected}", splits.recv);
+            let detail = format!(
+                "rank {src} sent {n} rows, recv splits {:?} expect {expected}",
+                splits.recv
+            );
             return Err(comm.shape_error("all_to_all", detail));
         }
-        rows.extend(part.map(|p| p.open(&device, comm.transport(), fp8)));
+        out.extend(part);
     }
-    Ok(match rows.len() {
+    Ok(match out.len() {
         0 => Tensor::zeros([splits.recv.iter().sum(), d], &device),
-        1 => rows.pop().expect("one part"),
-        _ => Tensor::cat(rows, 0),
+        1 => out.pop().expect("one part"),
+        _ => Tensor::cat(out, 0),
     })
 }
