@@ -6,7 +6,9 @@
 //! cargo run --release --example train_tiny -- --resume --steps 1200  # continue from the checkpoint
 //! cargo run --release --example train_tiny -- --backend wgpu --fp8   # CubeCL kernels, FP8 MLPs and experts
 //! cargo run --release --example train_tiny -- --ep 2                 # experts over 2 ranks (threads, one device each)
-//! cargo run --release --example train_tiny -- --dualpipe 2           # DualPipeV: 4 stages over 2 ranks
+//! cargo run --release --example train_tiny -- --pp 2                 # DualPipeV: 4 stages over 2 ranks
+//! cargo run --release --example train_tiny -- --pp 2 --ep 2          # and each stage's experts over 2 ranks: 4 threads
+//! cargo build --release --features mpi --example train_tiny && mpirun -np 4 target/release/examples/train_tiny --pp 2 --ep 2
 //! cargo run --release --features cuda --example train_tiny -- --backend cuda --d-model 256 --steps 3000
 //! ```
 //!
@@ -33,24 +35,33 @@
 //! (gathered from the ranks) and one optimizer state per rank (`optim-ep{N}-rank{r}.mpk`),
 //! so `--resume` takes the same `--ep`.
 //!
-//! `--dualpipe N` trains with pipeline parallelism: the model cut into `2N` stages
-//! (`DeepSeekV3::into_stages`; the embedding and the head/MTP tail both on rank 0) run by
-//! burn-dualpipe's executor on the DualPipeV schedule over N ranks (threads, one device
-//! each), the batch in `--micro-batches M` (default `2N`); the progress line adds the
-//! measured pipeline bubble of the step. The checkpoint is the whole model and one
-//! optimizer state, the same files as a single-device run, so either resumes the other.
+//! `--pp N` (or `--dualpipe N`) trains with pipeline parallelism: the model cut into `2N`
+//! stages (`DeepSeekV3::into_stages`; the embedding and the head/MTP tail both on rank 0)
+//! run by burn-dualpipe's executor on the DualPipeV schedule over N pipeline ranks, the
+//! batch in `--micro-batches M` (default `2N`); the progress line adds the measured
+//! pipeline bubble of the step. With `--ep E` as well, the ranks form a `[pp N, ep E]`
+//! mesh: each pipeline rank's stages spread their experts over the E ranks of its `ep`
+//! group (`ModelStage::shard_experts`), each `ep` rank trains on its own batch, and the
+//! stages' replicated gradients are summed over the group (`ModelStage::sync_grads`) —
+//! DeepSeek-V3's combination. The ranks are threads of this process, or, started by
+//! `mpirun` with the `mpi` feature, one process each (`mpirun -np N·E`; as root with
+//! OpenMPI's `OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1`, and
+//! `--oversubscribe` past the core count). Rank 0 prints and writes the whole model
+//! (gathered from the stages); every rank writes its optimizer state
+//! (`optim-pp{N}-ep{E}-rank{r}.mpk`), so `--resume` takes the same `--pp` and `--ep`.
+//! Under `mpirun` without `--pp`, the processes are the `--ep` ranks.
 
 use burn::config::Config;
 use burn::module::{AutodiffModule, Module};
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
-use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
+use burn::record::{BinBytesRecorder, FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Int, Tensor, TensorData};
-use burn_deepseek::model::{DeepSeekV3, DeepSeekV3Config, Sampling, Session};
+use burn_deepseek::model::{DeepSeekV3, DeepSeekV3Config, ModelStage, Sampling, Session};
 use burn::backend::autodiff::grads::Gradients;
 use burn_deepseek::dualpipe::executor::{materialize, Pipeline};
 use burn_deepseek::dualpipe::schedule::{Schedule, ScheduleKind};
-use burn_moe::comm::{launch, Comm, Transport};
+use burn_moe::comm::{launch, Comm, DeviceMesh, Transport};
 use burn_moe::ep::EpError;
 use burn_moe::MoeBackend;
 use std::io::Write;
@@ -73,7 +84,7 @@ struct Args {
     fp8: bool,
     resume: bool,
     ep: usize,
-    dualpipe: usize,
+    pp: usize,
     micro_batches: Option<usize>,
     out: PathBuf,
     save_every: usize,
@@ -93,7 +104,7 @@ fn parse_args() -> Args {
         fp8: false,
         resume: false,
         ep: 1,
-        dualpipe: 0,
+        pp: 0,
         micro_batches: None,
         out: PathBuf::from("target/train_tiny"),
         save_every: 250,
@@ -114,23 +125,44 @@ fn parse_args() -> Args {
             "--fp8" => a.fp8 = true,
             "--resume" => a.resume = true,
             "--ep" => a.ep = value().parse().expect("--ep N"),
-            "--dualpipe" => a.dualpipe = value().parse().expect("--dualpipe N"),
+            "--pp" | "--dualpipe" => a.pp = value().parse().unwrap_or_else(|_| panic!("{flag} N: a number of pipeline ranks")),
             "--micro-batches" => a.micro_batches = Some(value().parse().expect("--micro-batches M")),
             "--out" => a.out = PathBuf::from(value()),
             "--save-every" => a.save_every = value().parse().expect("--save-every N"),
             "--sample" => a.sample = value().parse().expect("--sample N"),
             "--seed" => a.seed = value().parse().expect("--seed N"),
             "--help" | "-h" => {
-                println!("train_tiny [--backend ndarray|wgpu|cuda] [--steps N] [--batch N] [--seq N] [--d-model N] [--layers N] [--lr X] [--fp8] [--resume] [--ep N | --dualpipe N [--micro-batches M]] [--out DIR] [--save-every N] [--sample N] [--seed N]");
+                println!("train_tiny [--backend ndarray|wgpu|cuda] [--steps N] [--batch N] [--seq N] [--d-model N] [--layers N] [--lr X] [--fp8] [--resume] [--ep E] [--pp N [--micro-batches M]] [--out DIR] [--save-every N] [--sample N] [--seed N]");
                 std::process::exit(0);
             }
             other => panic!("unknown flag {other}; see --help"),
         }
     }
     assert!(a.ep >= 1, "--ep {}: at least one rank", a.ep);
-    assert!(a.ep == 1 || a.dualpipe == 0, "--ep {} and --dualpipe {}: one kind of parallelism at a time", a.ep, a.dualpipe);
-    assert!(a.micro_batches.is_none() || a.dualpipe > 0, "--micro-batches goes with --dualpipe");
+    assert!(a.micro_batches.is_none() || a.pp > 0, "--micro-batches goes with --pp");
     a
+}
+
+/// The ranks the flags ask for: `--pp N --ep E` → `N · E`; `--ep E` → `E`.
+fn world_size(args: &Args) -> usize {
+    args.pp.max(1) * args.ep
+}
+
+/// Checks the parallel layout against the model and the world before any work: the
+/// mesh's size, experts that split over `--ep`, stages that the blocks fill, micro-batches
+/// that split the batch.
+fn check_layout(args: &Args, config: &DeepSeekV3Config, world: usize) {
+    let layout = format!("--pp {} --ep {}", args.pp.max(1), args.ep);
+    DeviceMesh::validate(&[("pp", args.pp.max(1)), ("ep", args.ep)], world).unwrap_or_else(|e| panic!("{layout}: {e} (start {} processes, or as many threads without mpirun)", world_size(args)));
+    let experts = config.moe.router.n_experts;
+    assert!(experts % args.ep == 0, "--ep {}: does not divide the {experts} experts of each MoE layer", args.ep);
+    if args.pp > 0 {
+        let stages = 2 * args.pp;
+        assert!(stages <= config.n_layers + 1, "--pp {}: DualPipeV cuts {stages} stages, the model has {} blocks and the tail ({} stages at most; --layers N gives it N blocks)", args.pp, config.n_layers, config.n_layers + 1);
+        let m = args.micro_batches.unwrap_or(2 * args.pp);
+        assert!(m > 0 && args.batch % m == 0, "--batch {} does not split into {m} equal micro-batches", args.batch);
+        Schedule::new(ScheduleKind::DualPipeV, args.pp, m).unwrap_or_else(|e| panic!("--pp {} --micro-batches {m}: {e}", args.pp));
+    }
 }
 
 /// What a run keeps besides the records: the step reached and the loss history.
@@ -220,8 +252,31 @@ where
     );
     let (train_text, held_text) = corpus();
     println!("corpus: {} bytes of the novel ({} held out); batch {} × {} tokens per rank; {} steps", train_text.len() + held_text.len(), held_text.len(), args.batch, args.seq, args.steps);
-    if args.dualpipe > 0 {
-        return run_pipeline::<B>(args, model, state, devices);
+    #[cfg(feature = "mpi")]
+    if under_mpirun() {
+        // One rank per process: this process's device, the job's communicator.
+        let timeout = std::time::Duration::from_secs(300);
+        burn_comm::mpi::launch(timeout, |world| {
+            check_layout(args, config, world.world_size());
+            if world.rank() == 0 {
+                println!("{} MPI processes: pp {} × ep {}", world.world_size(), args.pp.max(1), args.ep);
+            }
+            if args.pp > 0 {
+                run_mesh::<B>(args, &model, state.clone(), &world, device)
+            } else {
+                run::<B>(args, &model, state.clone(), Some(world.clone()), device).map_err(failed)
+            }
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        return;
+    }
+    check_layout(args, config, world_size(args));
+    if args.pp > 0 {
+        let ranks = world_size(args);
+        println!("pipeline{}: {ranks} ranks (threads), pp {} × ep {}", if args.ep > 1 { " and expert parallelism" } else { "" }, args.pp, args.ep);
+        launch(Comm::group(ranks, Transport::Host), |world| run_mesh::<B>(args, &model, state.clone(), &world, &devices[world.rank() % devices.len()]))
+            .unwrap_or_else(|e: RunError| panic!("pipeline training stopped: {e}"));
+        return;
     }
     if args.ep == 1 {
         run::<B>(args, &model, state, None, device).expect("a single device has no collectives to fail");
@@ -231,6 +286,39 @@ where
     println!("expert parallelism: {} ranks, {} experts each per MoE layer", args.ep, config.moe.router.n_experts / args.ep);
     launch(Comm::group(args.ep, Transport::Host), |comm| run::<B>(args, &model, state.clone(), Some(comm.clone()), &devices[comm.rank()]))
         .unwrap_or_else(|e| panic!("expert-parallel training stopped: {e}"));
+}
+
+/// Whether this process is a rank of an MPI job (started by `mpirun`).
+#[cfg(feature = "mpi")]
+fn under_mpirun() -> bool {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"].iter().any(|v| std::env::var_os(v).is_some())
+}
+
+/// A rank's failure in the pipeline modes, as text (a communicator, expert-parallel or
+/// pipeline error, by the rank that saw it).
+#[derive(Debug)]
+struct RunError(String);
+
+impl std::fmt::Display for RunError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<burn_moe::comm::CommError> for RunError {
+    fn from(e: burn_moe::comm::CommError) -> Self {
+        RunError(e.to_string())
+    }
+}
+
+impl burn_moe::comm::RankError for RunError {
+    fn as_comm(&self) -> Option<&burn_moe::comm::CommError> {
+        None
+    }
+}
+
+fn failed(e: impl std::fmt::Display) -> RunError {
+    RunError(e.to_string())
 }
 
 fn recorder() -> NamedMpkFileRecorder<FullPrecisionSettings> {
@@ -350,31 +438,45 @@ where
     Ok(())
 }
 
-/// The training loop with `--dualpipe N`: the model cut into `2N` stages, DualPipeV over
-/// `N` ranks (one thread and one device each; rank 0 holds the embedding and the
-/// head/MTP tail), `--micro-batches M` (default `2N`) micro-batches per step.
-fn run_pipeline<B: AutodiffBackend<Gradients = Gradients> + MoeBackend>(args: &Args, model: DeepSeekV3<B>, mut state: TrainState, devices: &[B::Device])
+/// One rank's training loop with `--pp N [--ep E]`: the world laid out as a `[pp, ep]`
+/// mesh, the model cut into `2N` stages run by DualPipeV over the `pp` group, the stages
+/// this rank holds sharded over its `ep` group, `--micro-batches M` (default `2N`) per
+/// step. World rank 0 prints, evaluates, writes the model and samples.
+fn run_mesh<B: AutodiffBackend<Gradients = Gradients> + MoeBackend>(args: &Args, model: &DeepSeekV3<B>, mut state: TrainState, world: &Comm, device: &B::Device) -> Result<(), RunError>
 where
     B::InnerBackend: MoeBackend,
 {
-    let ranks = args.dualpipe;
-    let m = args.micro_batches.unwrap_or(2 * ranks);
-    assert!(ranks <= devices.len(), "--dualpipe {ranks}: this backend offers {} devices here", devices.len());
-    assert!(m > 0 && args.batch % m == 0, "--batch {} does not split into {m} equal micro-batches", args.batch);
-    let schedule = Schedule::new(ScheduleKind::DualPipeV, ranks, m).unwrap_or_else(|e| panic!("--dualpipe {ranks}: {e}"));
-    let staged = model.into_stages(schedule.stages()).unwrap_or_else(|e| panic!("--dualpipe {ranks}: {e} (--layers N gives the model N blocks)"));
-    let cut: Vec<String> = staged.stages.iter().map(|s| format!("{}{}{}", if s.embed.is_some() { "embed+" } else { "" }, s.layers.len(), if s.tail.is_some() { "+head/MTP" } else { "" })).collect();
-    println!("DualPipeV: {ranks} ranks, {} stages (blocks per stage: {}), {m} micro-batches of {} rows", schedule.stages(), cut.join(" | "), args.batch / m);
-    let objective = staged.objective;
-    let device = &devices[0];
-    let mut pipeline = Pipeline::new(staged.stages, devices[..ranks].to_vec(), schedule).expect("stages and devices fit the schedule");
-    // The optimizer record is keyed by parameter id, as the whole model's: `optim.mpk`.
+    let (pp, ep) = (args.pp, args.ep);
+    let mesh = DeviceMesh::new(world, &[("pp", pp), ("ep", ep)]).map_err(failed)?;
+    let (pp_comm, ep_comm) = (mesh.comm("pp").map_err(failed)?.clone(), mesh.comm("ep").map_err(failed)?.clone());
+    let (p, e, rank) = (pp_comm.rank(), ep_comm.rank(), world.rank());
+    let m = args.micro_batches.unwrap_or(2 * pp);
+    let schedule = Schedule::new(ScheduleKind::DualPipeV, pp, m).map_err(failed)?;
+    let staged = model.clone().into_stages(schedule.stages()).map_err(failed)?;
+    let objective = staged.objective.with_expert_ranks(ep);
+    let held: Vec<usize> = (0..schedule.kind.chunks_per_rank()).map(|c| schedule.stage_of_chunk(p, c)).collect();
+    if rank == 0 {
+        let cut: Vec<String> = staged.stages.iter().map(|s| format!("{}{}{}", if s.embed.is_some() { "embed+" } else { "" }, s.layers.len(), if s.tail.is_some() { "+head/MTP" } else { "" })).collect();
+        println!("DualPipeV: {pp} pipeline ranks, {} stages (blocks per stage: {}), {m} micro-batches of {} rows; {ep} expert ranks per stage", schedule.stages(), cut.join(" | "), args.batch / m);
+    }
+    let mut stages = staged.stages;
+    let mut stage_comms = Vec::new();
+    if ep > 1 {
+        for &s in &held {
+            // One communicator per stage: a rank runs its two stages' passes at once.
+            let comm = ep_comm.split(0, e)?;
+            stages[s] = stages[s].shard_experts(&comm, device).map_err(failed)?;
+            stage_comms.push(comm);
+        }
+    }
+    let mut pipeline = Pipeline::new(stages, vec![device.clone(); pp], schedule).map_err(failed)?;
+    let optim_name = format!("optim-pp{pp}-ep{ep}-rank{rank}");
     let mut optim = AdamWConfig::new().with_weight_decay(0.1).init();
     if args.resume {
-        let path = args.out.join("optim");
-        optim = optim.load_record(recorder().load(path.clone(), device).unwrap_or_else(|e| panic!("--resume: {}.mpk: {e}", path.display())));
+        let path = args.out.join(&optim_name);
+        optim = optim.load_record(recorder().load(path.clone(), device).unwrap_or_else(|e| panic!("--resume: {}.mpk (the optimizer state of this layout): {e}", path.display())));
     }
-    let mut batches = batches(args, state.step, 0);
+    let mut batches = batches(args, state.step, e);
     let (start, mut speed) = (Instant::now(), Throughput::default());
     let rows = args.batch / m;
     while state.step < args.steps {
@@ -384,32 +486,91 @@ where
         let micro: Vec<TensorData> = bytes.chunks(bytes.len() / m).map(|c| TensorData::new(c.iter().map(|&b| i64::from(b)).collect(), [rows, c.len() / rows])).collect();
         let inputs = micro.iter().map(|t| objective.input(Tensor::<B, 2, Int>::from_data(t.clone(), device))).collect();
         // The parts of each micro-batch's loss, kept on the device and read after the step
-        // (a read inside the closure would stall the last stage's rank; under DualPipeV the
-        // last stage is on rank 0, so they share a device).
+        // (a read inside the closure would stall the last stage's rank).
         let parts = std::sync::Mutex::new(Vec::with_capacity(m));
         let out = pipeline
-            .step(inputs, |y, i| {
+            .step_rank(&pp_comm, inputs, |y, i| {
                 let loss = objective.loss(y.clone(), Tensor::from_data(micro[i].clone(), &y.device()));
                 parts.lock().unwrap().push(Tensor::cat(vec![loss.lm_loss.detach(), loss.mtp_losses[0].clone().detach()], 0));
                 loss.loss
             })
-            .unwrap_or_else(|e| panic!("pipeline step {}: {e}", state.step + 1));
-        let mean: Vec<f32> = Tensor::stack::<2>(parts.into_inner().unwrap(), 0).mean_dim(0).into_data().convert::<f32>().to_vec().expect("f32 losses");
-        let counts: Vec<_> = pipeline.stages().iter().map(|s| s.take_counts(m)).collect();
+            .map_err(|e| failed(format!("pipeline step {}: {e}", state.step + 1)))?;
+        let parts = parts.into_inner().unwrap();
+        // The rank with the last stage read its micro-batches' losses; one host exchange
+        // for the progress line.
+        let mine = (!parts.is_empty()).then(|| Tensor::stack::<2>(parts, 0).mean_dim(0).into_data().convert::<f32>().to_vec::<f32>().expect("f32 losses"));
+        let mut grads = pipeline.stage_grads(out.grads);
+        let mut counts: Vec<Vec<Tensor<B, 1, Int>>> = vec![Vec::new(); pipeline.stages().len()];
+        for &s in &held {
+            let stage = &pipeline.stages()[s];
+            grads[s] = stage.sync_grads(std::mem::replace(&mut grads[s], GradientsParams::new())).map_err(failed)?;
+            counts[s] = stage.take_counts(m);
+        }
         let bubble = out.timeline.bubble_fraction();
-        pipeline.optimize(&mut optim, lr, out.grads);
-        pipeline.map_stages(|s, stage| stage.update_bias(&counts[s]));
+        pipeline.optimize_stages(&mut optim, lr, grads);
+        pipeline.map_stages(|s, stage| if held.contains(&s) { stage.update_bias(&counts[s]) } else { stage });
+        let losses = world.all_gather_host("losses", mine)?;
+        let losses: Vec<&Vec<f32>> = losses.iter().flatten().collect();
+        let mean = |i: usize| losses.iter().map(|l| l[i]).sum::<f32>() / losses.len().max(1) as f32;
         state.step += 1;
-        speed.add(state.step, args.batch * args.seq, step_start);
-        let load = load_ratio(&counts.concat());
-        progress(&mut state, args, (mean[0], mean[1]), speed.per_second(), load, &format!(" | bubble {:.0}%", 100.0 * bubble));
+        speed.add(state.step, ep * args.batch * args.seq, step_start);
+        if rank == 0 {
+            let load = load_ratio(&held.iter().flat_map(|&s| counts[s].clone()).collect::<Vec<_>>());
+            progress(&mut state, args, (mean(0), mean(1)), speed.per_second(), load, &format!(" | bubble {:.0}%", 100.0 * bubble));
+        }
         if state.step % args.save_every == 0 || state.step == args.steps {
-            recorder().record(optim.to_record(), args.out.join("optim")).expect("write the optimizer record");
-            checkpoint(args, &mut state, &DeepSeekV3::from_stages(pipeline.stages().to_vec()), device, start);
+            recorder().record(optim.to_record(), args.out.join(&optim_name)).expect("write the optimizer record");
+            if let Some(whole) = gather_model(&pipeline, &held, &pp_comm, e, device)? {
+                checkpoint(args, &mut state, &whole, device, start);
+            }
         }
     }
-    let model = DeepSeekV3::from_stages(pipeline.into_stages()).valid();
-    sample(args, &state, &model, "optim", device);
+    // What each rank sent over the run: activations and gradients to its pipeline
+    // neighbours, expert rows to its expert group.
+    let sent = (pp_comm.sent_bytes(), stage_comms.iter().map(Comm::sent_bytes).sum::<u64>());
+    let sent = world.all_gather_host("bytes sent", sent)?;
+    if let Some(whole) = gather_model(&pipeline, &held, &pp_comm, e, device)? {
+        let per_rank: Vec<String> = sent.iter().map(|(p, x)| format!("{:.1}+{:.1}", *p as f64 / 1e6, *x as f64 / 1e6)).collect();
+        println!("MB sent per rank (pipeline + experts, {} steps on {}): {}", state.step, world.engine_name(), per_rank.join(" | "));
+        println!("tokens/s over the run: {:.0}", speed.per_second());
+        sample(args, &state, &whole.valid(), &optim_name, device);
+    }
+    Ok(())
+}
+
+/// The whole model on world rank 0 (`None` elsewhere): every rank unshards the experts of
+/// the stages it holds (collective over each stage's group), the pipeline ranks of `ep`
+/// coordinate 0 send theirs to pipeline rank 0 as Burn records.
+fn gather_model<B: AutodiffBackend<Gradients = Gradients> + MoeBackend>(pipeline: &Pipeline<B, ModelStage<B>, 3>, held: &[usize], pp_comm: &Comm, e: usize, device: &B::Device) -> Result<Option<DeepSeekV3<B>>, RunError>
+where
+    B::InnerBackend: MoeBackend,
+{
+    let bytes = BinBytesRecorder::<FullPrecisionSettings>::default();
+    let mut stages = pipeline.stages().to_vec();
+    for &s in held {
+        stages[s] = stages[s].unshard_experts().map_err(failed)?;
+    }
+    if e != 0 {
+        return Ok(None);
+    }
+    let p = pp_comm.rank();
+    if p != 0 {
+        for &s in held {
+            let record = bytes.record(stages[s].clone().into_record(), ()).map_err(failed)?;
+            pp_comm.send("stage record", s as u64, 0, record)?;
+        }
+        return Ok(None);
+    }
+    let schedule = pipeline.schedule();
+    for q in 1..pp_comm.world_size() {
+        for c in 0..schedule.kind.chunks_per_rank() {
+            let s = schedule.stage_of_chunk(q, c);
+            let record: Vec<u8> = pp_comm.recv("stage record", s as u64, q)?;
+            let loaded = bytes.load(record, device).map_err(failed)?;
+            stages[s] = stages[s].clone().load_record(loaded);
+        }
+    }
+    Ok(Some(DeepSeekV3::from_stages(stages)))
 }
 
 /// The loss curves as an SVG: next-token and MTP loss (mean of every 10 steps) and the
@@ -445,7 +606,7 @@ fn main() {
     let args = parse_args();
     match args.backend.as_str() {
         #[cfg(feature = "ndarray")]
-        "ndarray" => train::<burn::backend::Autodiff<burn::backend::NdArray>>(&args, &vec![Default::default(); args.ep.max(args.dualpipe)], "ndarray (reference CPU backend)"),
+        "ndarray" => train::<burn::backend::Autodiff<burn::backend::NdArray>>(&args, &vec![Default::default(); world_size(&args)], "ndarray (reference CPU backend)"),
         #[cfg(feature = "wgpu")]
         "wgpu" => {
             use burn::backend::wgpu::WgpuDevice;
@@ -454,7 +615,7 @@ fn main() {
         #[cfg(feature = "cuda")]
         "cuda" => {
             use burn::backend::cuda::CudaDevice;
-            train::<burn::backend::Autodiff<burn::backend::Cuda>>(&args, &(0..args.ep.max(args.dualpipe)).map(CudaDevice::new).collect::<Vec<_>>(), "cuda")
+            train::<burn::backend::Autodiff<burn::backend::Cuda>>(&args, &(0..world_size(&args)).map(CudaDevice::new).collect::<Vec<_>>(), "cuda")
         }
         other => panic!("backend {other:?} is not compiled in; build with --features {other}"),
     }

@@ -11,6 +11,10 @@
 //!   experts in f32 or FP8, autodiff throughout; expert parallelism over the devices of
 //!   a host (differentiable all-to-all with FP8 rows, EPLB placement); Multi-head Latent
 //!   Attention with a paged latent cache and an absorbed decode kernel.
+//! - [`comm`] ([`burn_comm`]): the communicator — collectives and point-to-point
+//!   messages between ranks that are threads of one process or MPI processes (feature
+//!   `mpi`), every wait bounded by a timeout that names the failed rank — and the named
+//!   `DeviceMesh` over them.
 //! - [`dualpipe`] ([`burn_dualpipe`]): DualPipe, DualPipeV, 1F1B and ZB1P schedules as
 //!   data, their validator and cost simulator with SVG timelines, and the executor that
 //!   trains a model split into stages over several Burn devices.
@@ -30,6 +34,7 @@
 pub mod hf;
 pub mod model;
 
+pub use burn_comm as comm;
 pub use burn_dualpipe as dualpipe;
 pub use burn_fp8 as fp8;
 pub use burn_moe as moe;
@@ -45,6 +50,9 @@ pub mod guide_moe {}
 
 #[doc = include_str!("../docs/expert-parallel.md")]
 pub mod guide_expert_parallel {}
+
+#[doc = include_str!("../docs/distributed.md")]
+pub mod guide_distributed {}
 
 #[doc = include_str!("../docs/mla.md")]
 pub mod guide_mla {}

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 /// Why a collective or point-to-point operation failed. Ranks are world ranks (the
 /// rank of the process or thread in the whole job), also in a sub-communicator.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CommError {
     /// A rank left the group (panicked, or dropped its handle) before sending what an
     /// operation needed from it.

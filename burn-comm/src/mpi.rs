@@ -24,7 +24,7 @@
 //! (as root, OpenMPI also wants `OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1`;
 //! with more ranks than cores, `--oversubscribe`).
 
-use crate::{Comm, CommError, RankError};
+use crate::{Comm, CommError};
 use mpi::request::{Request, StaticScope};
 use mpi::topology::{Color, SimpleCommunicator};
 use mpi::traits::*;
@@ -123,7 +123,7 @@ impl Drop for World {
 /// MPI was already initialised in this process.
 pub fn launch<T, E, F>(timeout: Duration, f: F) -> Result<T, CommError>
 where
-    E: RankError + core::fmt::Display,
+    E: core::fmt::Display,
     F: FnOnce(Comm) -> Result<T, E>,
 {
     let world = World::init()?;
@@ -517,55 +517,31 @@ impl Engine {
         Ok(())
     }
 
-    /// Receives what `src` sent here under `tag`.
-    pub(crate) fn recv(
-        &self,
-        tag: u64,
-        src: usize,
-        op: &'static str,
-    ) -> Result<Vec<u8>, CommError> {
+    /// Receives what `src` sent here under `tag`, waiting at most `wait` (`None` then).
+    pub(crate) fn recv(&self, tag: u64, src: usize, op: &'static str, wait: Duration) -> Result<Option<Vec<u8>>, CommError> {
         let mpi_tag = self.tag(tag, op)?;
-        let deadline = Instant::now() + self.timeout;
+        let deadline = Instant::now() + wait;
         let mut backoff = Backoff(0);
         loop {
             let probed = {
                 let _g = lock();
-                self.messages
-                    .0
-                    .process_at_rank(src as i32)
-                    .immediate_matched_probe_with_tag(mpi_tag)
-                    .map(|(message, status)| {
-                        let mut buf = vec![0u8; status.count(u8::equivalent_datatype()) as usize];
-                        message.matched_receive_into(&mut buf[..]);
-                        buf
-                    })
+                self.messages.0.process_at_rank(src as i32).immediate_matched_probe_with_tag(mpi_tag).map(|(message, status)| {
+                    let mut buf = vec![0u8; status.count(u8::equivalent_datatype()) as usize];
+                    message.matched_receive_into(&mut buf[..]);
+                    buf
+                })
             };
             if let Some(buf) = probed {
                 let mut reader = &buf[..];
-                let other_op: String = rmp_serde::from_read(&mut reader).map_err(|e| {
-                    self.engine_error(op, format!("undecodable message from rank {src}: {e}"))
-                })?;
+                let other_op: String = rmp_serde::from_read(&mut reader).map_err(|e| self.engine_error(op, format!("undecodable message from rank {src}: {e}")))?;
                 if other_op != op {
-                    return Err(CommError::Mismatch {
-                        rank: self.rank,
-                        op,
-                        other: src,
-                        other_op,
-                    });
+                    return Err(CommError::Mismatch { rank: self.rank, op, other: src, other_op });
                 }
-                return Ok(reader.to_vec());
+                return Ok(Some(reader.to_vec()));
             }
-            self.sends
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .retain_mut(|s| !s.test());
+            self.sends.lock().unwrap_or_else(|e| e.into_inner()).retain_mut(|s| !s.test());
             if Instant::now() >= deadline {
-                return Err(CommError::Timeout {
-                    rank: self.rank,
-                    op,
-                    missing: vec![src],
-                    after: self.timeout,
-                });
+                return Ok(None);
             }
             backoff.wait();
         }

@@ -31,3 +31,63 @@ pub fn available() -> bool {
         .output()
         .is_ok_and(|o| o.status.success())
 }
+
+/// What a finished job left.
+#[derive(Clone, Debug)]
+pub struct Job {
+    /// Whether `mpirun` exited with 0.
+    pub success: bool,
+    /// The ranks' standard output, then their standard error.
+    pub output: String,
+    /// From start to exit.
+    pub elapsed: std::time::Duration,
+}
+
+/// Runs `program args` as `ranks` processes on this machine ([`command`]) with the extra
+/// environment `envs`, and waits for the job; a job still running after `limit` is
+/// killed and returned as `Err` (a hang).
+///
+/// # Errors
+/// The job hung (`Err` with what it printed), or `mpirun` could not be started.
+pub fn run(ranks: usize, program: &std::path::Path, args: &[&str], envs: &[(&str, &str)], limit: std::time::Duration) -> Result<Job, Job> {
+    use std::process::Stdio;
+    let start = std::time::Instant::now();
+    let spawned = command(ranks).arg(program).args(args).envs(envs.iter().copied()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn();
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(e) => return Err(Job { success: false, output: format!("mpirun could not start: {e}"), elapsed: start.elapsed() }),
+    };
+    // Drain the pipes while waiting, so that a chatty job does not block on a full pipe.
+    let mut stdout = child.stdout.take().expect("piped");
+    let mut stderr = child.stderr.take().expect("piped");
+    let out = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut stdout, &mut s).ok();
+        s
+    });
+    let err = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut s).ok();
+        s
+    });
+    let mut hung = false;
+    let status = loop {
+        if let Some(status) = child.try_wait().ok().flatten() {
+            break Some(status);
+        }
+        if start.elapsed() > limit {
+            hung = true;
+            child.kill().ok();
+            break child.wait().ok();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let elapsed = start.elapsed();
+    let output = format!("{}{}", out.join().unwrap_or_default(), err.join().unwrap_or_default());
+    let job = Job { success: !hung && status.is_some_and(|s| s.success()), output, elapsed };
+    if hung {
+        Err(job)
+    } else {
+        Ok(job)
+    }
+}

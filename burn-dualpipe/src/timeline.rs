@@ -5,7 +5,7 @@ use crate::schedule::{Instr, Task};
 use std::fmt::Write;
 
 /// One instruction's interval on a rank, in seconds (simulated units or wall time).
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Span {
     /// Start.
     pub start: f64,

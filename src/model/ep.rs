@@ -49,6 +49,33 @@ use burn_moe::eplb::Placement;
 use burn_moe::MoeBackend;
 use std::collections::HashSet;
 
+/// `block` on `device` with its MoE layer's experts sharded over `comm`
+/// ([`Placement::identity`]); a dense block copied.
+pub(crate) fn shard_block<B: Backend>(block: &Block<B>, comm: &Comm, device: &B::Device) -> Result<Block<B>, EpError> {
+    let ffn = match &block.ffn {
+        Ffn::Moe(moe) => {
+            let placement = Placement::identity(moe.experts.n_experts(), comm.world_size());
+            Ffn::ExpertParallel(ExpertShard { layer: ExpertParallelMoe::shard(moe, placement, comm.rank(), device)?, comm: comm.clone() })
+        }
+        Ffn::ExpertParallel(_) => return Err(EpError::Placement { detail: "the model's experts are already sharded".into() }),
+        dense => copy_to_device(dense.clone(), device),
+    };
+    Ok(Block {
+        attn_norm: copy_to_device(block.attn_norm.clone(), device),
+        attn: copy_to_device(block.attn.clone(), device),
+        ffn_norm: copy_to_device(block.ffn_norm.clone(), device),
+        ffn,
+    })
+}
+
+/// The group of the first sharded MoE layer of `blocks`.
+pub(crate) fn group_of<'a, B: Backend>(mut blocks: impl Iterator<Item = &'a Block<B>>) -> Option<&'a Comm> {
+    blocks.find_map(|b| match &b.ffn {
+        Ffn::ExpertParallel(shard) => Some(&shard.comm),
+        _ => None,
+    })
+}
+
 /// One rank's part of a MoE layer under expert parallelism, with the group it exchanges
 /// rows in.
 #[derive(Module, Debug)]
@@ -69,31 +96,12 @@ impl<B: Backend> DeepSeekV3<B> {
     /// # Errors
     /// [`EpError::Placement`] when `N` does not divide a layer's experts.
     pub fn shard_experts(&self, comm: &Comm, device: &B::Device) -> Result<Self, EpError> {
-        let shard_block = |block: &Block<B>| -> Result<Block<B>, EpError> {
-            let ffn = match &block.ffn {
-                Ffn::Moe(moe) => {
-                    let placement = Placement::identity(moe.experts.n_experts(), comm.world_size());
-                    Ffn::ExpertParallel(ExpertShard { layer: ExpertParallelMoe::shard(moe, placement, comm.rank(), device)?, comm: comm.clone() })
-                }
-                Ffn::ExpertParallel(_) => return Err(EpError::Placement { detail: "the model's experts are already sharded".into() }),
-                dense => copy_to_device(dense.clone(), device),
-            };
-            Ok(Block {
-                attn_norm: copy_to_device(block.attn_norm.clone(), device),
-                attn: copy_to_device(block.attn.clone(), device),
-                ffn_norm: copy_to_device(block.ffn_norm.clone(), device),
-                ffn,
-            })
-        };
-        self.map_blocks(shard_block, Some(device))
+        self.map_blocks(|block| shard_block(block, comm, device), Some(device))
     }
 
     /// The group the experts are sharded over; `None` for a model on one device.
     pub fn expert_group(&self) -> Option<&Comm> {
-        self.layers.iter().chain(self.mtp.iter().map(|m| &m.block)).find_map(|b| match &b.ffn {
-            Ffn::ExpertParallel(shard) => Some(&shard.comm),
-            _ => None,
-        })
+        group_of(self.layers.iter().chain(self.mtp.iter().map(|m| &m.block)))
     }
 
     /// The model with `f` applied to every block (main and MTP); the other parts copied
@@ -135,15 +143,17 @@ impl<B: MoeBackend> DeepSeekV3<B> {
     /// [`ExpertParallelMoe::gather`]); the model itself when it is not sharded. Every rank
     /// must call it.
     pub fn unshard_experts(&self) -> Result<Self, EpError> {
-        let unshard_block = |block: &Block<B>| -> Result<Block<B>, EpError> {
-            let ffn = match &block.ffn {
-                Ffn::ExpertParallel(shard) => Ffn::Moe(shard.layer.gather(&shard.comm)?),
-                other => other.clone(),
-            };
-            Ok(Block { ffn, ..block.clone() })
-        };
         self.map_blocks(unshard_block, None)
     }
+}
+
+/// `block` with its sharded MoE layer's experts all-gathered (collective over its group).
+pub(crate) fn unshard_block<B: MoeBackend>(block: &Block<B>) -> Result<Block<B>, EpError> {
+    let ffn = match &block.ffn {
+        Ffn::ExpertParallel(shard) => Ffn::Moe(shard.layer.gather(&shard.comm)?),
+        other => other.clone(),
+    };
+    Ok(Block { ffn, ..block.clone() })
 }
 
 impl<B: AutodiffBackend> DeepSeekV3<B>
@@ -155,26 +165,39 @@ where
     /// trainable parameter summed over the ranks in one all-reduce of all of them
     /// flattened together. Every rank must call it after its `backward`; a model on one
     /// device gets its gradients back unchanged.
-    pub fn sync_grads(&self, mut grads: GradientsParams) -> Result<GradientsParams, EpError> {
-        let Some(comm) = self.expert_group() else { return Ok(grads) };
-        let mut layer_params = Ids(HashSet::new());
-        for block in self.layers.iter().chain(self.mtp.iter().map(|m| &m.block)) {
-            if let Ffn::ExpertParallel(shard) = &block.ffn {
-                grads = shard.layer.sync_grads(grads, comm)?;
-                shard.visit(&mut layer_params);
-            }
-        }
-        let mut flat = Flatten::<B> { skip: &layer_params.0, grads, parts: Vec::new() };
-        self.visit(&mut flat);
-        if flat.parts.is_empty() {
-            return Ok(flat.grads);
-        }
-        let sizes: Vec<usize> = flat.parts.iter().map(|p| p.dims()[0]).collect();
-        let summed = all_reduce(Tensor::cat(flat.parts, 0), comm)?;
-        let mut restore = Restore::<B> { skip: &layer_params.0, grads: flat.grads, parts: summed.split_with_sizes(sizes, 0).into_iter() };
-        self.visit(&mut restore);
-        Ok(restore.grads)
+    pub fn sync_grads(&self, grads: GradientsParams) -> Result<GradientsParams, EpError> {
+        sync_grads(self, self.expert_group(), self.layers.iter().chain(self.mtp.iter().map(|m| &m.block)), grads)
     }
+}
+
+/// The gradient sync of a module whose MoE `blocks` may be sharded over `group`: each
+/// sharded layer's replicated parameters through [`ExpertParallelMoe::sync_grads`], every
+/// other trainable parameter of `module` summed over the group in one all-reduce of all
+/// of them flattened together. Unchanged without a group.
+pub(crate) fn sync_grads<'a, B, M>(module: &M, group: Option<&Comm>, blocks: impl Iterator<Item = &'a Block<B>>, mut grads: GradientsParams) -> Result<GradientsParams, EpError>
+where
+    B: AutodiffBackend,
+    B::InnerBackend: MoeBackend,
+    M: Module<B>,
+{
+    let Some(comm) = group else { return Ok(grads) };
+    let mut layer_params = Ids(HashSet::new());
+    for block in blocks {
+        if let Ffn::ExpertParallel(shard) = &block.ffn {
+            grads = shard.layer.sync_grads(grads, comm)?;
+            shard.visit(&mut layer_params);
+        }
+    }
+    let mut flat = Flatten::<B> { skip: &layer_params.0, grads, parts: Vec::new() };
+    module.visit(&mut flat);
+    if flat.parts.is_empty() {
+        return Ok(flat.grads);
+    }
+    let sizes: Vec<usize> = flat.parts.iter().map(|p| p.dims()[0]).collect();
+    let summed = all_reduce(Tensor::cat(flat.parts, 0), comm)?;
+    let mut restore = Restore::<B> { skip: &layer_params.0, grads: flat.grads, parts: summed.split_with_sizes(sizes, 0).into_iter() };
+    module.visit(&mut restore);
+    Ok(restore.grads)
 }
 
 /// Collects the ids of the float parameters it visits.

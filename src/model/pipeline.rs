@@ -58,13 +58,17 @@
 //! ```
 
 use super::block::{run_blocks, Block};
+use super::ep::{group_of, shard_block, sync_grads, unshard_block};
 use super::mtp::{run_depths, MtpModule};
 use super::{add, cross_entropy, language_objective, DeepSeekV3};
 use burn::module::Module;
+use burn::optim::GradientsParams;
 use burn::nn::{Embedding, Linear, RmsNorm};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
-use burn_dualpipe::executor::PipelineStage;
+use burn_dualpipe::executor::{copy_to_device, PipelineStage};
+use burn_moe::comm::Comm;
+use burn_moe::ep::EpError;
 use burn_moe::MoeBackend;
 use core::fmt;
 use std::any::Any;
@@ -80,7 +84,8 @@ pub enum SplitError {
         /// The model's blocks.
         layers: usize,
     },
-    /// The model's experts are sharded over a `Comm` group; cut the whole model.
+    /// The model's experts are sharded over a `Comm` group; cut the whole model, then
+    /// shard each stage ([`ModelStage::shard_experts`]).
     ShardedExperts,
     /// Token ids travel as f32 to the first stage: the vocabulary must stay below 2²⁴.
     Vocab {
@@ -95,7 +100,7 @@ impl fmt::Display for SplitError {
             SplitError::Stages { stages, layers } => {
                 write!(f, "cannot cut a model of {layers} blocks and the head/MTP tail into {stages} stages: 1 to {} stages, each with a block or the tail", layers + 1)
             }
-            SplitError::ShardedExperts => f.write_str("the model's experts are sharded over a Comm group (unshard_experts first)"),
+            SplitError::ShardedExperts => f.write_str("the model's experts are sharded over a Comm group (unshard_experts first, cut, then shard each stage with ModelStage::shard_experts)"),
             SplitError::Vocab { vocab } => write!(f, "a vocabulary of {vocab} ids is not exact in f32, the first stage's input (at most 2^24)"),
         }
     }
@@ -177,6 +182,10 @@ pub struct ModelStage<B: Backend> {
     mtp_loss_weight: f64,
     #[module(skip)]
     log: CountLog,
+    /// The expert-parallel group of a sharded stage ([`ModelStage::shard_experts`]): its
+    /// replicated gradients are summed over it, also in a stage without MoE layers.
+    #[module(skip)]
+    group: Option<Comm>,
 }
 
 /// What [`DeepSeekV3::into_stages`] gives: the stages and the objective that reads the
@@ -197,6 +206,11 @@ pub struct StageObjective {
     pub mtp_depth: usize,
     /// `λ`, the MTP loss weight.
     pub mtp_loss_weight: f64,
+    /// `N`, the ranks the stages' experts are sharded over, each with its own
+    /// micro-batches (1 without expert parallelism): the language losses are divided by
+    /// it, as [`DeepSeekV3::try_loss`] does, so that the ranks' objectives add up to the
+    /// objective of all their tokens.
+    pub expert_ranks: usize,
 }
 
 /// [`StageObjective::loss`]'s result.
@@ -265,7 +279,7 @@ impl<B: Backend> DeepSeekV3<B> {
         if vocab > 1 << 24 {
             return Err(SplitError::Vocab { vocab });
         }
-        let objective = StageObjective { mtp_depth: self.mtp.len(), mtp_loss_weight: self.mtp_loss_weight };
+        let objective = StageObjective { mtp_depth: self.mtp.len(), mtp_loss_weight: self.mtp_loss_weight, expert_ranks: 1 };
         let (units, mut blocks) = (layers + 1, self.layers.into_iter());
         let mut embed = Some(self.embed);
         let mut tail = Some(StageTail { norm: self.norm, head: self.head, mtp: self.mtp });
@@ -280,6 +294,7 @@ impl<B: Backend> DeepSeekV3<B> {
                     mtp_depth: objective.mtp_depth,
                     mtp_loss_weight: objective.mtp_loss_weight,
                     log: CountLog::default(),
+                    group: None,
                 }
             })
             .collect();
@@ -307,7 +322,7 @@ impl<B: Backend> DeepSeekV3<B> {
 
 impl<B: Backend> ModelStage<B> {
     /// The stage's MoE layers, in the order of [`ModelStage::take_counts`].
-    fn blocks(&self) -> impl Iterator<Item = &Block<B>> {
+    fn blocks(&self) -> impl Iterator<Item = &Block<B>> + Clone {
         self.layers.iter().chain(self.tail.iter().flat_map(|t| t.mtp.iter().map(|m| &m.block)))
     }
 
@@ -345,6 +360,82 @@ impl<B: Backend> ModelStage<B> {
     }
 }
 
+impl<B: Backend> ModelStage<B> {
+    /// This rank's copy of the stage on `device` with every MoE layer's experts sharded
+    /// over `comm` (as [`DeepSeekV3::shard_experts`]): pipeline and expert parallelism
+    /// together. Give each stage a rank holds its own communicator (a
+    /// [`Comm::split`](burn_moe::comm::Comm::split) of the expert-parallel group per
+    /// stage): the executor may run two stages of a rank at once (DualPipe's overlapped
+    /// pairs), and a communicator's collectives must come in one order.
+    ///
+    /// # Errors
+    /// [`EpError::Placement`] when the group's size does not divide a layer's experts or
+    /// the stage is already sharded.
+    pub fn shard_experts(&self, comm: &Comm, device: &B::Device) -> Result<Self, EpError> {
+        let part = |m: &Option<_>| m.clone().map(|m| copy_to_device(m, device));
+        let layers = self.layers.iter().map(|b| shard_block(b, comm, device)).collect::<Result<Vec<_>, _>>()?;
+        let tail = match &self.tail {
+            None => None,
+            Some(t) => Some(StageTail {
+                norm: copy_to_device(t.norm.clone(), device),
+                head: copy_to_device(t.head.clone(), device),
+                mtp: t
+                    .mtp
+                    .iter()
+                    .map(|m| {
+                        Ok(MtpModule {
+                            hnorm: copy_to_device(m.hnorm.clone(), device),
+                            enorm: copy_to_device(m.enorm.clone(), device),
+                            eh_proj: copy_to_device(m.eh_proj.clone(), device),
+                            block: shard_block(&m.block, comm, device)?,
+                            norm: copy_to_device(m.norm.clone(), device),
+                        })
+                    })
+                    .collect::<Result<Vec<_>, EpError>>()?,
+            }),
+        };
+        Ok(Self { embed: part(&self.embed), layers, tail, log: CountLog::default(), group: Some(comm.clone()), ..self.clone() })
+    }
+
+    /// The group the stage's experts are sharded over, if they are.
+    ///
+    /// Each stage sharded by [`ModelStage::shard_experts`] keeps the communicator it was
+    /// given.
+    pub fn expert_group(&self) -> Option<&Comm> {
+        self.group.as_ref().or_else(|| group_of(self.blocks()))
+    }
+}
+
+impl<B: MoeBackend> ModelStage<B> {
+    /// The whole stage again on every rank of its expert group (each MoE layer's experts
+    /// all-gathered); the stage itself when it is not sharded. Every rank of the group
+    /// calls it.
+    pub fn unshard_experts(&self) -> Result<Self, EpError> {
+        let layers = self.layers.iter().map(unshard_block).collect::<Result<Vec<_>, _>>()?;
+        let tail = match &self.tail {
+            None => None,
+            Some(t) => Some(StageTail {
+                mtp: t.mtp.iter().map(|m| Ok(MtpModule { block: unshard_block(&m.block)?, ..m.clone() })).collect::<Result<Vec<_>, EpError>>()?,
+                ..t.clone()
+            }),
+        };
+        Ok(Self { layers, tail, log: CountLog::default(), group: None, ..self.clone() })
+    }
+}
+
+impl<B: AutodiffBackend> ModelStage<B>
+where
+    B::InnerBackend: MoeBackend,
+{
+    /// The step's gradients of a stage with sharded experts made those of all the
+    /// expert-parallel ranks' tokens, as [`DeepSeekV3::sync_grads`] does for the whole
+    /// model; unchanged for a stage without. Every rank of the stage's group calls it
+    /// after the pipeline step.
+    pub fn sync_grads(&self, grads: GradientsParams) -> Result<GradientsParams, EpError> {
+        sync_grads(self, self.expert_group(), self.blocks(), grads)
+    }
+}
+
 impl<B: MoeBackend> ModelStage<B> {
     /// The stage's forward on the tensor of the [module docs](self).
     ///
@@ -363,8 +454,10 @@ impl<B: MoeBackend> ModelStage<B> {
             }
             None => Carry::unpack(x, mtp),
         };
-        let sharded = "stages hold no sharded experts (into_stages checks)";
-        let blocks = run_blocks(&self.layers, carry.hidden).expect(sharded);
+        // The executor's stage interface has no error path: a failed expert-parallel
+        // exchange ends the rank's step as a panic naming it.
+        let failed = |e: EpError| -> ! { panic!("ModelStage::forward: {e}") };
+        let blocks = run_blocks(&self.layers, carry.hidden).unwrap_or_else(|e| failed(e));
         carry.hidden = blocks.hidden;
         carry.aux = add(Some(carry.aux), blocks.balance_loss).expect("some");
         let mut counts = blocks.counts;
@@ -380,7 +473,7 @@ impl<B: MoeBackend> ModelStage<B> {
             let [b, s, d] = e.dims();
             e.slice([0..b, k..s, 0..d])
         })
-        .expect(sharded);
+        .unwrap_or_else(|e| failed(e));
         counts.extend(depths.counts);
         self.log.record(counts);
         let aux = add(Some(carry.aux), depths.balance_loss).expect("some");
@@ -398,6 +491,12 @@ impl<B: AutodiffBackend + MoeBackend> PipelineStage<B, 3> for ModelStage<B> {
 }
 
 impl StageObjective {
+    /// The objective for stages whose experts are sharded over `n` ranks (see
+    /// [`StageObjective::expert_ranks`]).
+    pub fn with_expert_ranks(self, n: usize) -> Self {
+        Self { expert_ranks: n, ..self }
+    }
+
     /// The first stage's input for training tokens `[B, S + 1]`: tokens `0..S` as f32.
     ///
     /// # Shapes
@@ -441,7 +540,7 @@ impl StageObjective {
         let lm_loss = cross_entropy(take(s), &tokens, 1);
         let mtp_losses: Vec<_> = (1..=self.mtp_depth).map(|k| cross_entropy(take(s - k), &tokens, k + 1)).collect();
         let balance_loss = output.slice([0..1, rows - 1..rows, 0..1]).reshape([1]);
-        let loss = language_objective(lm_loss.clone(), &mtp_losses, self.mtp_loss_weight) + balance_loss.clone();
+        let loss = language_objective(lm_loss.clone(), &mtp_losses, self.mtp_loss_weight) / self.expert_ranks.max(1) as f64 + balance_loss.clone();
         StageLoss { loss, lm_loss, mtp_losses, balance_loss }
     }
 }

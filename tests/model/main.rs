@@ -8,5 +8,8 @@
 mod common;
 mod ep;
 mod model;
+#[cfg(feature = "mpi")]
+mod mpi;
+mod parallel;
 mod pipeline;
 mod weights;

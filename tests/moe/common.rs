@@ -24,6 +24,10 @@ impl Rng {
         eprintln!("{test}: MOE_TEST_SEED={seed}");
         Rng(seed | 1)
     }
+    /// A generator from a known seed (a seed drawn by [`Rng::new`] and shared).
+    pub fn from_seed(seed: u64) -> Self {
+        Rng(seed | 1)
+    }
     pub fn next(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;

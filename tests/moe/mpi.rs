@@ -6,8 +6,7 @@
 //! `MOE_TEST_SEED`. The workers are `#[ignore]`d: alone, outside `mpirun`, they would be a
 //! world of one.
 
-use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use burn::tensor::backend::Backend;
 use burn_comm::mpi;
@@ -27,56 +26,15 @@ use crate::ep::{
 /// whether `mpirun` succeeded, what the ranks printed and how long the job took. Fails
 /// the test if the job is still running after `limit` (a hang).
 fn mpirun(ranks: usize, worker: &str, limit: Duration) -> (bool, String, Duration) {
-    assert!(
-        burn_comm::mpirun::available(),
-        "mpirun not found: tests/run.sh installs OpenMPI (openmpi-bin)"
-    );
-    let seed = std::env::var("MOE_TEST_SEED").ok().unwrap_or_else(|| {
-        format!(
-            "{}",
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        )
-    });
+    assert!(burn_comm::mpirun::available(), "mpirun not found: tests/run.sh installs OpenMPI (openmpi-bin)");
+    let seed = std::env::var("MOE_TEST_SEED").ok().unwrap_or_else(|| format!("{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64));
     eprintln!("{worker} on {ranks} processes: MOE_TEST_SEED={seed}");
-    let exe = std::env::current_exe().unwrap();
-    let start = Instant::now();
-    let mut child = burn_comm::mpirun::command(ranks)
-        .arg(exe)
-        .args([
-            "--ignored",
-            "--exact",
-            &format!("mpi::{worker}"),
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env("MOE_TEST_SEED", &seed)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    while child.try_wait().unwrap().is_none() {
-        if start.elapsed() > limit {
-            child.kill().ok();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "{worker} on {ranks} processes hung past {limit:?}:\n{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    let test = format!("mpi::{worker}");
+    let args = ["--ignored", "--exact", test.as_str(), "--nocapture", "--test-threads=1"];
+    match burn_comm::mpirun::run(ranks, &std::env::current_exe().unwrap(), &args, &[("MOE_TEST_SEED", &seed)], limit) {
+        Ok(job) => (job.success, job.output, job.elapsed),
+        Err(job) => panic!("{worker} on {ranks} processes hung past {limit:?}:\n{}", job.output),
     }
-    let elapsed = start.elapsed();
-    let out = child.wait_with_output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text, elapsed)
 }
 
 fn assert_all_ranks_ok(ranks: usize, worker: &str) {

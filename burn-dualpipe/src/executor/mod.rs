@@ -119,6 +119,16 @@ pub enum PipelineError {
         /// The rank that stopped.
         rank: usize,
     },
+    /// The communicator failed (a message of another operation, a payload that does not
+    /// decode).
+    Comm {
+        /// The rank that saw it.
+        rank: usize,
+        /// The error.
+        error: burn_comm::CommError,
+    },
+    /// What [`Pipeline::step_rank`] cannot run yet.
+    Unsupported(&'static str),
 }
 
 impl fmt::Display for PipelineError {
@@ -131,6 +141,8 @@ impl fmt::Display for PipelineError {
             }
             PipelineError::Schedule(e) => write!(f, "invalid schedule: {e}"),
             PipelineError::Aborted { rank } => write!(f, "rank {rank} stopped because another rank failed"),
+            PipelineError::Comm { rank, error } => write!(f, "rank {rank}: {error}"),
+            PipelineError::Unsupported(what) => f.write_str(what),
         }
     }
 }
@@ -200,18 +212,13 @@ pub struct Pipeline<B: AutodiffBackend, S, const D: usize> {
     transfer: Transfer,
 }
 
-/// How activations and gradients move between ranks.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Transfer {
-    /// Through host memory (`into_data` on the sender, `from_data` on the receiver): works
-    /// between any two Burn devices.
-    #[default]
-    Host,
-    /// Burn's `Tensor::to_device` on the receiver: device to device where the backend
-    /// has it (CUDA: NCCL send/receive through CubeCL); a no-op between ranks on one
-    /// device. Panics between two wgpu devices in Burn 0.21.
-    Device,
-}
+/// How activations and gradients move between in-process ranks: burn-comm's
+/// [`Transport`](burn_comm::Transport) — through host memory (`Host`, the default: any
+/// two Burn devices) or with Burn's `to_device` (`Device`: device to device where the
+/// backend has it, CUDA's NCCL send/receive through CubeCL; panics between two wgpu
+/// devices in Burn 0.21). Ranks that are processes ([`Pipeline::step_rank`]) move host
+/// bytes over their communicator.
+pub type Transfer = burn_comm::Transport;
 
 impl<B, S, const D: usize> Pipeline<B, S, D>
 where
@@ -290,8 +297,19 @@ where
     /// (one optimizer for all stages: its state is keyed by parameter id).
     pub fn optimize<O: Optimizer<S, B>>(&mut self, optim: &mut O, lr: f64, grads: Vec<ChunkGrads>) {
         let grads = self.stage_grads(grads);
+        self.optimize_stages(optim, lr, grads);
+    }
+
+    /// [`Pipeline::optimize`] with each stage's gradients given (`grads[s]`, e.g. those of
+    /// [`Pipeline::stage_grads`] after a sync across data- or expert-parallel ranks); a
+    /// stage with no gradients is left as it is.
+    ///
+    /// # Panics
+    /// When `grads` does not hold one entry per stage.
+    pub fn optimize_stages<O: Optimizer<S, B>>(&mut self, optim: &mut O, lr: f64, grads: Vec<GradientsParams>) {
+        assert_eq!(grads.len(), self.stages.len(), "Pipeline::optimize_stages: {} gradient sets for {} stages", grads.len(), self.stages.len());
         let stages = std::mem::take(&mut self.stages);
-        self.stages = stages.into_iter().zip(grads).map(|(stage, g)| optim.step(lr, stage, g)).collect();
+        self.stages = stages.into_iter().zip(grads).map(|(stage, g)| if g.is_empty() { stage } else { optim.step(lr, stage, g) }).collect();
     }
 
     /// Replaces every stage module `s` by `f(s, stage)`, e.g. to apply an update that is
@@ -316,9 +334,52 @@ where
             return Err(PipelineError::Mismatch { what: "input micro-batches", expected: self.schedule.micro_batches, got: inputs.len() });
         }
         let inputs: Vec<_> = inputs.into_iter().map(|x| x.into_data()).collect();
-        let chunks: Vec<Vec<S>> = (0..self.schedule.ranks)
-            .map(|r| (0..self.schedule.kind.chunks_per_rank()).map(|c| devices::fork(self.stages[self.schedule.stage_of_chunk(r, c)].clone(), &self.devices[r], self.transfer)).collect())
-            .collect();
-        rank::run(&self.schedule, &self.devices, chunks, self.timeout, self.overlap.as_ref(), self.transfer, &inputs, &loss)
+        let chunks: Vec<Vec<S>> = (0..self.schedule.ranks).map(|r| self.chunks_of(r, self.transfer)).collect();
+        let setup = rank::StepSetup { schedule: &self.schedule, timeout: self.timeout, overlap: self.overlap.as_ref(), inputs: &inputs, loss: &loss };
+        rank::run_threads(setup, &self.devices, chunks, self.transfer)
+    }
+
+    /// Copies of the stages rank `r` runs, forked to its device.
+    fn chunks_of(&self, r: usize, transfer: Transfer) -> Vec<S> {
+        (0..self.schedule.kind.chunks_per_rank()).map(|c| devices::fork(self.stages[self.schedule.stage_of_chunk(r, c)].clone(), &self.devices[r], transfer)).collect()
+    }
+
+    /// Runs this process's rank of one step, rank `comm.rank()` of the schedule, with
+    /// the other ranks in other processes over `comm` (MPI: burn-comm's `mpi` feature).
+    /// Every rank passes the same `inputs` and `loss` (the first and last stages read
+    /// them). The step's `loss` is the whole batch's on every rank (summed over `comm`);
+    /// `grads` are this rank's chunks'; the timeline holds every rank's spans, each
+    /// measured from its own start of the step (the ranks start at a barrier).
+    /// [`Pipeline::optimize`] with these gradients updates this rank's stages.
+    ///
+    /// # Errors
+    /// As [`Pipeline::step`]; a rank that stalls past the timeout is named by the ranks
+    /// waiting for it. [`PipelineError::Mismatch`] when `comm` has another size than the
+    /// schedule's ranks; [`PipelineError::Unsupported`] for DualPipe, whose two copies of
+    /// every stage live on two ranks (their gradients would have to be summed across
+    /// processes): run DualPipeV.
+    pub fn step_rank<L>(&self, comm: &burn_comm::Comm, inputs: Vec<Tensor<B, D>>, loss: L) -> Result<StepOutput, PipelineError>
+    where
+        L: Fn(Tensor<B, D>, usize) -> Tensor<B, 1> + Sync,
+    {
+        if comm.world_size() != self.schedule.ranks {
+            return Err(PipelineError::Mismatch { what: "ranks in the communicator", expected: self.schedule.ranks, got: comm.world_size() });
+        }
+        if self.schedule.kind == crate::schedule::ScheduleKind::DualPipe {
+            return Err(PipelineError::Unsupported("DualPipe keeps two copies of every stage on two ranks; step_rank runs schedules with one copy per stage (DualPipeV, 1F1B, ZB1P)"));
+        }
+        if inputs.len() != self.schedule.micro_batches {
+            return Err(PipelineError::Mismatch { what: "input micro-batches", expected: self.schedule.micro_batches, got: inputs.len() });
+        }
+        let rank = comm.rank();
+        let inputs: Vec<_> = inputs.into_iter().map(|x| x.into_data()).collect();
+        let chunks = self.chunks_of(rank, Transfer::Host);
+        comm.barrier("pipeline step").map_err(|error| PipelineError::Comm { rank, error })?;
+        let setup = rank::StepSetup { schedule: &self.schedule, timeout: self.timeout, overlap: self.overlap.as_ref(), inputs: &inputs, loss: &loss };
+        let mine = rank::run_rank(setup, comm, self.devices[rank].clone(), chunks)?;
+        // The loss and the timeline of the whole step, on every rank.
+        let all = comm.all_gather_host("pipeline step end", (mine.loss, mine.spans)).map_err(|error| PipelineError::Comm { rank, error })?;
+        let loss = all.iter().map(|(l, _)| l).sum();
+        Ok(StepOutput { loss, grads: mine.grads, timeline: Timeline { ranks: all.into_iter().map(|(_, s)| s).collect() } })
     }
 }

@@ -1,4 +1,8 @@
-//! One rank's thread: its chunks, its mailbox, and the interpreter of its program.
+//! One rank of a step: its chunks, its communicator, and the interpreter of its
+//! program. In-process ranks ([`run_threads`]) are threads of one step over a group of
+//! [`Comm`] handles; a rank that is a process of its own ([`run_rank`]) runs only its
+//! program over the pipeline's communicator (MPI). Activations and gradients travel as
+//! point-to-point tensor messages tagged by task and payload.
 
 use super::overlap::{Overlap, OverlapPair};
 use super::{ChunkGrads, PipelineError, PipelineStage, StepOutput, Transfer};
@@ -6,123 +10,76 @@ use crate::schedule::{Instr, Payload, Schedule, Task};
 use crate::timeline::{Span, Timeline};
 use burn::backend::autodiff::grads::Gradients;
 use burn::optim::{GradientsAccumulator, GradientsParams};
-use burn::tensor::{backend::AutodiffBackend, Tensor, TensorData};
+use burn::tensor::{backend::AutodiffBackend, Float, Tensor, TensorData};
+use burn_comm::{Comm, CommError};
 
 use burn_fp8::linear::WeightGradQueue;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
-/// A payload between ranks.
-struct Message<B: AutodiffBackend, const D: usize> {
-    task: Task,
-    payload: Payload,
-    data: Carried<B, D>,
-}
-
-/// An activation or gradient on its way: host data, or a tensor still on the producing
-/// rank's device (moved by `to_device` on arrival).
-enum Carried<B: AutodiffBackend, const D: usize> {
-    Host(TensorData),
-    Device(Tensor<B::InnerBackend, D>),
-}
-
-impl<B: AutodiffBackend, const D: usize> Carried<B, D> {
-    /// Packs a computed tensor for `transfer`.
-    fn pack(t: Tensor<B, D>, transfer: Transfer) -> Self {
-        match transfer {
-            Transfer::Host => Carried::Host(t.into_data()),
-            Transfer::Device => Carried::Device(t.inner()),
-        }
-    }
-
-    /// The tensor on `device`, untracked.
-    fn unpack(self, device: &B::Device) -> Tensor<B::InnerBackend, D> {
-        match self {
-            Carried::Host(d) => Tensor::from_data(d, device),
-            Carried::Device(t) => t.to_device(device),
-        }
-    }
-}
-
+/// How long one receive try waits before the rank checks the abort flag and the stall.
 const POLL: Duration = Duration::from_millis(20);
 const NOBODY: usize = usize::MAX;
+/// The name of the executor's messages.
+const OP: &str = "pipeline";
 
-/// What one rank hands back.
-struct RankResult {
-    loss: f64,
-    grads: Vec<ChunkGrads>,
-    spans: Vec<Span>,
+/// The message tag of `task`'s `payload`.
+fn tag(task: Task, payload: Payload, stages: usize) -> u64 {
+    ((task.micro_batch * stages + task.stage) * 2 + usize::from(payload == Payload::Gradient)) as u64
 }
 
-pub(super) fn run<B, S, L, const D: usize>(
-    schedule: &Schedule,
-    devices: &[B::Device],
-    chunks: Vec<Vec<S>>,
-    timeout: Duration,
-    overlap: &dyn Overlap,
-    transfer: Transfer,
-    inputs: &[TensorData],
-    loss: &L,
-) -> Result<StepOutput, PipelineError>
+/// What one rank hands back.
+pub(super) struct RankResult {
+    pub(super) loss: f64,
+    pub(super) grads: Vec<ChunkGrads>,
+    pub(super) spans: Vec<Span>,
+}
+
+/// What the in-process ranks of one step share: the abort flag, and what each rank waits
+/// for, to name the stalled rank rather than a link of a chain of waiting ranks.
+struct Watch {
+    abort: AtomicBool,
+    /// Whom each rank is waiting for now (`NOBODY`: it is computing).
+    waiting: Vec<AtomicUsize>,
+    /// When each rank last stopped waiting, in µs from the start (a finished rank stays
+    /// "busy" since its last receive).
+    busy_since: Vec<AtomicU64>,
+}
+
+/// What every rank of a step is given.
+pub(super) struct StepSetup<'a, L> {
+    pub(super) schedule: &'a Schedule,
+    pub(super) timeout: Duration,
+    pub(super) overlap: &'a dyn Overlap,
+    pub(super) inputs: &'a [TensorData],
+    pub(super) loss: &'a L,
+}
+
+/// The step on one thread per rank.
+pub(super) fn run_threads<B, S, L, const D: usize>(setup: StepSetup<'_, L>, devices: &[B::Device], chunks: Vec<Vec<S>>, transfer: Transfer) -> Result<StepOutput, PipelineError>
 where
     B: AutodiffBackend<Gradients = Gradients>,
     S: PipelineStage<B, D> + Clone,
     L: Fn(Tensor<B, D>, usize) -> Tensor<B, 1> + Sync,
 {
-    let ranks = schedule.ranks;
-    let (senders, receivers): (Vec<Sender<Message<B, D>>>, Vec<Receiver<Message<B, D>>>) = (0..ranks).map(|_| channel()).unzip();
-    let abort = AtomicBool::new(false);
-    let waiting: Vec<AtomicUsize> = (0..ranks).map(|_| AtomicUsize::new(NOBODY)).collect();
-    let busy_since: Vec<AtomicU64> = (0..ranks).map(|_| AtomicU64::new(0)).collect();
+    let ranks = setup.schedule.ranks;
+    // The group's own timeout only bounds sends; receives poll and apply the step's rule.
+    let comms = Comm::group_with_timeout(ranks, transfer, setup.timeout);
+    let watch = Watch { abort: AtomicBool::new(false), waiting: (0..ranks).map(|_| AtomicUsize::new(NOBODY)).collect(), busy_since: (0..ranks).map(|_| AtomicU64::new(0)).collect() };
     let start = Instant::now();
     let results: Vec<Result<RankResult, PipelineError>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = receivers
+        let handles: Vec<_> = comms
             .into_iter()
             .zip(chunks)
-            .enumerate()
-            .map(|(rank, (inbox, chunks))| {
-                let senders = senders.clone();
-                let abort = &abort;
-                let waiting = &waiting[..];
-                let busy_since = &busy_since[..];
+            .map(|(comm, chunks)| {
+                let (setup, watch) = (&setup, &watch);
+                let device = devices[comm.rank()].clone();
                 scope.spawn(move || {
-                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        RankState::<B, S, D> {
-                            schedule,
-                            rank,
-                            device: devices[rank].clone(),
-                            accumulators: chunks.iter().map(|_| GradientsAccumulator::new()).collect(),
-                            chunks,
-                            timeout,
-                            overlap,
-                            transfer,
-                            inbox,
-                            arrived: HashMap::new(),
-                            senders,
-                            abort,
-                            waiting,
-                            busy_since,
-                            start,
-                            activations: HashMap::new(),
-                            losses: Vec::new(),
-                            local: HashMap::new(),
-                            deferred: HashMap::new(),
-                            spans: Vec::new(),
-                        }
-                        .run(inputs, loss)
-                    }))
-                    .unwrap_or_else(|panic| {
-                        let message = panic
-                            .downcast_ref::<String>()
-                            .cloned()
-                            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                            .unwrap_or_else(|| "non-string panic".into());
-                        Err(PipelineError::RankPanicked { rank, message })
-                    });
+                    let rank = comm.rank();
+                    let result = catch(rank, || RankState::<B, S, D>::new(setup, comm, device, chunks, Some(watch), start).run(setup.inputs, setup.loss));
                     if result.is_err() {
-                        abort.store(true, Ordering::SeqCst);
+                        watch.abort.store(true, Ordering::SeqCst);
                     }
                     result
                 })
@@ -153,33 +110,43 @@ where
     Ok(out)
 }
 
+/// This process's rank of the step, over `comm` (one rank per process).
+pub(super) fn run_rank<B, S, L, const D: usize>(setup: StepSetup<'_, L>, comm: &Comm, device: B::Device, chunks: Vec<S>) -> Result<RankResult, PipelineError>
+where
+    B: AutodiffBackend<Gradients = Gradients>,
+    S: PipelineStage<B, D> + Clone,
+    L: Fn(Tensor<B, D>, usize) -> Tensor<B, 1> + Sync,
+{
+    let rank = comm.rank();
+    catch(rank, || RankState::<B, S, D>::new(&setup, comm.clone(), device, chunks, None, Instant::now()).run(setup.inputs, setup.loss))
+}
+
+/// `f`'s result, a panic as [`PipelineError::RankPanicked`].
+fn catch<T>(rank: usize, f: impl FnOnce() -> Result<T, PipelineError>) -> Result<T, PipelineError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| Err(PipelineError::RankPanicked { rank, message: burn_comm::panic_message(&*panic) }))
+}
+
 struct RankState<'a, B: AutodiffBackend, S, const D: usize> {
     schedule: &'a Schedule,
     timeout: Duration,
     overlap: &'a dyn Overlap,
-    transfer: Transfer,
     rank: usize,
     device: B::Device,
     chunks: Vec<S>,
     accumulators: Vec<GradientsAccumulator<S>>,
-    inbox: Receiver<Message<B, D>>,
-    arrived: HashMap<(Task, Payload), Carried<B, D>>,
-    senders: Vec<Sender<Message<B, D>>>,
-    abort: &'a AtomicBool,
-    /// Whom each rank is waiting for now (`NOBODY`: it is computing).
-    waiting: &'a [AtomicUsize],
-    /// When each rank last stopped waiting, in µs from the start (a finished rank stays
-    /// "busy" since its last receive).
-    busy_since: &'a [AtomicU64],
+    comm: Comm,
+    /// Shared with the other ranks of an in-process step.
+    watch: Option<&'a Watch>,
     start: Instant,
     /// Per task in flight: its input (none at stage 0: the micro-batch input).
     activations: HashMap<Task, Option<Tensor<B::InnerBackend, D>>>,
     /// The loss of each micro-batch whose last stage ran here, `loss / M`, detached; read
     /// to the host once, at the end of the step.
     losses: Vec<Tensor<B, 1>>,
-    /// Outputs of local neighbours: activations for the next stage, gradients for the
-    /// previous, when both stages live on this rank (DualPipeV's turn).
-    local: HashMap<(Task, Payload), Carried<B, D>>,
+    /// Payloads produced or received here and not yet used: activations for the next
+    /// stage, gradients for the previous (sent on by a `Send`, or used here when both
+    /// stages live on this rank, as in DualPipeV's turn).
+    local: HashMap<(Task, Payload), Tensor<B::InnerBackend, D>>,
     /// Split backwards waiting for their weight step.
     deferred: HashMap<Task, (Gradients, WeightGradQueue)>,
     spans: Vec<Span>,
@@ -190,23 +157,46 @@ where
     B: AutodiffBackend<Gradients = Gradients>,
     S: PipelineStage<B, D> + Clone,
 {
+    fn new<L>(setup: &StepSetup<'a, L>, comm: Comm, device: B::Device, chunks: Vec<S>, watch: Option<&'a Watch>, start: Instant) -> Self {
+        RankState {
+            schedule: setup.schedule,
+            timeout: setup.timeout,
+            overlap: setup.overlap,
+            rank: comm.rank(),
+            device,
+            accumulators: chunks.iter().map(|_| GradientsAccumulator::new()).collect(),
+            chunks,
+            comm,
+            watch,
+            start,
+            activations: HashMap::new(),
+            losses: Vec::new(),
+            local: HashMap::new(),
+            deferred: HashMap::new(),
+            spans: Vec::new(),
+        }
+    }
+
+    fn aborted(&self) -> bool {
+        self.watch.is_some_and(|w| w.abort.load(Ordering::SeqCst))
+    }
+
     fn run<L: Fn(Tensor<B, D>, usize) -> Tensor<B, 1> + Sync>(mut self, inputs: &[TensorData], loss: &L) -> Result<RankResult, PipelineError> {
         let program = self.schedule.programs[self.rank].clone();
         for instr in program {
-            if self.abort.load(Ordering::SeqCst) {
+            if self.aborted() {
                 return Err(PipelineError::Aborted { rank: self.rank });
             }
             let begin = self.start.elapsed().as_secs_f64();
             match instr {
                 Instr::Send { task, payload, to } => {
-                    let data = self.local.remove(&(task, payload)).expect("a send follows the compute that produced its payload");
-                    // A closed mailbox means that rank has ended: the abort flag reports it.
-                    let _ = self.senders[to].send(Message { task, payload, data });
+                    let x = self.local.remove(&(task, payload)).expect("a send follows the compute that produced its payload");
+                    self.comm.send_tensor(OP, tag(task, payload, self.schedule.stages()), to, x).map_err(|e| self.comm_error(e))?;
                     continue;
                 }
                 Instr::Recv { task, payload, from } => {
-                    let data = self.receive(task, payload, from)?;
-                    self.local.insert((task, payload), data);
+                    let x = self.receive(task, payload, from)?;
+                    self.local.insert((task, payload), x);
                     continue;
                 }
                 _ => {}
@@ -236,11 +226,23 @@ where
         Ok(RankResult { loss, grads, spans: self.spans })
     }
 
-    fn receive(&mut self, task: Task, payload: Payload, from: usize) -> Result<Carried<B, D>, PipelineError> {
-        self.waiting[self.rank].store(from, Ordering::SeqCst);
+    fn comm_error(&self, e: CommError) -> PipelineError {
+        match e {
+            // The rank that left reports its own failure.
+            CommError::RankFailed { .. } => PipelineError::Aborted { rank: self.rank },
+            e => PipelineError::Comm { rank: self.rank, error: e },
+        }
+    }
+
+    fn receive(&mut self, task: Task, payload: Payload, from: usize) -> Result<Tensor<B::InnerBackend, D>, PipelineError> {
+        if let Some(w) = self.watch {
+            w.waiting[self.rank].store(from, Ordering::SeqCst);
+        }
         let result = self.wait(task, payload, from);
-        self.busy_since[self.rank].store(self.micros(), Ordering::SeqCst);
-        self.waiting[self.rank].store(NOBODY, Ordering::SeqCst);
+        if let Some(w) = self.watch {
+            w.busy_since[self.rank].store(self.micros(), Ordering::SeqCst);
+            w.waiting[self.rank].store(NOBODY, Ordering::SeqCst);
+        }
         result
     }
 
@@ -248,29 +250,34 @@ where
         self.start.elapsed().as_micros() as u64
     }
 
-    fn wait(&mut self, task: Task, payload: Payload, from: usize) -> Result<Carried<B, D>, PipelineError> {
-        // Past the deadline, keep waiting while `from` waits itself or has not yet been
-        // busy for a whole timeout: only a rank waiting on the stalled one reports.
+    fn wait(&mut self, task: Task, payload: Payload, from: usize) -> Result<Tensor<B::InnerBackend, D>, PipelineError> {
+        let tag = tag(task, payload, self.schedule.stages());
         let deadline = Instant::now() + self.timeout;
         loop {
-            if let Some(data) = self.arrived.remove(&(task, payload)) {
-                return Ok(data);
+            match self.comm.try_recv_tensor::<B::InnerBackend, D, Float>(OP, tag, from, &self.device, POLL) {
+                Ok(Some(x)) => return Ok(x),
+                Ok(None) => {}
+                Err(e) => return Err(self.comm_error(e)),
             }
-            if self.abort.load(Ordering::SeqCst) {
+            if self.aborted() {
                 return Err(PipelineError::Aborted { rank: self.rank });
             }
-            if Instant::now() > deadline && self.waiting[from].load(Ordering::SeqCst) == NOBODY {
-                let busy = Duration::from_micros(self.micros().saturating_sub(self.busy_since[from].load(Ordering::SeqCst)));
-                if busy >= self.timeout {
-                    return Err(PipelineError::Timeout { rank: self.rank, from, task });
-                }
+            if Instant::now() <= deadline {
+                continue;
             }
-            match self.inbox.recv_timeout(POLL) {
-                Ok(m) => {
-                    self.arrived.insert((m.task, m.payload), m.data);
+            match self.watch {
+                // Past the deadline, keep waiting while `from` waits itself or has not yet
+                // been busy for a whole timeout: only a rank waiting on the stalled one
+                // reports.
+                Some(w) if w.waiting[from].load(Ordering::SeqCst) != NOBODY => {}
+                Some(w) => {
+                    let busy = Duration::from_micros(self.micros().saturating_sub(w.busy_since[from].load(Ordering::SeqCst)));
+                    if busy >= self.timeout {
+                        return Err(PipelineError::Timeout { rank: self.rank, from, task });
+                    }
                 }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return Err(PipelineError::Aborted { rank: self.rank }),
+                // Ranks in other processes: the one waited for is named.
+                None => return Err(PipelineError::Timeout { rank: self.rank, from, task }),
             }
         }
     }
@@ -282,7 +289,7 @@ where
     /// The forward of `task`: its output goes on to the next stage.
     fn forward(&mut self, task: Task, inputs: &[TensorData]) {
         if let Some(x) = self.begin_forward(task, inputs) {
-            let y = forward_pass(&self.chunks[self.chunk(task)], x, self.transfer);
+            let y = forward_pass(&self.chunks[self.chunk(task)], x);
             self.local.insert((task, Payload::Activation), y);
         }
     }
@@ -294,7 +301,7 @@ where
     fn begin_forward(&mut self, task: Task, inputs: &[TensorData]) -> Option<Tensor<B, D>> {
         let data = (task.stage > 0).then(|| {
             let key = (Task::new(task.micro_batch, task.stage - 1), Payload::Activation);
-            self.local.remove(&key).expect("the activation was received or computed here").unpack(&self.device)
+            self.local.remove(&key).expect("the activation was received or computed here")
         });
         let x = (task.stage + 1 < self.schedule.stages()).then(|| match &data {
             Some(x) => Tensor::from_inner(x.clone()),
@@ -307,7 +314,7 @@ where
     /// The backward of `task`: whole, or with the weight gradients queued (`split`).
     fn backward<L: Fn(Tensor<B, D>, usize) -> Tensor<B, 1>>(&mut self, task: Task, split: bool, inputs: &[TensorData], loss: &L) {
         let pass = self.begin_backward(task, inputs);
-        let out = backward_pass(&self.chunks[self.chunk(task)], pass, split, self.transfer, loss);
+        let out = backward_pass(&self.chunks[self.chunk(task)], pass, split, loss);
         self.end_backward(task, out);
     }
 
@@ -325,7 +332,7 @@ where
             Root::Loss { micro_batch: task.micro_batch, micro_batches: self.schedule.micro_batches }
         } else {
             let key = (Task::new(task.micro_batch, task.stage + 1), Payload::Gradient);
-            Root::Gradient(self.local.remove(&key).expect("the gradient was received or computed here").unpack(&self.device))
+            Root::Gradient(self.local.remove(&key).expect("the gradient was received or computed here"))
         };
         BackwardPass { leaf, input, root }
     }
@@ -365,13 +372,13 @@ where
             let (low, high) = self.chunks.split_at_mut(cf.max(cb));
             // `&mut`, not `&`: a stage module is `Send` but need not be `Sync`.
             let (fwd, bwd) = if cf < cb { (&mut low[cf], &mut high[0]) } else { (&mut high[0], &mut low[cb]) };
-            let (transfer, y, out) = (self.transfer, &mut y, &mut out);
+            let (y, out) = (&mut y, &mut out);
             self.overlap.run(OverlapPair {
                 rank: self.rank,
                 forward,
                 backward,
-                run_forward: Box::new(move || *y = Some(x.map(|x| forward_pass(&*fwd, x, transfer)))),
-                run_backward: Box::new(move || *out = Some(backward_pass(&*bwd, pass, false, transfer, loss))),
+                run_forward: Box::new(move || *y = Some(x.map(|x| forward_pass(&*fwd, x)))),
+                run_backward: Box::new(move || *out = Some(backward_pass(&*bwd, pass, false, loss))),
             });
         }
         let missing = |half: &str| PipelineError::RankPanicked { rank: self.rank, message: format!("the overlap hook did not run the {half} of {forward:?} & {backward:?}") };
@@ -397,9 +404,9 @@ where
     }
 }
 
-/// A forward's output, detached, packed for the next stage.
-fn forward_pass<B: AutodiffBackend, S: PipelineStage<B, D>, const D: usize>(stage: &S, x: Tensor<B, D>, transfer: Transfer) -> Carried<B, D> {
-    Carried::pack(stage.forward(x).detach(), transfer)
+/// A forward's output, detached, for the next stage.
+fn forward_pass<B: AutodiffBackend, S: PipelineStage<B, D>, const D: usize>(stage: &S, x: Tensor<B, D>) -> Tensor<B::InnerBackend, D> {
+    stage.forward(x).inner()
 }
 
 /// What starts a stage's backward: the loss (last stage) or its output's gradient.
@@ -422,7 +429,7 @@ struct BackwardOut<B: AutodiffBackend, const D: usize> {
     /// The queued weight-gradient GEMMs of a split backward.
     queue: Option<WeightGradQueue>,
     /// The gradient of the stage input, for the previous stage.
-    dx: Option<Carried<B, D>>,
+    dx: Option<Tensor<B::InnerBackend, D>>,
     /// The micro-batch's loss, `loss / M`, detached (last stage).
     loss: Option<Tensor<B, 1>>,
 }
@@ -437,7 +444,7 @@ struct BackwardOut<B: AutodiffBackend, const D: usize> {
 /// backward is always intact. The cost is one more forward per stage and micro-batch,
 /// and the memory of one stage input per micro-batch in flight instead of its graph
 /// (full activation checkpointing).
-fn backward_pass<B, S, L, const D: usize>(stage: &S, pass: BackwardPass<B, D>, split: bool, transfer: Transfer, loss: &L) -> BackwardOut<B, D>
+fn backward_pass<B, S, L, const D: usize>(stage: &S, pass: BackwardPass<B, D>, split: bool, loss: &L) -> BackwardOut<B, D>
 where
     B: AutodiffBackend<Gradients = Gradients>,
     S: PipelineStage<B, D>,
@@ -457,6 +464,6 @@ where
     } else {
         (root.backward(), None)
     };
-    let dx = pass.leaf.map(|x| Carried::pack(Tensor::from_inner(x.grad(&grads).expect("a stage input receives a gradient")), transfer));
+    let dx = pass.leaf.map(|x| x.grad(&grads).expect("a stage input receives a gradient"));
     BackwardOut { grads, queue, dx, loss }
 }

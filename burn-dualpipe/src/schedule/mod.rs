@@ -46,7 +46,7 @@ pub use validate::validate;
 use core::fmt;
 
 /// One micro-batch at one stage.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct Task {
     /// Micro-batch index, `0..M`.
     pub micro_batch: usize,
@@ -62,7 +62,7 @@ impl Task {
 }
 
 /// What a [`Instr::Send`]/[`Instr::Recv`] carries.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Payload {
     /// The output of the task's forward, the input of the next stage's forward.
     Activation,
@@ -71,7 +71,7 @@ pub enum Payload {
 }
 
 /// One instruction of a rank's program.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Instr {
     /// Forward of a task (and the loss, at the last stage).
     Forward(Task),

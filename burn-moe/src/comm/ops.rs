@@ -21,7 +21,7 @@
 
 use super::{Comm, CommError};
 use crate::backend::MoeBackend;
-use burn::tensor::{backend::Backend, Int, Tensor, TensorPrimitive};
+use burn::tensor::{backend::Backend, DType, Int, IntDType, Tensor, TensorPrimitive};
 use burn_fp8::{Fp8Backend, Fp8Tensor, QuantConfig};
 
 /// Rows this rank sends to and receives from each rank, by rank.
@@ -211,7 +211,12 @@ pub(crate) fn all_to_all_rows<B: Fp8Backend>(
                     None => (None, None),
                 })
                 .unzip();
-            let data = comm.exchange_tensors("all_to_all fp8 codes", data, &device)?;
+            // Codes travel as u32 words, four per word, whatever int type the backend
+            // holds them in (the reference backend's is i64), and come back in it.
+            let local = data.iter().flatten().next().map(|t| t.dtype());
+            let words = data.into_iter().map(|t| t.map(|t| if t.dtype() == DType::U32 { t } else { t.cast(IntDType::U32) })).collect();
+            let data: Vec<Option<Tensor<B, 2, Int>>> = comm.exchange_tensors("all_to_all fp8 codes", words, &device)?;
+            let data: Vec<_> = data.into_iter().map(|t| t.map(|t| match local { Some(DType::I64) => t.cast(IntDType::I64), Some(DType::I32) => t.cast(IntDType::I32), _ => t })).collect();
             let scales = comm.exchange_tensors("all_to_all fp8 scales", scales, &device)?;
             let mut rows = Vec::with_capacity(data.len());
             for (src, (data, scales)) in data.into_iter().zip(scales).enumerate() {

@@ -1,0 +1,60 @@
+//! The model's pipeline across MPI processes (feature `mpi`): the per-rank programs of
+//! parallel.rs — DualPipeV on 2 processes, `[pp 2, ep 2]` on 4 — each checked against one
+//! device on the whole batch. Each `mpi_worker_*` test is one rank's program, started by
+//! the test beside it under `mpirun`; every process draws the same weights and tokens
+//! from the seed the driver passes in `MOE_TEST_SEED`.
+
+use crate::common::Rng;
+use crate::parallel::{dualpipe_v_rank, pp_ep_rank, reference, DUALPIPE_ROWS, PP_EP_ROWS};
+use burn_comm::{mpi, Comm};
+use std::time::Duration;
+
+fn mpirun(ranks: usize, worker: &str) {
+    assert!(burn_comm::mpirun::available(), "mpirun not found: tests/run.sh installs OpenMPI (openmpi-bin)");
+    let seed = std::env::var("MOE_TEST_SEED").ok().unwrap_or_else(|| format!("{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64));
+    eprintln!("{worker} on {ranks} processes: MOE_TEST_SEED={seed}");
+    let test = format!("mpi::{worker}");
+    let args = ["--ignored", "--exact", test.as_str(), "--nocapture", "--test-threads=1"];
+    let job = burn_comm::mpirun::run(ranks, &std::env::current_exe().unwrap(), &args, &[("MOE_TEST_SEED", &seed)], Duration::from_secs(400))
+        .unwrap_or_else(|job| panic!("{worker} on {ranks} processes hung:\n{}", job.output));
+    assert!(job.success, "{worker} on {ranks} processes failed:\n{}", job.output);
+    for r in 0..ranks {
+        assert!(job.output.contains(&format!("rank {r} of {ranks}: ok")), "{worker}: rank {r} did not finish:\n{}", job.output);
+    }
+}
+
+#[test]
+fn dualpipe_v_on_two_processes_takes_the_single_device_step() {
+    mpirun(2, "mpi_worker_dualpipe_v");
+}
+
+#[test]
+fn pipeline_and_expert_parallelism_on_four_processes_take_the_single_device_step() {
+    mpirun(4, "mpi_worker_pp_ep");
+}
+
+fn done(comm: &Comm) {
+    println!("rank {} of {}: ok", comm.rank(), comm.world_size());
+}
+
+#[test]
+#[ignore = "an MPI rank: run by dualpipe_v_on_two_processes_takes_the_single_device_step under mpirun"]
+fn mpi_worker_dualpipe_v() {
+    mpi::launch(Duration::from_secs(120), |comm| {
+        dualpipe_v_rank(&comm, &reference(Rng::new("mpi_worker_dualpipe_v").next(), DUALPIPE_ROWS))?;
+        done(&comm);
+        Ok::<_, String>(())
+    })
+    .unwrap();
+}
+
+#[test]
+#[ignore = "an MPI rank: run by pipeline_and_expert_parallelism_on_four_processes_take_the_single_device_step under mpirun"]
+fn mpi_worker_pp_ep() {
+    mpi::launch(Duration::from_secs(120), |world| {
+        pp_ep_rank(&world, &reference(Rng::new("mpi_worker_pp_ep").next(), PP_EP_ROWS))?;
+        done(&world);
+        Ok::<_, String>(())
+    })
+    .unwrap();
+}
