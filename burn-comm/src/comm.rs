@@ -268,7 +268,7 @@ impl Comm {
                     .map(|p| rmp_serde::to_vec(p).expect("host values encode"))
                     .collect();
                 let got = e.exchange(seq, op, bytes).map_err(|e| self.globalize(e))?;
-                got.iter()
+                got.parts()
                     .enumerate()
                     .map(|(src, b)| {
                         rmp_serde::from_slice(b).map_err(|e| self.decode_error(op, src, e))
@@ -321,34 +321,64 @@ impl Comm {
     /// Receives what rank `from` sent here under `tag` (with the same `op`), waiting at
     /// most the group's timeout.
     pub fn recv<T: Wire>(&self, op: &'static str, tag: u64, from: usize) -> Result<T, CommError> {
-        self.try_recv(op, tag, from, self.timeout())?.ok_or_else(|| self.timeout_error(op, from))
+        self.try_recv(op, tag, from, self.timeout())?
+            .ok_or_else(|| self.timeout_error(op, from))
     }
 
     /// [`Comm::recv`] waiting at most `wait`: `None` when nothing arrived by then.
-    pub fn try_recv<T: Wire>(&self, op: &'static str, tag: u64, from: usize, wait: Duration) -> Result<Option<T>, CommError> {
+    pub fn try_recv<T: Wire>(
+        &self,
+        op: &'static str,
+        tag: u64,
+        from: usize,
+        wait: Duration,
+    ) -> Result<Option<T>, CommError> {
         self.check_peer(op, from)?;
         match &self.inner.engine {
-            Engine::Threads(m) => match m.recv(tag, from, op, wait).map_err(|e| self.globalize(e))? {
-                None => Ok(None),
-                Some(b) => b.downcast::<T>().map(|b| Some(*b)).map_err(|_| self.decode_error(op, from, "a value of another type")),
-            },
+            Engine::Threads(m) => {
+                match m.recv(tag, from, op, wait).map_err(|e| self.globalize(e))? {
+                    None => Ok(None),
+                    Some(b) => b
+                        .downcast::<T>()
+                        .map(|b| Some(*b))
+                        .map_err(|_| self.decode_error(op, from, "a value of another type")),
+                }
+            }
             #[cfg(feature = "mpi")]
             Engine::Mpi(e) => match e.recv(tag, from, op, wait).map_err(|e| self.globalize(e))? {
                 None => Ok(None),
-                Some(bytes) => rmp_serde::from_slice(&bytes).map(Some).map_err(|e| self.decode_error(op, from, e)),
+                Some(bytes) => rmp_serde::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|e| self.decode_error(op, from, e)),
             },
         }
     }
 
-    fn check_dims<const D: usize>(&self, op: &'static str, from: usize, data: &TensorData) -> Result<(), CommError> {
+    fn check_dims<const D: usize>(
+        &self,
+        op: &'static str,
+        from: usize,
+        data: &TensorData,
+    ) -> Result<(), CommError> {
         if data.shape.num_dims() != D {
-            return Err(self.shape_error(op, format!("rank {from} sent a tensor of shape {:?}, expected {D} dimensions", data.shape.to_vec())));
+            return Err(self.shape_error(
+                op,
+                format!(
+                    "rank {from} sent a tensor of shape {:?}, expected {D} dimensions",
+                    data.shape.to_vec()
+                ),
+            ));
         }
         Ok(())
     }
 
     fn timeout_error(&self, op: &'static str, from: usize) -> CommError {
-        CommError::Timeout { rank: self.global_rank(self.rank()), op, missing: vec![self.global_rank(from)], after: self.timeout() }
+        CommError::Timeout {
+            rank: self.global_rank(self.rank()),
+            op,
+            missing: vec![self.global_rank(from)],
+            after: self.timeout(),
+        }
     }
 
     fn check_peer(&self, op: &'static str, peer: usize) -> Result<(), CommError> {
@@ -427,7 +457,7 @@ impl Comm {
                     })
                     .collect();
                 let got = e.exchange(seq, op, bytes).map_err(|e| self.globalize(e))?;
-                got.into_iter()
+                got.parts()
                     .enumerate()
                     .map(|(src, b)| {
                         if b.is_empty() {
@@ -493,17 +523,31 @@ impl Comm {
 
     /// Receives the tensor rank `from` sent here under `tag`, on `device`, waiting at
     /// most the group's timeout.
-    pub fn recv_tensor<B, const D: usize, K>(&self, op: &'static str, tag: u64, from: usize, device: &B::Device) -> Result<Tensor<B, D, K>, CommError>
+    pub fn recv_tensor<B, const D: usize, K>(
+        &self,
+        op: &'static str,
+        tag: u64,
+        from: usize,
+        device: &B::Device,
+    ) -> Result<Tensor<B, D, K>, CommError>
     where
         B: Backend,
         K: TensorKind<B> + BasicOps<B> + 'static,
     {
-        self.try_recv_tensor(op, tag, from, device, self.timeout())?.ok_or_else(|| self.timeout_error(op, from))
+        self.try_recv_tensor(op, tag, from, device, self.timeout())?
+            .ok_or_else(|| self.timeout_error(op, from))
     }
 
     /// [`Comm::recv_tensor`] waiting at most `wait`: `None` when nothing arrived by then
     /// (for a receiver that watches other things between tries).
-    pub fn try_recv_tensor<B, const D: usize, K>(&self, op: &'static str, tag: u64, from: usize, device: &B::Device, wait: Duration) -> Result<Option<Tensor<B, D, K>>, CommError>
+    pub fn try_recv_tensor<B, const D: usize, K>(
+        &self,
+        op: &'static str,
+        tag: u64,
+        from: usize,
+        device: &B::Device,
+        wait: Duration,
+    ) -> Result<Option<Tensor<B, D, K>>, CommError>
     where
         B: Backend,
         K: TensorKind<B> + BasicOps<B> + 'static,
@@ -511,11 +555,20 @@ impl Comm {
         self.check_peer(op, from)?;
         let x = match (&self.inner.engine, self.transport()) {
             (Engine::Threads(m), transport) => {
-                let Some(b) = m.recv(tag, from, op, wait).map_err(|e| self.globalize(e))? else { return Ok(None) };
+                let Some(b) = m.recv(tag, from, op, wait).map_err(|e| self.globalize(e))? else {
+                    return Ok(None);
+                };
                 match transport {
-                    Transport::Device => to(*b.downcast::<Tensor<B, D, K>>().map_err(|_| self.decode_error(op, from, "a tensor of another kind or rank"))?, device),
+                    Transport::Device => to(
+                        *b.downcast::<Tensor<B, D, K>>().map_err(|_| {
+                            self.decode_error(op, from, "a tensor of another kind or rank")
+                        })?,
+                        device,
+                    ),
                     Transport::Host => {
-                        let data = *b.downcast::<TensorData>().map_err(|_| self.decode_error(op, from, "not tensor data"))?;
+                        let data = *b
+                            .downcast::<TensorData>()
+                            .map_err(|_| self.decode_error(op, from, "not tensor data"))?;
                         self.check_dims::<D>(op, from, &data)?;
                         from_data(data, device)
                     }
@@ -523,8 +576,12 @@ impl Comm {
             }
             #[cfg(feature = "mpi")]
             (Engine::Mpi(e), _) => {
-                let Some(bytes) = e.recv(tag, from, op, wait).map_err(|e| self.globalize(e))? else { return Ok(None) };
-                let data = crate::frame::decode(bytes).map_err(|e| self.decode_error(op, from, e))?;
+                let Some(bytes) = e.recv(tag, from, op, wait).map_err(|e| self.globalize(e))?
+                else {
+                    return Ok(None);
+                };
+                let data =
+                    crate::frame::decode(&bytes).map_err(|e| self.decode_error(op, from, e))?;
                 self.check_dims::<D>(op, from, &data)?;
                 from_data(data, device)
             }

@@ -16,7 +16,7 @@ pub(crate) fn encode(data: TensorData) -> Vec<u8> {
 }
 
 /// The tensor data of a frame.
-pub(crate) fn decode(frame: Vec<u8>) -> Result<TensorData, String> {
+pub(crate) fn decode(frame: &[u8]) -> Result<TensorData, String> {
     if frame.len() < 4 {
         return Err(format!("a frame of {} bytes has no header", frame.len()));
     }
@@ -48,11 +48,11 @@ mod tests {
     fn frames_round_trip_and_reject_truncation() {
         let data = TensorData::new(vec![1.5f32, -2.0, 3.25, 0.0, 7.0, -0.5], [2, 3]);
         let frame = encode(data.clone());
-        assert_eq!(decode(frame.clone()).unwrap(), data);
+        assert_eq!(decode(&frame).unwrap(), data);
         let ints = TensorData::new(vec![7u32, 1 << 31], [2]);
-        assert_eq!(decode(encode(ints.clone())).unwrap(), ints);
-        let err = decode(frame[..frame.len() - 1].to_vec()).unwrap_err();
+        assert_eq!(decode(&encode(ints.clone())).unwrap(), ints);
+        let err = decode(&frame[..frame.len() - 1]).unwrap_err();
         assert!(err.contains("23 value bytes for shape [2, 3]"), "{err}");
-        assert!(decode(vec![1, 0]).is_err());
+        assert!(decode(&[1, 0]).is_err());
     }
 }

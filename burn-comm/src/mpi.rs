@@ -82,7 +82,7 @@ impl World {
     pub fn comm(&self, timeout: Duration) -> Comm {
         let _g = lock();
         let world = self.universe.as_ref().expect("initialised").world();
-        let engine = Engine::new(&world, timeout);
+        let engine = Engine::new(&world, timeout, self.threading == Threading::Multiple);
         drop(_g);
         let ranks = (0..engine.size).collect();
         Comm::from_mpi(engine, ranks)
@@ -229,16 +229,48 @@ fn leak(bytes: Vec<u8>) -> (&'static [u8], Box<dyn FnOnce() + Send>) {
 }
 
 /// Sleeps a little between polls once the first tries failed (ranks may share cores).
-struct Backoff(u32);
+struct Backoff {
+    tries: u32,
+    /// Never sleep: for transfers already under way, which MPI moves on only inside
+    /// its calls (a sleep between tests would stall them).
+    spin: bool,
+}
 
 impl Backoff {
+    /// Waiting for another rank to arrive: yields, then sleeps a little.
+    fn arrival() -> Self {
+        Backoff { tries: 0, spin: false }
+    }
+
+    /// Waiting for a transfer every rank has started: yields only.
+    fn transfer() -> Self {
+        Backoff { tries: 0, spin: true }
+    }
+
     fn wait(&mut self) {
-        self.0 += 1;
-        if self.0 < 64 {
+        self.tries += 1;
+        if self.spin || self.tries < 64 {
             std::thread::yield_now();
         } else {
-            std::thread::sleep(Duration::from_micros(if self.0 < 1024 { 20 } else { 200 }));
+            std::thread::sleep(Duration::from_micros(if self.tries < 1024 { 20 } else { 200 }));
         }
+    }
+}
+
+/// What every rank sent here in one exchange: the parts in rank order, back to back.
+pub(crate) struct Received {
+    bytes: Vec<u8>,
+    lengths: Vec<usize>,
+}
+
+impl Received {
+    /// The parts, by source rank.
+    pub(crate) fn parts(&self) -> impl Iterator<Item = &[u8]> {
+        let mut at = 0;
+        self.lengths.iter().map(move |&len| {
+            at += len;
+            &self.bytes[at - len..at]
+        })
     }
 }
 
@@ -249,12 +281,15 @@ pub(crate) struct Engine {
     pub(crate) rank: usize,
     pub(crate) size: usize,
     timeout: Duration,
+    /// Whether the library takes MPI calls from several threads at once
+    /// (`MPI_THREAD_MULTIPLE`).
+    multiple: bool,
     /// Point-to-point sends not yet known to be complete.
     sends: Mutex<Vec<Pending<[u8]>>>,
 }
 
 impl Engine {
-    fn new(comm: &SimpleCommunicator, timeout: Duration) -> Self {
+    fn new(comm: &SimpleCommunicator, timeout: Duration, multiple: bool) -> Self {
         let collectives = comm.duplicate();
         let messages = comm.duplicate();
         Engine {
@@ -263,6 +298,7 @@ impl Engine {
             collectives: Handle(ManuallyDrop::new(collectives)),
             messages: Handle(ManuallyDrop::new(messages)),
             timeout,
+            multiple,
             sends: Mutex::new(Vec::new()),
         }
     }
@@ -280,9 +316,18 @@ impl Engine {
             .0
             .split_by_color_with_key(Color::with_value(color as i32), key as i32)
             .expect("a defined color gives a communicator");
-        let engine = Engine::new(&sub, self.timeout);
+        let engine = Engine::new(&sub, self.timeout, self.multiple);
         drop(sub);
         engine
+    }
+
+    fn timed_out(&self, op: &'static str, missing: Vec<usize>) -> CommError {
+        CommError::Timeout {
+            rank: self.rank,
+            op,
+            missing,
+            after: self.timeout,
+        }
     }
 
     fn engine_error(&self, op: &'static str, detail: String) -> CommError {
@@ -299,7 +344,7 @@ impl Engine {
         seq: u64,
         op: &'static str,
         parts: Vec<Vec<u8>>,
-    ) -> Result<Vec<Vec<u8>>, CommError> {
+    ) -> Result<Received, CommError> {
         let (me, n) = (self.rank, self.size);
         let deadline = Instant::now() + self.timeout;
         let too_big = |len: usize| len > i32::MAX as usize;
@@ -333,7 +378,7 @@ impl Engine {
         }
         let mut recv_len = vec![None::<usize>; n];
         recv_len[me] = Some(parts[me].len());
-        let mut backoff = Backoff(0);
+        let mut backoff = Backoff::arrival();
         loop {
             let mut missing = Vec::new();
             for src in 0..n {
@@ -385,12 +430,7 @@ impl Engine {
                 if missing.is_empty() {
                     missing = (0..n).filter(|&r| r != me).collect();
                 }
-                return Err(CommError::Timeout {
-                    rank: me,
-                    op,
-                    missing,
-                    after: self.timeout,
-                });
+                return Err(self.timed_out(op, missing));
             }
             backoff.wait();
         }
@@ -421,6 +461,25 @@ impl Engine {
             ));
         };
         let total: usize = recv_counts.iter().map(|&c| c as usize).sum();
+        let lengths = recv_counts.iter().map(|&c| c as usize).collect();
+        if self.multiple {
+            // Every rank is in this collective (its header came): the blocking
+            // all-to-all, outside the lock (the library takes calls from any thread),
+            // which MPI moves faster than the non-blocking one it has to be polled for.
+            // Buffers of at least one byte: an empty slice's dangling address is 0x1,
+            // which OpenMPI reads as MPI_IN_PLACE.
+            let mut send = parts.concat();
+            if send.is_empty() {
+                send.push(0);
+            }
+            let mut recv = vec![0u8; total.max(1)];
+            let send_part = mpi::datatype::Partition::new(&send[..], send_counts, send_displs);
+            let mut recv_part = mpi::datatype::PartitionMut::new(&mut recv[..], recv_counts, recv_displs);
+            self.collectives.0.all_to_all_varcount_into(&send_part, &mut recv_part);
+            drop(recv_part);
+            recv.truncate(total);
+            return Ok(Received { bytes: recv, lengths });
+        }
         // Buffers of at least one byte: an empty slice's dangling address is 0x1, which
         // OpenMPI reads as MPI_IN_PLACE.
         let mut concat = parts.concat();
@@ -460,33 +519,18 @@ impl Engine {
                 free_send();
             })),
         };
-        let mut backoff = Backoff(0);
+        let mut backoff = Backoff::transfer();
         while !pending.test() {
             if Instant::now() >= deadline {
-                let missing = (0..n).filter(|&r| r != me).collect();
-                return Err(CommError::Timeout {
-                    rank: me,
-                    op,
-                    missing,
-                    after: self.timeout,
-                });
+                return Err(self.timed_out(op, (0..n).filter(|&r| r != me).collect()));
             }
             backoff.wait();
         }
         // SAFETY: the all-to-all completed; its receive buffer is ours again.
-        let recv: Box<[u8]> = unsafe {
-            Box::from_raw(std::ptr::slice_from_raw_parts_mut(
-                recv_ptr as *mut u8,
-                total.max(1),
-            ))
-        };
-        let mut out = Vec::with_capacity(n);
-        let mut at = 0;
-        for &c in &recv_counts {
-            out.push(recv[at..at + c as usize].to_vec());
-            at += c as usize;
-        }
-        Ok(out)
+        let recv: Box<[u8]> = unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(recv_ptr as *mut u8, total.max(1))) };
+        let mut bytes = recv.into_vec();
+        bytes.truncate(total);
+        Ok(Received { bytes, lengths })
     }
 
     /// Sends `payload` to `dst` under `tag` without waiting for it to arrive.
@@ -518,28 +562,48 @@ impl Engine {
     }
 
     /// Receives what `src` sent here under `tag`, waiting at most `wait` (`None` then).
-    pub(crate) fn recv(&self, tag: u64, src: usize, op: &'static str, wait: Duration) -> Result<Option<Vec<u8>>, CommError> {
+    pub(crate) fn recv(
+        &self,
+        tag: u64,
+        src: usize,
+        op: &'static str,
+        wait: Duration,
+    ) -> Result<Option<Vec<u8>>, CommError> {
         let mpi_tag = self.tag(tag, op)?;
         let deadline = Instant::now() + wait;
-        let mut backoff = Backoff(0);
+        let mut backoff = Backoff::arrival();
         loop {
             let probed = {
                 let _g = lock();
-                self.messages.0.process_at_rank(src as i32).immediate_matched_probe_with_tag(mpi_tag).map(|(message, status)| {
-                    let mut buf = vec![0u8; status.count(u8::equivalent_datatype()) as usize];
-                    message.matched_receive_into(&mut buf[..]);
-                    buf
-                })
+                self.messages
+                    .0
+                    .process_at_rank(src as i32)
+                    .immediate_matched_probe_with_tag(mpi_tag)
+                    .map(|(message, status)| {
+                        let mut buf = vec![0u8; status.count(u8::equivalent_datatype()) as usize];
+                        message.matched_receive_into(&mut buf[..]);
+                        buf
+                    })
             };
             if let Some(buf) = probed {
                 let mut reader = &buf[..];
-                let other_op: String = rmp_serde::from_read(&mut reader).map_err(|e| self.engine_error(op, format!("undecodable message from rank {src}: {e}")))?;
+                let other_op: String = rmp_serde::from_read(&mut reader).map_err(|e| {
+                    self.engine_error(op, format!("undecodable message from rank {src}: {e}"))
+                })?;
                 if other_op != op {
-                    return Err(CommError::Mismatch { rank: self.rank, op, other: src, other_op });
+                    return Err(CommError::Mismatch {
+                        rank: self.rank,
+                        op,
+                        other: src,
+                        other_op,
+                    });
                 }
                 return Ok(Some(reader.to_vec()));
             }
-            self.sends.lock().unwrap_or_else(|e| e.into_inner()).retain_mut(|s| !s.test());
+            self.sends
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain_mut(|s| !s.test());
             if Instant::now() >= deadline {
                 return Ok(None);
             }

@@ -49,13 +49,31 @@ pub struct Job {
 ///
 /// # Errors
 /// The job hung (`Err` with what it printed), or `mpirun` could not be started.
-pub fn run(ranks: usize, program: &std::path::Path, args: &[&str], envs: &[(&str, &str)], limit: std::time::Duration) -> Result<Job, Job> {
+pub fn run(
+    ranks: usize,
+    program: &std::path::Path,
+    args: &[&str],
+    envs: &[(&str, &str)],
+    limit: std::time::Duration,
+) -> Result<Job, Job> {
     use std::process::Stdio;
     let start = std::time::Instant::now();
-    let spawned = command(ranks).arg(program).args(args).envs(envs.iter().copied()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn();
+    let spawned = command(ranks)
+        .arg(program)
+        .args(args)
+        .envs(envs.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
     let mut child = match spawned {
         Ok(child) => child,
-        Err(e) => return Err(Job { success: false, output: format!("mpirun could not start: {e}"), elapsed: start.elapsed() }),
+        Err(e) => {
+            return Err(Job {
+                success: false,
+                output: format!("mpirun could not start: {e}"),
+                elapsed: start.elapsed(),
+            })
+        }
     };
     // Drain the pipes while waiting, so that a chatty job does not block on a full pipe.
     let mut stdout = child.stdout.take().expect("piped");
@@ -83,8 +101,16 @@ pub fn run(ranks: usize, program: &std::path::Path, args: &[&str], envs: &[(&str
         std::thread::sleep(std::time::Duration::from_millis(50));
     };
     let elapsed = start.elapsed();
-    let output = format!("{}{}", out.join().unwrap_or_default(), err.join().unwrap_or_default());
-    let job = Job { success: !hung && status.is_some_and(|s| s.success()), output, elapsed };
+    let output = format!(
+        "{}{}",
+        out.join().unwrap_or_default(),
+        err.join().unwrap_or_default()
+    );
+    let job = Job {
+        success: !hung && status.is_some_and(|s| s.success()),
+        output,
+        elapsed,
+    };
     if hung {
         Err(job)
     } else {

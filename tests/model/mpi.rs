@@ -10,16 +10,47 @@ use burn_comm::{mpi, Comm};
 use std::time::Duration;
 
 fn mpirun(ranks: usize, worker: &str) {
-    assert!(burn_comm::mpirun::available(), "mpirun not found: tests/run.sh installs OpenMPI (openmpi-bin)");
-    let seed = std::env::var("MOE_TEST_SEED").ok().unwrap_or_else(|| format!("{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64));
+    assert!(
+        burn_comm::mpirun::available(),
+        "mpirun not found: tests/run.sh installs OpenMPI (openmpi-bin)"
+    );
+    let seed = std::env::var("MOE_TEST_SEED").ok().unwrap_or_else(|| {
+        format!(
+            "{}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        )
+    });
     eprintln!("{worker} on {ranks} processes: MOE_TEST_SEED={seed}");
     let test = format!("mpi::{worker}");
-    let args = ["--ignored", "--exact", test.as_str(), "--nocapture", "--test-threads=1"];
-    let job = burn_comm::mpirun::run(ranks, &std::env::current_exe().unwrap(), &args, &[("MOE_TEST_SEED", &seed)], Duration::from_secs(400))
-        .unwrap_or_else(|job| panic!("{worker} on {ranks} processes hung:\n{}", job.output));
-    assert!(job.success, "{worker} on {ranks} processes failed:\n{}", job.output);
+    let args = [
+        "--ignored",
+        "--exact",
+        test.as_str(),
+        "--nocapture",
+        "--test-threads=1",
+    ];
+    let job = burn_comm::mpirun::run(
+        ranks,
+        &std::env::current_exe().unwrap(),
+        &args,
+        &[("MOE_TEST_SEED", &seed)],
+        Duration::from_secs(400),
+    )
+    .unwrap_or_else(|job| panic!("{worker} on {ranks} processes hung:\n{}", job.output));
+    assert!(
+        job.success,
+        "{worker} on {ranks} processes failed:\n{}",
+        job.output
+    );
     for r in 0..ranks {
-        assert!(job.output.contains(&format!("rank {r} of {ranks}: ok")), "{worker}: rank {r} did not finish:\n{}", job.output);
+        assert!(
+            job.output.contains(&format!("rank {r} of {ranks}: ok")),
+            "{worker}: rank {r} did not finish:\n{}",
+            job.output
+        );
     }
 }
 
@@ -41,7 +72,10 @@ fn done(comm: &Comm) {
 #[ignore = "an MPI rank: run by dualpipe_v_on_two_processes_takes_the_single_device_step under mpirun"]
 fn mpi_worker_dualpipe_v() {
     mpi::launch(Duration::from_secs(120), |comm| {
-        dualpipe_v_rank(&comm, &reference(Rng::new("mpi_worker_dualpipe_v").next(), DUALPIPE_ROWS))?;
+        dualpipe_v_rank(
+            &comm,
+            &reference(Rng::new("mpi_worker_dualpipe_v").next(), DUALPIPE_ROWS),
+        )?;
         done(&comm);
         Ok::<_, String>(())
     })
@@ -52,7 +86,10 @@ fn mpi_worker_dualpipe_v() {
 #[ignore = "an MPI rank: run by pipeline_and_expert_parallelism_on_four_processes_take_the_single_device_step under mpirun"]
 fn mpi_worker_pp_ep() {
     mpi::launch(Duration::from_secs(120), |world| {
-        pp_ep_rank(&world, &reference(Rng::new("mpi_worker_pp_ep").next(), PP_EP_ROWS))?;
+        pp_ep_rank(
+            &world,
+            &reference(Rng::new("mpi_worker_pp_ep").next(), PP_EP_ROWS),
+        )?;
         done(&world);
         Ok::<_, String>(())
     })

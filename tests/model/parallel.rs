@@ -26,7 +26,11 @@ type B = Autodiff<Ref>;
 
 /// A rank's failure as a communicator error, for the in-process launcher.
 fn as_comm(rank: usize, e: String) -> CommError {
-    CommError::Engine { rank, op: "parallel test", detail: e }
+    CommError::Engine {
+        rank,
+        op: "parallel test",
+        detail: e,
+    }
 }
 
 // The reference is built once for all threads: the backend's random stream is one per
@@ -34,14 +38,26 @@ fn as_comm(rank: usize, e: String) -> CommError {
 
 #[test]
 fn dualpipe_v_one_rank_at_a_time_takes_the_single_device_step() {
-    let reference = reference(Rng::new("dualpipe_v_one_rank_at_a_time").next(), DUALPIPE_ROWS);
-    launch(Comm::group(2, Transport::Host), |comm| dualpipe_v_rank(&comm, &reference).map_err(|e| as_comm(comm.rank(), e))).unwrap();
+    let reference = reference(
+        Rng::new("dualpipe_v_one_rank_at_a_time").next(),
+        DUALPIPE_ROWS,
+    );
+    launch(Comm::group(2, Transport::Host), |comm| {
+        dualpipe_v_rank(&comm, &reference).map_err(|e| as_comm(comm.rank(), e))
+    })
+    .unwrap();
 }
 
 #[test]
 fn pipeline_and_expert_parallelism_on_four_threads_take_the_single_device_step() {
-    let reference = reference(Rng::new("pipeline_and_expert_parallelism_on_four_threads").next(), PP_EP_ROWS);
-    launch(Comm::group(4, Transport::Host), |world| pp_ep_rank(&world, &reference).map_err(|e| as_comm(world.rank(), e))).unwrap();
+    let reference = reference(
+        Rng::new("pipeline_and_expert_parallelism_on_four_threads").next(),
+        PP_EP_ROWS,
+    );
+    launch(Comm::group(4, Transport::Host), |world| {
+        pp_ep_rank(&world, &reference).map_err(|e| as_comm(world.rank(), e))
+    })
+    .unwrap();
 }
 
 /// Rows of the DualPipeV step: 4 micro-batches of one.
@@ -70,11 +86,24 @@ pub(crate) fn reference(seed: u64, rows: usize) -> Reference {
     materialize(&model);
     let n = 13;
     let ids: Vec<i64> = (0..rows * n).map(|_| rng.below(256) as i64).collect();
-    let out = model.loss(Tensor::from_data(TensorData::new(ids.clone(), [rows, n]), &device));
+    let out = model.loss(Tensor::from_data(
+        TensorData::new(ids.clone(), [rows, n]),
+        &device,
+    ));
     let loss = host(out.loss.clone())[0] as f64;
     let counts = out.counts.iter().map(counts_of).collect();
-    let grads = host_grads(&model, &GradientsParams::from_grads(out.loss.backward(), &model));
-    Reference { model, ids, n, loss, counts, grads }
+    let grads = host_grads(
+        &model,
+        &GradientsParams::from_grads(out.loss.backward(), &model),
+    );
+    Reference {
+        model,
+        ids,
+        n,
+        loss,
+        counts,
+        grads,
+    }
 }
 
 fn counts_of(t: &Tensor<B, 1, Int>) -> Vec<i64> {
@@ -84,27 +113,45 @@ fn counts_of(t: &Tensor<B, 1, Int>) -> Vec<i64> {
 /// Checks the gradients of the stages this rank holds against the reference, by id:
 /// whole tensors, or this rank's `part` of `parts` along the first dimension (expert
 /// tensors). Returns how many it checked.
-fn check_grads(what: &str, stage: &ModelStage<B>, grads: &GradientsParams, reference: &Reference, (part, parts): (usize, usize)) -> usize {
+fn check_grads(
+    what: &str,
+    stage: &ModelStage<B>,
+    grads: &GradientsParams,
+    reference: &Reference,
+    (part, parts): (usize, usize),
+) -> usize {
     let mut seen = 0;
     for (id, (dims, g)) in host_grads(stage, grads) {
         let (full_dims, full) = &reference.grads[&id];
         let expected = if &dims == full_dims {
             &full[..]
         } else {
-            assert_eq!(dims[0] * parts, full_dims[0], "{what}: an expert tensor holds its share of the experts");
+            assert_eq!(
+                dims[0] * parts,
+                full_dims[0],
+                "{what}: an expert tensor holds its share of the experts"
+            );
             &full[part * g.len()..(part + 1) * g.len()]
         };
         // 3e-4: the embedding's gradient sums the main path's and the MTP embeddings'
         // (carried through every stage) in another order than one device; 1.1e-4 seen.
         let d = rel_diff(&g, expected);
-        assert!(d <= 3e-4, "{what}: gradient of {dims:?} off by {d:e} of its largest entry");
+        assert!(
+            d <= 3e-4,
+            "{what}: gradient of {dims:?} off by {d:e} of its largest entry"
+        );
         seen += 1;
     }
     seen
 }
 
 /// Each stage's MoE layers' slice of the reference counts.
-fn stage_counts<'a>(reference: &'a Reference, stages: &[ModelStage<B>], s: usize, micro_batches: usize) -> &'a [Vec<i64>] {
+fn stage_counts<'a>(
+    reference: &'a Reference,
+    stages: &[ModelStage<B>],
+    s: usize,
+    micro_batches: usize,
+) -> &'a [Vec<i64>] {
     let layers = |stage: &ModelStage<B>| stage.take_counts(micro_batches).len();
     let start: usize = stages[..s].iter().map(layers).sum();
     &reference.counts[start..start + layers(&stages[s])]
@@ -112,31 +159,72 @@ fn stage_counts<'a>(reference: &'a Reference, stages: &[ModelStage<B>], s: usize
 
 /// Rank `comm.rank()` of DualPipeV over the ranks of `comm` (2), 4 micro-batches.
 pub(crate) fn dualpipe_v_rank(comm: &Comm, reference: &Reference) -> Result<(), String> {
-        let (rows, device) = (DUALPIPE_ROWS, Default::default());
-        let n = reference.n;
-        let schedule = Schedule::new(ScheduleKind::DualPipeV, 2, rows).unwrap();
-        let staged = reference.model.clone().into_stages(schedule.stages()).unwrap();
-        let objective = staged.objective;
-        let pipeline = Pipeline::new(staged.stages, vec![device; 2], schedule.clone()).unwrap();
-        let row = |m: usize| TensorData::new(reference.ids[m * n..(m + 1) * n].to_vec(), [1, n]);
-        let inputs = (0..rows).map(|m| objective.input(Tensor::<B, 2, Int>::from_data(row(m), &device))).collect();
-        let out = pipeline.step_rank(comm, inputs, |y, m| objective.loss(y.clone(), Tensor::from_data(row(m), &y.device())).loss).map_err(|e| e.to_string())?;
-        assert!((out.loss - reference.loss).abs() <= 1e-5 * reference.loss, "loss {} vs one device {}", out.loss, reference.loss);
-        assert_eq!(out.timeline.ranks.len(), 2, "every rank's spans");
-        let held: Vec<usize> = (0..2).map(|c| schedule.stage_of_chunk(comm.rank(), c)).collect();
-        let grads = pipeline.stage_grads(out.grads);
-        let mut seen = 0;
-        for &s in &held {
-            seen += check_grads(&format!("rank {} stage {s}", comm.rank()), &pipeline.stages()[s], &grads[s], reference, (0, 1));
-        }
-        let total: usize = comm.all_gather_host("seen", seen).map_err(|e| e.to_string())?.iter().sum();
-        assert_eq!(total, reference.grads.len(), "a gradient for every parameter, over the ranks");
-        // The counts of the stages' layers (held stages recorded them; the others none).
-        for &s in &held {
-            let counts: Vec<Vec<i64>> = pipeline.stages()[s].take_counts(rows).iter().map(counts_of).collect();
-            // take_counts cleared the record: compare with the reference's slice by length.
-            assert_eq!(counts, stage_counts(reference, pipeline.stages(), s, rows), "stage {s} counts");
-        }
+    let (rows, device) = (DUALPIPE_ROWS, Default::default());
+    let n = reference.n;
+    let schedule = Schedule::new(ScheduleKind::DualPipeV, 2, rows).unwrap();
+    let staged = reference
+        .model
+        .clone()
+        .into_stages(schedule.stages())
+        .unwrap();
+    let objective = staged.objective;
+    let pipeline = Pipeline::new(staged.stages, vec![device; 2], schedule.clone()).unwrap();
+    let row = |m: usize| TensorData::new(reference.ids[m * n..(m + 1) * n].to_vec(), [1, n]);
+    let inputs = (0..rows)
+        .map(|m| objective.input(Tensor::<B, 2, Int>::from_data(row(m), &device)))
+        .collect();
+    let out = pipeline
+        .step_rank(comm, inputs, |y, m| {
+            objective
+                .loss(y.clone(), Tensor::from_data(row(m), &y.device()))
+                .loss
+        })
+        .map_err(|e| e.to_string())?;
+    assert!(
+        (out.loss - reference.loss).abs() <= 1e-5 * reference.loss,
+        "loss {} vs one device {}",
+        out.loss,
+        reference.loss
+    );
+    assert_eq!(out.timeline.ranks.len(), 2, "every rank's spans");
+    let held: Vec<usize> = (0..2)
+        .map(|c| schedule.stage_of_chunk(comm.rank(), c))
+        .collect();
+    let grads = pipeline.stage_grads(out.grads);
+    let mut seen = 0;
+    for &s in &held {
+        seen += check_grads(
+            &format!("rank {} stage {s}", comm.rank()),
+            &pipeline.stages()[s],
+            &grads[s],
+            reference,
+            (0, 1),
+        );
+    }
+    let total: usize = comm
+        .all_gather_host("seen", seen)
+        .map_err(|e| e.to_string())?
+        .iter()
+        .sum();
+    assert_eq!(
+        total,
+        reference.grads.len(),
+        "a gradient for every parameter, over the ranks"
+    );
+    // The counts of the stages' layers (held stages recorded them; the others none).
+    for &s in &held {
+        let counts: Vec<Vec<i64>> = pipeline.stages()[s]
+            .take_counts(rows)
+            .iter()
+            .map(counts_of)
+            .collect();
+        // take_counts cleared the record: compare with the reference's slice by length.
+        assert_eq!(
+            counts,
+            stage_counts(reference, pipeline.stages(), s, rows),
+            "stage {s} counts"
+        );
+    }
     Ok(())
 }
 
@@ -144,40 +232,97 @@ pub(crate) fn dualpipe_v_rank(comm: &Comm, reference: &Reference) -> Result<(), 
 /// over `pp`, each pipeline rank's stages sharded over its `ep` group (one communicator
 /// per stage), each `ep` rank with its own 4 micro-batches of one row.
 pub(crate) fn pp_ep_rank(world: &Comm, reference: &Reference) -> Result<(), String> {
-        let err = |e: &dyn std::fmt::Display| e.to_string();
-        let mesh = DeviceMesh::new(world, &[("pp", 2), ("ep", 2)]).map_err(|e| err(&e))?;
-        let (pp, ep) = (mesh.comm("pp").map_err(|e| err(&e))?.clone(), mesh.comm("ep").map_err(|e| err(&e))?.clone());
-        let e = ep.rank();
-        let (micro_batches, device) = (4, Default::default());
-        // Each expert-parallel rank trains on its own 4 rows: 8 rows in all.
-        assert_eq!(PP_EP_ROWS, 2 * micro_batches);
-        let n = reference.n;
-        let schedule = Schedule::new(ScheduleKind::DualPipeV, 2, micro_batches).unwrap();
-        let staged = reference.model.clone().into_stages(schedule.stages()).unwrap();
-        let objective = staged.objective.with_expert_ranks(2);
-        let held: Vec<usize> = (0..2).map(|c| schedule.stage_of_chunk(pp.rank(), c)).collect();
-        let mut stages = staged.stages;
-        for &s in &held {
-            // One communicator per stage: the rank runs its two stages' passes at once.
-            let stage_comm = ep.split(0, e).map_err(|e| err(&e))?;
-            stages[s] = stages[s].shard_experts(&stage_comm, &device).map_err(|e| err(&e))?;
-        }
-        let pipeline = Pipeline::new(stages, vec![device; 2], schedule.clone()).unwrap();
-        let row = |m: usize| TensorData::new(reference.ids[(e * micro_batches + m) * n..(e * micro_batches + m + 1) * n].to_vec(), [1, n]);
-        let inputs = (0..micro_batches).map(|m| objective.input(Tensor::<B, 2, Int>::from_data(row(m), &device))).collect();
-        let out = pipeline.step_rank(&pp, inputs, |y, m| objective.loss(y.clone(), Tensor::from_data(row(m), &y.device())).loss).map_err(|e| err(&e))?;
-        let loss: f64 = ep.all_gather_host("loss", out.loss).map_err(|e| err(&e))?.iter().sum();
-        assert!((loss - reference.loss).abs() <= 1e-5 * reference.loss, "rank {}: loss {loss} vs one device {}", world.rank(), reference.loss);
-        let mut grads = pipeline.stage_grads(out.grads);
-        let mut seen = 0;
-        for &s in &held {
-            let stage = &pipeline.stages()[s];
-            let synced = stage.sync_grads(std::mem::replace(&mut grads[s], GradientsParams::new())).map_err(|e| err(&e))?;
-            seen += check_grads(&format!("rank {} (pp {}, ep {e}) stage {s}", world.rank(), pp.rank()), stage, &synced, reference, (e, 2));
-            let counts: Vec<Vec<i64>> = stage.take_counts(micro_batches).iter().map(counts_of).collect();
-            assert_eq!(counts, stage_counts(reference, pipeline.stages(), s, micro_batches), "stage {s}: global counts");
-        }
-        let total: usize = pp.all_gather_host("seen", seen).map_err(|e| err(&e))?.iter().sum();
-        assert_eq!(total, reference.grads.len(), "a gradient for every parameter, over the pipeline ranks");
+    let err = |e: &dyn std::fmt::Display| e.to_string();
+    let mesh = DeviceMesh::new(world, &[("pp", 2), ("ep", 2)]).map_err(|e| err(&e))?;
+    let (pp, ep) = (
+        mesh.comm("pp").map_err(|e| err(&e))?.clone(),
+        mesh.comm("ep").map_err(|e| err(&e))?.clone(),
+    );
+    let e = ep.rank();
+    let (micro_batches, device) = (4, Default::default());
+    // Each expert-parallel rank trains on its own 4 rows: 8 rows in all.
+    assert_eq!(PP_EP_ROWS, 2 * micro_batches);
+    let n = reference.n;
+    let schedule = Schedule::new(ScheduleKind::DualPipeV, 2, micro_batches).unwrap();
+    let staged = reference
+        .model
+        .clone()
+        .into_stages(schedule.stages())
+        .unwrap();
+    let objective = staged.objective.with_expert_ranks(2);
+    let held: Vec<usize> = (0..2)
+        .map(|c| schedule.stage_of_chunk(pp.rank(), c))
+        .collect();
+    let mut stages = staged.stages;
+    for &s in &held {
+        // One communicator per stage: the rank runs its two stages' passes at once.
+        let stage_comm = ep.split(0, e).map_err(|e| err(&e))?;
+        stages[s] = stages[s]
+            .shard_experts(&stage_comm, &device)
+            .map_err(|e| err(&e))?;
+    }
+    let pipeline = Pipeline::new(stages, vec![device; 2], schedule.clone()).unwrap();
+    let row = |m: usize| {
+        TensorData::new(
+            reference.ids[(e * micro_batches + m) * n..(e * micro_batches + m + 1) * n].to_vec(),
+            [1, n],
+        )
+    };
+    let inputs = (0..micro_batches)
+        .map(|m| objective.input(Tensor::<B, 2, Int>::from_data(row(m), &device)))
+        .collect();
+    let out = pipeline
+        .step_rank(&pp, inputs, |y, m| {
+            objective
+                .loss(y.clone(), Tensor::from_data(row(m), &y.device()))
+                .loss
+        })
+        .map_err(|e| err(&e))?;
+    let loss: f64 = ep
+        .all_gather_host("loss", out.loss)
+        .map_err(|e| err(&e))?
+        .iter()
+        .sum();
+    assert!(
+        (loss - reference.loss).abs() <= 1e-5 * reference.loss,
+        "rank {}: loss {loss} vs one device {}",
+        world.rank(),
+        reference.loss
+    );
+    let mut grads = pipeline.stage_grads(out.grads);
+    let mut seen = 0;
+    for &s in &held {
+        let stage = &pipeline.stages()[s];
+        let synced = stage
+            .sync_grads(std::mem::replace(&mut grads[s], GradientsParams::new()))
+            .map_err(|e| err(&e))?;
+        seen += check_grads(
+            &format!("rank {} (pp {}, ep {e}) stage {s}", world.rank(), pp.rank()),
+            stage,
+            &synced,
+            reference,
+            (e, 2),
+        );
+        let counts: Vec<Vec<i64>> = stage
+            .take_counts(micro_batches)
+            .iter()
+            .map(counts_of)
+            .collect();
+        assert_eq!(
+            counts,
+            stage_counts(reference, pipeline.stages(), s, micro_batches),
+            "stage {s}: global counts"
+        );
+    }
+    let total: usize = pp
+        .all_gather_host("seen", seen)
+        .map_err(|e| err(&e))?
+        .iter()
+        .sum();
+    assert_eq!(
+        total,
+        reference.grads.len(),
+        "a gradient for every parameter, over the pipeline ranks"
+    );
     Ok(())
 }

@@ -26,14 +26,40 @@ use crate::ep::{
 /// whether `mpirun` succeeded, what the ranks printed and how long the job took. Fails
 /// the test if the job is still running after `limit` (a hang).
 fn mpirun(ranks: usize, worker: &str, limit: Duration) -> (bool, String, Duration) {
-    assert!(burn_comm::mpirun::available(), "mpirun not found: tests/run.sh installs OpenMPI (openmpi-bin)");
-    let seed = std::env::var("MOE_TEST_SEED").ok().unwrap_or_else(|| format!("{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64));
+    assert!(
+        burn_comm::mpirun::available(),
+        "mpirun not found: tests/run.sh installs OpenMPI (openmpi-bin)"
+    );
+    let seed = std::env::var("MOE_TEST_SEED").ok().unwrap_or_else(|| {
+        format!(
+            "{}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        )
+    });
     eprintln!("{worker} on {ranks} processes: MOE_TEST_SEED={seed}");
     let test = format!("mpi::{worker}");
-    let args = ["--ignored", "--exact", test.as_str(), "--nocapture", "--test-threads=1"];
-    match burn_comm::mpirun::run(ranks, &std::env::current_exe().unwrap(), &args, &[("MOE_TEST_SEED", &seed)], limit) {
+    let args = [
+        "--ignored",
+        "--exact",
+        test.as_str(),
+        "--nocapture",
+        "--test-threads=1",
+    ];
+    match burn_comm::mpirun::run(
+        ranks,
+        &std::env::current_exe().unwrap(),
+        &args,
+        &[("MOE_TEST_SEED", &seed)],
+        limit,
+    ) {
         Ok(job) => (job.success, job.output, job.elapsed),
-        Err(job) => panic!("{worker} on {ranks} processes hung past {limit:?}:\n{}", job.output),
+        Err(job) => panic!(
+            "{worker} on {ranks} processes hung past {limit:?}:\n{}",
+            job.output
+        ),
     }
 }
 
