@@ -104,6 +104,12 @@ impl CommError {
 pub trait RankError: From<CommError> {
     /// The collective error inside, if this is one.
     fn as_comm(&self) -> Option<&CommError>;
+
+    /// Whether the error only follows from another rank's failure (that rank's own error
+    /// is then the one to report). By default: a collective error that is one.
+    fn is_consequence(&self) -> bool {
+        self.as_comm().is_some_and(CommError::is_consequence)
+    }
 }
 
 impl RankError for CommError {

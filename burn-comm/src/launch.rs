@@ -60,7 +60,7 @@ where
                 )),
             },
             Ok(Err(e)) => {
-                let consequence = e.as_comm().is_some_and(CommError::is_consequence);
+                let consequence = e.is_consequence();
                 errors.push((if consequence { 2 } else { 1 }, e));
             }
             Ok(Ok(v)) => values.push(v),

@@ -25,6 +25,7 @@ impl Rng {
         Rng(seed | 1)
     }
     /// A generator from a known seed (a seed drawn by [`Rng::new`] and shared).
+    #[allow(dead_code)] // used by tests/model, which shares this file
     pub fn from_seed(seed: u64) -> Self {
         Rng(seed | 1)
     }

@@ -1,11 +1,15 @@
-//! The executor: runs any [`Schedule`] over several Burn devices, one thread per rank.
+//! The executor: runs any [`Schedule`] over several Burn devices, one rank per thread
+//! ([`Pipeline::step`]) or one rank per process ([`Pipeline::step_rank`], over an MPI
+//! communicator of burn-comm).
 //!
 //! Each rank owns a device, its stage chunks (copies of the user's stage modules forked
-//! to that device) and a mailbox. Activations and gradients cross ranks as host copies
-//! (`TensorData`, [`Transfer::Host`], the default), the transfer that works between any
-//! two Burn devices (Burn 0.21's `to_device` between two wgpu devices panics), or with
-//! Burn's device-to-device `to_device` ([`Transfer::Device`]; on CUDA, CubeCL moves the
-//! tensor with NCCL send/receive). A stage's input is a fresh leaf with
+//! to that device) and a [`burn_comm::Comm`] handle. Activations and gradients cross
+//! ranks as point-to-point tensor messages tagged by micro-batch, stage and payload:
+//! between threads as host copies (`TensorData`, [`Transfer::Host`], the default), the
+//! transfer that works between any two Burn devices (Burn 0.21's `to_device` between two
+//! wgpu devices panics), or with Burn's device-to-device `to_device`
+//! ([`Transfer::Device`]; on CUDA, CubeCL moves the tensor with NCCL send/receive);
+//! between processes as host bytes over MPI. A stage's input is a fresh leaf with
 //! `require_grad`, so each stage's backward is its own autodiff pass: `Backward` runs it
 //! whole, `BackwardInput` runs it under burn-fp8's [`WeightGradQueue`](burn_fp8::linear::WeightGradQueue) (the weight GEMMs of
 //! `Fp8Linear` layers are queued) and `BackwardWeight` flushes the queue. Gradients
@@ -18,9 +22,12 @@
 //! the stage module's device and applies any Burn optimizer; the next step forks the
 //! updated stages to the ranks again.
 //!
-//! A rank that panics or errs sets a shared abort flag; ranks waiting on a receive see it
-//! within a poll interval and stop, and a receive that waits longer than the timeout
-//! fails naming the rank it waits for: a step ends with an error, never a hang.
+//! In-process ranks start from burn-comm's launcher. A rank that panics or errs sets a
+//! shared abort flag; ranks waiting on a receive see it within a poll interval and stop,
+//! and a receive that waits longer than the timeout fails naming the stalled rank (a rank
+//! waiting on a rank that is itself waiting keeps waiting): a step ends with an error,
+//! never a hang. Between processes the rank waited for is named, and a failed process
+//! ends the job (burn-comm's `mpi::launch`).
 //!
 //! # Example
 //! ```
@@ -148,6 +155,29 @@ impl fmt::Display for PipelineError {
 }
 
 impl std::error::Error for PipelineError {}
+
+impl From<burn_comm::CommError> for PipelineError {
+    /// A rank's panic caught by the launcher, or a communicator error.
+    fn from(e: burn_comm::CommError) -> Self {
+        match e {
+            burn_comm::CommError::RankFailed { rank, reason, .. } => PipelineError::RankPanicked { rank, message: reason },
+            error => PipelineError::Comm { rank: 0, error },
+        }
+    }
+}
+
+impl burn_comm::RankError for PipelineError {
+    fn as_comm(&self) -> Option<&burn_comm::CommError> {
+        match self {
+            PipelineError::Comm { error, .. } => Some(error),
+            _ => None,
+        }
+    }
+
+    fn is_consequence(&self) -> bool {
+        matches!(self, PipelineError::Aborted { .. })
+    }
+}
 
 /// The gradients one rank's chunk accumulated over the step.
 #[derive(Debug)]

@@ -68,41 +68,21 @@ where
     let comms = Comm::group_with_timeout(ranks, transfer, setup.timeout);
     let watch = Watch { abort: AtomicBool::new(false), waiting: (0..ranks).map(|_| AtomicUsize::new(NOBODY)).collect(), busy_since: (0..ranks).map(|_| AtomicU64::new(0)).collect() };
     let start = Instant::now();
-    let results: Vec<Result<RankResult, PipelineError>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = comms
-            .into_iter()
-            .zip(chunks)
-            .map(|(comm, chunks)| {
-                let (setup, watch) = (&setup, &watch);
-                let device = devices[comm.rank()].clone();
-                scope.spawn(move || {
-                    let rank = comm.rank();
-                    let result = catch(rank, || RankState::<B, S, D>::new(setup, comm, device, chunks, Some(watch), start).run(setup.inputs, setup.loss));
-                    if result.is_err() {
-                        watch.abort.store(true, Ordering::SeqCst);
-                    }
-                    result
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().expect("rank threads catch their panics")).collect()
-    });
-    // The root cause first: a panic; else a timeout (it names the stalled rank); else any
-    // failure.
-    let errors: Vec<&PipelineError> = results.iter().filter_map(|r| r.as_ref().err()).collect();
-    let root = errors
-        .iter()
-        .find(|e| matches!(e, PipelineError::RankPanicked { .. }))
-        .or_else(|| errors.iter().find(|e| matches!(e, PipelineError::Timeout { .. })));
-    if let Some(err) = root {
-        return Err((*err).clone());
-    }
-    if let Some(Err(err)) = results.iter().find(|r| r.is_err()) {
-        return Err(err.clone());
-    }
+    let chunks: Vec<std::sync::Mutex<Option<Vec<S>>>> = chunks.into_iter().map(|c| std::sync::Mutex::new(Some(c))).collect();
+    // burn-comm's launcher: one thread per rank; of the ranks' errors it returns the one
+    // that is not a consequence of another's (a rank's panic or error, a timeout naming
+    // the stalled rank), not the ranks that stopped because of it.
+    let results = burn_comm::launch(comms, |comm| {
+        let rank = comm.rank();
+        let mine = chunks[rank].lock().unwrap_or_else(|e| e.into_inner()).take().expect("each rank takes its chunks once");
+        let result = catch(rank, || RankState::<B, S, D>::new(&setup, comm, devices[rank].clone(), mine, Some(&watch), start).run(setup.inputs, setup.loss));
+        if result.is_err() {
+            watch.abort.store(true, Ordering::SeqCst);
+        }
+        result
+    })?;
     let mut out = StepOutput { loss: 0.0, grads: Vec::new(), timeline: Timeline { ranks: Vec::new() } };
-    for result in results {
-        let r = result.expect("errors returned above");
+    for r in results {
         out.loss += r.loss;
         out.grads.extend(r.grads);
         out.timeline.ranks.push(r.spans);
