@@ -4,42 +4,14 @@
 //! the test beside it under `mpirun`; every process draws the same weights and tokens
 //! from the seed the driver passes in `MOE_TEST_SEED`.
 
-use crate::common::Rng;
+use crate::common::{mpi_workers, Rng};
 use crate::parallel::{dualpipe_v_rank, pp_ep_rank, reference, DUALPIPE_ROWS, PP_EP_ROWS};
 use burn_comm::{mpi, Comm};
 use std::time::Duration;
 
 fn mpirun(ranks: usize, worker: &str) {
-    assert!(
-        burn_comm::mpirun::available(),
-        "mpirun not found: tests/run.sh installs OpenMPI (openmpi-bin)"
-    );
-    let seed = std::env::var("MOE_TEST_SEED").ok().unwrap_or_else(|| {
-        format!(
-            "{}",
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        )
-    });
-    eprintln!("{worker} on {ranks} processes: MOE_TEST_SEED={seed}");
-    let test = format!("mpi::{worker}");
-    let args = [
-        "--ignored",
-        "--exact",
-        test.as_str(),
-        "--nocapture",
-        "--test-threads=1",
-    ];
-    let job = burn_comm::mpirun::run(
-        ranks,
-        &std::env::current_exe().unwrap(),
-        &args,
-        &[("MOE_TEST_SEED", &seed)],
-        Duration::from_secs(400),
-    )
-    .unwrap_or_else(|job| panic!("{worker} on {ranks} processes hung:\n{}", job.output));
+    let job = mpi_workers(ranks, worker, Duration::from_secs(400))
+        .unwrap_or_else(|job| panic!("{worker} on {ranks} processes hung:\n{}", job.output));
     assert!(
         job.success,
         "{worker} on {ranks} processes failed:\n{}",

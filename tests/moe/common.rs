@@ -77,3 +77,19 @@ pub fn assert_close(what: &str, got: &[f32], exact: &[f64], bound: &[f64], tol: 
         assert!(err <= tol * b + 1e-30, "{what}[{i}]: {g} vs {x} (error {err:.3e}, bound {:.3e})", tol * b);
     }
 }
+
+/// Runs the `#[ignore]`d worker test `mpi::{worker}` of this test binary as `ranks` MPI
+/// processes on this machine, every process with the same `MOE_TEST_SEED` (this
+/// process's, or a fresh one, printed). `Err` when the job was still running after
+/// `limit` (a hang); fails when `mpirun` is missing (tests/run.sh installs it).
+#[allow(dead_code)] // each test binary uses what its mpi.rs needs
+pub fn mpi_workers(ranks: usize, worker: &str, limit: std::time::Duration) -> Result<burn_comm::mpirun::Job, burn_comm::mpirun::Job> {
+    assert!(burn_comm::mpirun::available(), "mpirun not found: tests/run.sh installs OpenMPI (openmpi-bin)");
+    let seed = std::env::var("MOE_TEST_SEED")
+        .ok()
+        .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos().to_string());
+    eprintln!("{worker} on {ranks} processes: MOE_TEST_SEED={seed}");
+    let test = format!("mpi::{worker}");
+    let args = ["--ignored", "--exact", test.as_str(), "--nocapture", "--test-threads=1"];
+    burn_comm::mpirun::run(ranks, &std::env::current_exe().unwrap(), &args, &[("MOE_TEST_SEED", &seed)], limit)
+}

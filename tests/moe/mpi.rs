@@ -16,45 +16,16 @@ use burn_moe::ep::EpError;
 use burn_moe::eplb::Placement;
 use burn_moe::Moe;
 
-use crate::common::Rng;
+use crate::common::{mpi_workers, Rng};
 use crate::ep::{
     compare, config, ep_rank, gather_reduce_rank, inputs, random_splits, single_device,
     stamped_rank, Ad, Run,
 };
 
-/// Runs the worker test `worker` of this binary as `ranks` MPI processes; returns
-/// whether `mpirun` succeeded, what the ranks printed and how long the job took. Fails
-/// the test if the job is still running after `limit` (a hang).
+/// Runs the worker test `worker` as `ranks` MPI processes: whether `mpirun` succeeded,
+/// what the ranks printed and how long the job took; a hang fails the test.
 fn mpirun(ranks: usize, worker: &str, limit: Duration) -> (bool, String, Duration) {
-    assert!(
-        burn_comm::mpirun::available(),
-        "mpirun not found: tests/run.sh installs OpenMPI (openmpi-bin)"
-    );
-    let seed = std::env::var("MOE_TEST_SEED").ok().unwrap_or_else(|| {
-        format!(
-            "{}",
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        )
-    });
-    eprintln!("{worker} on {ranks} processes: MOE_TEST_SEED={seed}");
-    let test = format!("mpi::{worker}");
-    let args = [
-        "--ignored",
-        "--exact",
-        test.as_str(),
-        "--nocapture",
-        "--test-threads=1",
-    ];
-    match burn_comm::mpirun::run(
-        ranks,
-        &std::env::current_exe().unwrap(),
-        &args,
-        &[("MOE_TEST_SEED", &seed)],
-        limit,
-    ) {
+    match mpi_workers(ranks, worker, limit) {
         Ok(job) => (job.success, job.output, job.elapsed),
         Err(job) => panic!(
             "{worker} on {ranks} processes hung past {limit:?}:\n{}",
