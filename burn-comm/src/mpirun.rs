@@ -5,8 +5,9 @@ use std::process::Command;
 
 /// `mpirun -np {ranks}` for a job on this machine: more ranks than cores allowed
 /// (`--oversubscribe`), no core binding (ranks that share cores must not be pinned to
-/// the same one), and OpenMPI's run-as-root variables set (ignored when not root). Add
-/// the program and its arguments.
+/// the same one), OpenMPI's run-as-root variables set (ignored when not root), and a
+/// session directory of its own under the temporary directory. Add the program and its
+/// arguments.
 ///
 /// # Example
 /// ```no_run
@@ -15,6 +16,15 @@ use std::process::Command;
 /// ```
 pub fn command(ranks: usize) -> Command {
     let mut cmd = Command::new("mpirun");
+    // A session directory of the job's own: two mpirun started at the same moment race
+    // to create a shared one ("orte_session_dir failed: File exists", seen here).
+    static JOBS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let job = JOBS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let session =
+        std::env::temp_dir().join(format!("burn-comm-mpirun-{}-{job}", std::process::id()));
+    if std::fs::create_dir_all(&session).is_ok() {
+        cmd.env("OMPI_MCA_orte_tmpdir_base", &session);
+    }
     cmd.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
         .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
         // No network beyond loopback is needed or reachable: shared memory between ranks.
@@ -58,7 +68,12 @@ pub fn run(
 ) -> Result<Job, Job> {
     use std::process::Stdio;
     let start = std::time::Instant::now();
-    let spawned = command(ranks)
+    let mut cmd = command(ranks);
+    let session = cmd
+        .get_envs()
+        .find(|(k, _)| *k == "OMPI_MCA_orte_tmpdir_base")
+        .and_then(|(_, v)| v.map(std::path::PathBuf::from));
+    let spawned = cmd
         .arg(program)
         .args(args)
         .envs(envs.iter().copied())
@@ -106,6 +121,9 @@ pub fn run(
         out.join().unwrap_or_default(),
         err.join().unwrap_or_default()
     );
+    if let Some(dir) = session {
+        std::fs::remove_dir_all(dir).ok();
+    }
     let job = Job {
         success: !hung && status.is_some_and(|s| s.success()),
         output,
