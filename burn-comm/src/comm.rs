@@ -242,12 +242,7 @@ impl Comm {
     /// here, by source rank. Every rank of the group must call it (with the same `op`) at
     /// the same point of its sequence of collectives.
     pub fn exchange<T: Wire>(&self, op: &'static str, parts: Vec<T>) -> Result<Vec<T>, CommError> {
-        if parts.len() != self.world_size() {
-            return Err(self.shape_error(
-                op,
-                format!("{} parts for {} ranks", parts.len(), self.world_size()),
-            ));
-        }
+        self.check_parts(op, parts.len())?;
         let seq = self.inner.sequence.fetch_add(1, Ordering::Relaxed);
         match &self.inner.engine {
             Engine::Threads(m) => {
@@ -407,6 +402,7 @@ impl Comm {
         B: Backend,
         K: TensorKind<B> + BasicOps<B> + 'static,
     {
+        self.check_parts(op, parts.len())?;
         let me = self.rank();
         let sent: usize = parts
             .iter()
@@ -434,6 +430,7 @@ impl Comm {
             (Engine::Threads(_), Transport::Host) => {
                 let data = parts
                     .into_iter()
+                    // Host read: the Host transport moves the values through host memory.
                     .map(|p| Box::new(p.map(|t| t.into_data())) as Boxed)
                     .collect();
                 let got = self.exchange_boxed(op, data)?;
@@ -452,6 +449,7 @@ impl Comm {
                 let bytes = parts
                     .into_iter()
                     .map(|p| {
+                        // Host read: MPI moves host bytes (the engine has no device buffers).
                         p.map(|t| crate::frame::encode(t.into_data()))
                             .unwrap_or_default()
                     })
@@ -474,16 +472,21 @@ impl Comm {
     }
 
     /// The in-process engine's exchange of boxed payloads.
+    /// One part per rank, or a shape error naming both counts.
+    fn check_parts(&self, op: &'static str, parts: usize) -> Result<(), CommError> {
+        if parts != self.world_size() {
+            return Err(
+                self.shape_error(op, format!("{parts} parts for {} ranks", self.world_size()))
+            );
+        }
+        Ok(())
+    }
+
+    /// The in-process engine's exchange of boxed payloads (callers pass one per rank).
     fn exchange_boxed(&self, op: &'static str, parts: Vec<Boxed>) -> Result<Vec<Boxed>, CommError> {
         let Engine::Threads(m) = &self.inner.engine else {
             unreachable!("in-process engine only")
         };
-        if parts.len() != self.world_size() {
-            return Err(self.shape_error(
-                op,
-                format!("{} parts for {} ranks", parts.len(), self.world_size()),
-            ));
-        }
         let seq = self.inner.sequence.fetch_add(1, Ordering::Relaxed);
         m.exchange(seq, op, parts).map_err(|e| self.globalize(e))
     }
@@ -511,11 +514,13 @@ impl Comm {
                 Ok(())
             }
             (Engine::Threads(m), Transport::Host) => {
+                // Host read: the Host transport moves the values through host memory.
                 m.send(tag, to, op, Box::new(x.into_data()));
                 Ok(())
             }
             #[cfg(feature = "mpi")]
             (Engine::Mpi(e), _) => e
+                // Host read: MPI moves host bytes (the engine has no device buffers).
                 .send(tag, to, op, crate::frame::encode(x.into_data()))
                 .map_err(|e| self.globalize(e)),
         }

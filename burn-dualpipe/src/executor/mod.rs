@@ -402,6 +402,8 @@ where
             return Err(PipelineError::Mismatch { what: "input micro-batches", expected: self.schedule.micro_batches, got: inputs.len() });
         }
         let rank = comm.rank();
+        // Host read, once per step before any rank runs, as in `step`: the first stage's
+        // chunk re-creates each micro-batch on its own device.
         let inputs: Vec<_> = inputs.into_iter().map(|x| x.into_data()).collect();
         let chunks = self.chunks_of(rank, Transfer::Host);
         comm.barrier("pipeline step").map_err(|error| PipelineError::Comm { rank, error })?;
