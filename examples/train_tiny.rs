@@ -258,8 +258,9 @@ where
         let timeout = std::time::Duration::from_secs(300);
         burn_comm::mpi::launch(timeout, |world| {
             check_layout(args, config, world.world_size());
+            let world = device_engine(world, device).map_err(failed)?;
             if world.rank() == 0 {
-                println!("{} MPI processes: pp {} × ep {}", world.world_size(), args.pp.max(1), args.ep);
+                println!("{} MPI processes ({}): pp {} × ep {}", world.world_size(), world.engine_name(), args.pp.max(1), args.ep);
             }
             if args.pp > 0 {
                 run_mesh::<B>(args, &model, state.clone(), &world, device)
@@ -286,6 +287,18 @@ where
     println!("expert parallelism: {} ranks, {} experts each per MoE layer", args.ep, config.moe.router.n_experts / args.ep);
     launch(Comm::group(args.ep, Transport::Host), |comm| run::<B>(args, &model, state.clone(), Some(comm.clone()), &devices[comm.rank()]))
         .unwrap_or_else(|e| panic!("expert-parallel training stopped: {e}"));
+}
+
+/// The job's communicator for this process's device: with NCCL beside MPI for a CUDA
+/// device (feature `nccl`), MPI alone otherwise.
+#[cfg(feature = "mpi")]
+fn device_engine<D: std::any::Any>(world: Comm, device: &D) -> Result<Comm, burn_comm::CommError> {
+    #[cfg(feature = "nccl")]
+    if let Some(gpu) = (device as &dyn std::any::Any).downcast_ref::<burn::backend::cuda::CudaDevice>() {
+        return world.with_nccl(gpu);
+    }
+    let _ = device;
+    Ok(world)
 }
 
 /// Whether this process is a rank of an MPI job (started by `mpirun`).
@@ -615,7 +628,15 @@ fn main() {
         #[cfg(feature = "cuda")]
         "cuda" => {
             use burn::backend::cuda::CudaDevice;
-            train::<burn::backend::Autodiff<burn::backend::Cuda>>(&args, &(0..world_size(&args)).map(CudaDevice::new).collect::<Vec<_>>(), "cuda")
+            // Under mpirun, each process takes the GPU of its local rank.
+            #[cfg(feature = "mpi")]
+            let gpus: Vec<usize> = match (under_mpirun(), burn_comm::mpi::local_rank()) {
+                (true, Some(local)) => vec![local],
+                _ => (0..world_size(&args)).collect(),
+            };
+            #[cfg(not(feature = "mpi"))]
+            let gpus: Vec<usize> = (0..world_size(&args)).collect();
+            train::<burn::backend::Autodiff<burn::backend::Cuda>>(&args, &gpus.into_iter().map(CudaDevice::new).collect::<Vec<_>>(), "cuda")
         }
         other => panic!("backend {other:?} is not compiled in; build with --features {other}"),
     }

@@ -24,7 +24,7 @@ fi
 # most of a cold build, and they are run in release (README) rather than here.
 # One feature set for every step, so that each crate builds once: CUDA (compiled, runs
 # only on NVIDIA) and MPI (its tests run ranks as processes under mpirun on this machine).
-FEATURES="cuda,mpi"
+FEATURES="cuda,mpi,nccl"
 
 echo "== cargo check --workspace --all-targets --features $FEATURES (every target compiles)"
 cargo check --workspace --all-targets --features "$FEATURES"

@@ -42,6 +42,9 @@ struct Inner {
     transport: Transport,
     sequence: AtomicU64,
     sent_bytes: AtomicU64,
+    /// The NCCL communicator over the same ranks, for CUDA tensors (MPI engine only).
+    #[cfg(feature = "nccl")]
+    nccl: Option<Arc<crate::nccl::Nccl>>,
 }
 
 /// One rank's handle on a group of ranks: threads of one process ([`Comm::group`]) or
@@ -110,6 +113,8 @@ impl Comm {
                 transport,
                 sequence: AtomicU64::new(0),
                 sent_bytes: AtomicU64::new(0),
+                #[cfg(feature = "nccl")]
+                nccl: None,
             }),
         }
     }
@@ -145,13 +150,47 @@ impl Comm {
         self.inner.transport
     }
 
-    /// `"threads"` or `"mpi"`.
+    /// `"threads"`, `"mpi"` or `"mpi+nccl"`.
     pub fn engine_name(&self) -> &'static str {
+        #[cfg(feature = "nccl")]
+        if self.inner.nccl.is_some() {
+            return "mpi+nccl";
+        }
         match &self.inner.engine {
             Engine::Threads(_) => "threads",
             #[cfg(feature = "mpi")]
             Engine::Mpi(_) => "mpi",
         }
+    }
+
+    /// This communicator with an NCCL communicator over the same ranks on `device` beside
+    /// its MPI engine (feature `nccl`): from then on [`Comm::exchange_tensors`] of CUDA
+    /// tensors runs on NCCL between device buffers, everything else on MPI. Collective:
+    /// every rank calls it, each with its own GPU (NCCL takes one GPU per rank; pick it
+    /// with `mpi::World::local_rank` or the launcher's local rank). Sub-groups split from
+    /// it get their own NCCL communicator.
+    ///
+    /// # Errors
+    /// The handle is not an MPI communicator or was cloned already; no libnccl or no such
+    /// GPU; NCCL failed to join the ranks (two ranks on one GPU among the causes).
+    #[cfg(feature = "nccl")]
+    pub fn with_nccl(mut self, device: &cubecl::cuda::CudaDevice) -> Result<Comm, CommError> {
+        let me = self.global_rank(self.rank());
+        let refuse = |detail: &str| CommError::Engine {
+            rank: me,
+            op: "nccl init",
+            detail: detail.into(),
+        };
+        if !matches!(self.inner.engine, Engine::Mpi(_)) {
+            return Err(refuse(
+                "NCCL is set up over an MPI communicator (mpi::launch or mpi::World::comm)",
+            ));
+        }
+        let nccl = crate::nccl::Nccl::init(&self, device)?;
+        Arc::get_mut(&mut self.inner)
+            .ok_or_else(|| refuse("with_nccl takes a communicator that was not cloned yet"))?
+            .nccl = Some(Arc::new(nccl));
+        Ok(self)
     }
 
     /// How long a rank waits for the others in one operation.
@@ -401,6 +440,7 @@ impl Comm {
     where
         B: Backend,
         K: TensorKind<B> + BasicOps<B> + 'static,
+        K::Primitive: 'static,
     {
         self.check_parts(op, parts.len())?;
         let me = self.rank();
@@ -445,6 +485,15 @@ impl Comm {
             }
             #[cfg(feature = "mpi")]
             (Engine::Mpi(e), _) => {
+                #[cfg(feature = "nccl")]
+                if let Some(nccl) = self
+                    .inner
+                    .nccl
+                    .as_ref()
+                    .filter(|_| crate::nccl::is_cuda::<B, K>())
+                {
+                    return crate::nccl::exchange_tensors(self, nccl, op, parts, device);
+                }
                 let seq = self.inner.sequence.fetch_add(1, Ordering::Relaxed);
                 let bytes = parts
                     .into_iter()
@@ -483,6 +532,7 @@ impl Comm {
     }
 
     /// The in-process engine's exchange of boxed payloads (callers pass one per rank).
+    #[allow(irrefutable_let_patterns)]
     fn exchange_boxed(&self, op: &'static str, parts: Vec<Boxed>) -> Result<Vec<Boxed>, CommError> {
         let Engine::Threads(m) = &self.inner.engine else {
             unreachable!("in-process engine only")
@@ -630,7 +680,12 @@ impl Comm {
             #[cfg(feature = "mpi")]
             Engine::Mpi(e) => Engine::Mpi(e.split(color, key)),
         };
-        Ok(Comm::new(engine, sub_rank, ranks, self.transport()))
+        let sub = Comm::new(engine, sub_rank, ranks, self.transport());
+        #[cfg(feature = "nccl")]
+        if let Some(nccl) = &self.inner.nccl {
+            return sub.with_nccl(&nccl.device());
+        }
+        Ok(sub)
     }
 }
 

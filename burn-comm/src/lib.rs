@@ -51,6 +51,8 @@ mod mesh;
 #[cfg(feature = "mpi")]
 pub mod mpi;
 pub mod mpirun;
+#[cfg(feature = "nccl")]
+mod nccl;
 mod threads;
 
 pub use comm::{Comm, Transport, Wire};

@@ -111,6 +111,19 @@ impl Drop for World {
     }
 }
 
+/// This process's rank among the processes of its node, as the launcher tells it
+/// (OpenMPI's `OMPI_COMM_WORLD_LOCAL_RANK`, MPICH's `MPI_LOCALRANKID`, Slurm's
+/// `SLURM_LOCALID`), to pick this rank's GPU before MPI starts; `None` outside a launcher.
+pub fn local_rank() -> Option<usize> {
+    [
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "MPI_LOCALRANKID",
+        "SLURM_LOCALID",
+    ]
+    .iter()
+    .find_map(|v| std::env::var(v).ok()?.parse().ok())
+}
+
 /// Runs `f` on this process's rank of the job, with a communicator over all of them:
 /// initialises MPI, runs `f`, finalises MPI and returns what `f` returned.
 ///
@@ -239,12 +252,18 @@ struct Backoff {
 impl Backoff {
     /// Waiting for another rank to arrive: yields, then sleeps a little.
     fn arrival() -> Self {
-        Backoff { tries: 0, spin: false }
+        Backoff {
+            tries: 0,
+            spin: false,
+        }
     }
 
     /// Waiting for a transfer every rank has started: yields only.
     fn transfer() -> Self {
-        Backoff { tries: 0, spin: true }
+        Backoff {
+            tries: 0,
+            spin: true,
+        }
     }
 
     fn wait(&mut self) {
@@ -252,7 +271,11 @@ impl Backoff {
         if self.spin || self.tries < 64 {
             std::thread::yield_now();
         } else {
-            std::thread::sleep(Duration::from_micros(if self.tries < 1024 { 20 } else { 200 }));
+            std::thread::sleep(Duration::from_micros(if self.tries < 1024 {
+                20
+            } else {
+                200
+            }));
         }
     }
 }
@@ -474,11 +497,17 @@ impl Engine {
             }
             let mut recv = vec![0u8; total.max(1)];
             let send_part = mpi::datatype::Partition::new(&send[..], send_counts, send_displs);
-            let mut recv_part = mpi::datatype::PartitionMut::new(&mut recv[..], recv_counts, recv_displs);
-            self.collectives.0.all_to_all_varcount_into(&send_part, &mut recv_part);
+            let mut recv_part =
+                mpi::datatype::PartitionMut::new(&mut recv[..], recv_counts, recv_displs);
+            self.collectives
+                .0
+                .all_to_all_varcount_into(&send_part, &mut recv_part);
             drop(recv_part);
             recv.truncate(total);
-            return Ok(Received { bytes: recv, lengths });
+            return Ok(Received {
+                bytes: recv,
+                lengths,
+            });
         }
         // Buffers of at least one byte: an empty slice's dangling address is 0x1, which
         // OpenMPI reads as MPI_IN_PLACE.
@@ -527,7 +556,12 @@ impl Engine {
             backoff.wait();
         }
         // SAFETY: the all-to-all completed; its receive buffer is ours again.
-        let recv: Box<[u8]> = unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(recv_ptr as *mut u8, total.max(1))) };
+        let recv: Box<[u8]> = unsafe {
+            Box::from_raw(std::ptr::slice_from_raw_parts_mut(
+                recv_ptr as *mut u8,
+                total.max(1),
+            ))
+        };
         let mut bytes = recv.into_vec();
         bytes.truncate(total);
         Ok(Received { bytes, lengths })

@@ -90,6 +90,56 @@ fn a_killed_process_ends_the_job_naming_it() {
     );
 }
 
+#[cfg(feature = "nccl")]
+#[test]
+fn nccl_across_mpi_processes_moves_cuda_tensors_or_fails_on_every_rank() {
+    // With one GPU per rank, the stamped all-to-all runs on NCCL; on a machine without
+    // CUDA, NCCL or enough GPUs, every rank reports the same error (none hangs or aborts).
+    let (ok, text, _) = mpirun(2, "mpi_worker_nccl", Duration::from_secs(300));
+    assert!(ok, "mpi_worker_nccl failed:\n{text}");
+    let moved = (0..2).all(|r| text.contains(&format!("rank {r} of 2: nccl ok")));
+    let refused = (0..2).all(|r| text.contains(&format!("rank {r} of 2: nccl unavailable")));
+    assert!(moved || refused, "the ranks disagree on NCCL:\n{text}");
+    if refused {
+        assert!(
+            text.contains("nccl init") && (text.contains("CUDA") || text.contains("NCCL")),
+            "the error does not say what is missing:\n{text}"
+        );
+        eprintln!("NCCL is not usable here; the ranks reported:\n{text}");
+    }
+}
+
+#[cfg(feature = "nccl")]
+#[test]
+#[ignore = "an MPI rank: run by nccl_across_mpi_processes_moves_cuda_tensors_or_fails_on_every_rank under mpirun"]
+fn mpi_worker_nccl() {
+    type Gpu = burn::backend::Autodiff<burn::backend::Cuda>;
+    mpi::launch(Duration::from_secs(60), |comm| {
+        let (rank, world) = (comm.rank(), comm.world_size());
+        let gpu = burn::backend::cuda::CudaDevice::new(mpi::local_rank().unwrap_or(rank));
+        match comm.with_nccl(&gpu) {
+            Ok(comm) => {
+                assert_eq!(comm.engine_name(), "mpi+nccl");
+                let mut rng = Rng::new("mpi_worker_nccl");
+                for _ in 0..3 {
+                    stamped_rank::<Gpu>(&comm, &gpu, &random_splits(&mut rng, world), None)?;
+                    stamped_rank::<Gpu>(
+                        &comm,
+                        &gpu,
+                        &random_splits(&mut rng, world),
+                        Some(QuantConfig::activation()),
+                    )?;
+                }
+                gather_reduce_rank(&comm)?;
+                println!("rank {rank} of {world}: nccl ok");
+            }
+            Err(e) => println!("rank {rank} of {world}: nccl unavailable: {e}"),
+        }
+        Ok::<_, CommError>(())
+    })
+    .unwrap();
+}
+
 fn done(comm: &Comm) {
     println!("rank {} of {}: ok", comm.rank(), comm.world_size());
 }

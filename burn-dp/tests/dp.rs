@@ -1,0 +1,448 @@
+//! Data parallelism against one device: K optimizer steps of DDP and ZeRO-1 on W ranks
+//! (threads here, MPI processes in `mpi_*`) equal K steps of one device on the
+//! concatenated batch; ZeRO-1 holds about 1/W of the optimizer state; the BF16-moment
+//! AdamW stores BF16 and stays close to f32.
+
+use burn::backend::{Autodiff, Flex, NdArray};
+use burn::module::{AutodiffModule, Module};
+use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::optim::{AdamWConfig as BurnAdamW, GradientsParams, Optimizer};
+use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{activation::gelu, DType, Tensor, TensorData};
+use burn_comm::{launch, Comm, Transport};
+use burn_dp::{layout, AdamWConfig, Ddp, DpError, Layout, MomentDType, Zero1};
+
+type B = Autodiff<NdArray>;
+const STEPS: usize = 3;
+const ROWS: usize = 3; // per rank and step
+const LR: f64 = 1e-2;
+
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    up: Linear<B>,
+    norm: LayerNorm<B>,
+    down: Linear<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    pub fn new(d_in: usize, hidden: usize, device: &B::Device) -> Self {
+        Mlp {
+            up: LinearConfig::new(d_in, hidden).init(device),
+            norm: LayerNormConfig::new(hidden).init(device),
+            down: LinearConfig::new(hidden, 2).init(device),
+        }
+    }
+
+    fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        self.down
+            .forward(gelu(self.norm.forward(self.up.forward(x))))
+    }
+}
+
+/// Deterministic, non-zero, different per rank, step and element.
+fn batch<B: Backend>(
+    step: usize,
+    first_row: usize,
+    rows: usize,
+    d: usize,
+    device: &B::Device,
+) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    let v =
+        |r: usize, j: usize, k: f32| ((r * 31 + j * 7 + step * 13) as f32 * 0.173 + k).sin() + 0.05;
+    let x: Vec<f32> = (first_row..first_row + rows)
+        .flat_map(|r| (0..d).map(move |j| v(r, j, 0.3)))
+        .collect();
+    let y: Vec<f32> = (first_row..first_row + rows)
+        .flat_map(|r| (0..2).map(move |j| v(r, j, 1.1)))
+        .collect();
+    (
+        Tensor::from_data(TensorData::new(x, [rows, d]), device),
+        Tensor::from_data(TensorData::new(y, [rows, 2]), device),
+    )
+}
+
+fn loss<B: Backend>(m: &Mlp<B>, x: Tensor<B, 2>, y: Tensor<B, 2>) -> Tensor<B, 1> {
+    (m.forward(x) - y).square().mean()
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Mode {
+    Ddp,
+    Zero1,
+}
+
+/// What a run leaves: the loss of each step (this rank's batch) and every parameter.
+pub struct Trained {
+    pub losses: Vec<f32>,
+    pub params: Vec<f32>,
+    pub optim_bytes: usize,
+}
+
+fn flat_params<M: AutodiffModule<B>>(m: &M) -> Vec<f32> {
+    let l = Layout::of::<B, M>(m);
+    layout::take_values::<B, M>(m, 0..l.len())
+        .into_data()
+        .to_vec()
+        .unwrap()
+}
+
+fn record_bytes<R: burn::record::Record<B>>(r: R) -> usize {
+    BinBytesRecorder::<FullPrecisionSettings>::default()
+        .record(r, ())
+        .unwrap()
+        .len()
+}
+
+/// One rank of a data-parallel run (also the reference: one rank holding every row).
+pub fn run_rank(mode: Mode, comm: &Comm, model: Mlp<B>, d: usize) -> Result<Trained, DpError> {
+    let device = Default::default();
+    let (w, r) = (comm.world_size(), comm.rank());
+    let adamw = BurnAdamW::new().with_weight_decay(0.1);
+    let mut model = model;
+    let mut losses = Vec::new();
+    let optim_bytes;
+    match mode {
+        Mode::Ddp => {
+            let ddp = Ddp::new(comm.clone()).with_bucket_bytes(64 * 4); // several buckets
+            let mut optim = adamw.init::<B, Mlp<B>>();
+            for step in 0..STEPS {
+                let (x, y) = batch::<B>(step, r * ROWS, ROWS, d, &device);
+                let l = loss(&model, x, y);
+                losses.push(l.clone().into_scalar());
+                let grads = ddp.sync(&model, GradientsParams::from_grads(l.backward(), &model))?;
+                model = optim.step(LR, model, grads);
+            }
+            optim_bytes = record_bytes(optim.to_record());
+        }
+        Mode::Zero1 => {
+            let mut zero = Zero1::new(adamw.init::<B, Mlp<B>>(), comm.clone());
+            for step in 0..STEPS {
+                let (x, y) = batch::<B>(step, r * ROWS, ROWS, d, &device);
+                let l = loss(&model, x, y);
+                losses.push(l.clone().into_scalar());
+                let grads = GradientsParams::from_grads(l.backward(), &model);
+                model = zero.step(LR, model, grads)?;
+            }
+            optim_bytes = record_bytes(zero.optimizer().to_record());
+        }
+    }
+    let _ = w;
+    Ok(Trained {
+        losses,
+        params: flat_params(&model),
+        optim_bytes,
+    })
+}
+
+/// One device on the concatenated batch of `world` ranks.
+pub fn reference(model: Mlp<B>, world: usize, d: usize) -> Trained {
+    let device = Default::default();
+    let mut optim = BurnAdamW::new().with_weight_decay(0.1).init::<B, Mlp<B>>();
+    let mut model = model;
+    let mut losses = Vec::new();
+    for step in 0..STEPS {
+        let (x, y) = batch::<B>(step, 0, world * ROWS, d, &device);
+        let l = loss(&model, x, y);
+        losses.push(l.clone().into_scalar());
+        model = optim.step(
+            LR,
+            model.clone(),
+            GradientsParams::from_grads(l.backward(), &model),
+        );
+    }
+    Trained {
+        losses,
+        params: flat_params(&model),
+        optim_bytes: record_bytes(optim.to_record()),
+    }
+}
+
+/// Checks the ranks' runs against the reference: the mean of the ranks' losses each step
+/// (relative 1e-5) and every parameter on every rank (1e-5 of the largest value).
+pub fn compare(what: &str, reference: &Trained, ranks: &[Trained]) {
+    for step in 0..STEPS {
+        let mean = ranks.iter().map(|t| t.losses[step]).sum::<f32>() / ranks.len() as f32;
+        let want = reference.losses[step];
+        assert!(
+            (mean - want).abs() <= 1e-5 * want.abs(),
+            "{what}: step {step} loss {mean}, one device {want}"
+        );
+    }
+    let scale = reference.params.iter().fold(0f32, |m, v| m.max(v.abs()));
+    for (r, t) in ranks.iter().enumerate() {
+        assert_eq!(
+            t.params.len(),
+            reference.params.len(),
+            "{what}: rank {r} parameters"
+        );
+        for (i, (a, b)) in t.params.iter().zip(&reference.params).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-5 * scale,
+                "{what}: rank {r} parameter element {i} is {a}, one device {b} (scale {scale})"
+            );
+        }
+    }
+}
+
+/// Burn initialises parameters lazily, at first use: mapping them draws their values now,
+/// so that clones of the model (one per rank) hold the same ones.
+struct Materialize;
+
+impl<Be: Backend> burn::module::ModuleMapper<Be> for Materialize {}
+
+pub fn model(d: usize) -> Mlp<B> {
+    let device = Default::default();
+    B::seed(&device, 2024);
+    Mlp::new(d, 24, &device).map(&mut Materialize)
+}
+
+#[test]
+fn ddp_and_zero1_on_threads_equal_one_device() {
+    let d = 8;
+    for world in [2, 4] {
+        let m = model(d);
+        let reference = reference(m.clone(), world, d);
+        for mode in [Mode::Ddp, Mode::Zero1] {
+            let ranks = launch(Comm::group(world, Transport::Host), |comm| {
+                run_rank(mode, &comm, m.clone(), d)
+            })
+            .unwrap();
+            compare(&format!("{mode:?} on {world} threads"), &reference, &ranks);
+            if mode == Mode::Zero1 {
+                // Each rank holds the state of its shard only: together about one copy.
+                let total: usize = ranks.iter().map(|t| t.optim_bytes).sum();
+                let most = ranks.iter().map(|t| t.optim_bytes).max().unwrap();
+                eprintln!(
+                    "ZeRO-1 on {world} ranks: optimizer record bytes per rank {:?}, one device {}",
+                    ranks.iter().map(|t| t.optim_bytes).collect::<Vec<_>>(),
+                    reference.optim_bytes
+                );
+                assert!(
+                    total <= reference.optim_bytes + 512 * world,
+                    "ZeRO-1 state {total} B over {world} ranks, one copy is {}",
+                    reference.optim_bytes
+                );
+                assert!(
+                    most < reference.optim_bytes * 3 / 4,
+                    "the largest shard holds {most} of {} B",
+                    reference.optim_bytes
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn partition_cuts_at_parameter_boundaries_into_about_equal_parts() {
+    let m = model(8);
+    let l = Layout::of::<B, _>(&m);
+    for parts in 1..=6 {
+        let bounds = l.partition(parts);
+        assert_eq!(bounds.len(), parts + 1);
+        assert_eq!((bounds[0], bounds[parts]), (0, l.numel()));
+        assert!(bounds.windows(2).all(|w| w[0] <= w[1]), "{bounds:?}");
+        assert!(
+            bounds.iter().all(|b| l.offsets.contains(b)),
+            "{bounds:?} off the parameter offsets {:?}",
+            l.offsets
+        );
+        let ranges: Vec<_> = (0..parts)
+            .map(|r| l.params_in(bounds[r], bounds[r + 1]))
+            .collect();
+        assert_eq!(
+            ranges.iter().map(|r| r.len()).sum::<usize>(),
+            l.len(),
+            "every parameter in one part: {ranges:?}"
+        );
+    }
+    // Two parts of the 8→24→2 MLP (314 values): the up weight (192) against the rest.
+    assert_eq!(l.partition(2), vec![0, 192, 314]);
+}
+
+#[test]
+fn ranks_with_different_modules_fail_naming_the_shapes() {
+    let errors = launch(Comm::group(2, Transport::Host), |comm| {
+        let device = Default::default();
+        let m = Mlp::<B>::new(8, if comm.rank() == 0 { 24 } else { 16 }, &device);
+        let (x, y) = batch::<B>(0, 0, 2, 8, &device);
+        let l = loss(&m, x, y);
+        let grads = GradientsParams::from_grads(l.backward(), &m);
+        match Ddp::new(comm.clone()).sync(&m, grads) {
+            Ok(_) => Ok::<_, DpError>(None),
+            Err(e) => Ok(Some(e.to_string())),
+        }
+    })
+    .unwrap();
+    let e = errors[0].as_ref().expect("rank 0 refuses");
+    assert!(
+        e.contains("parameter 0 has shape [8, 24] here, [8, 16] on rank 1"),
+        "{e}"
+    );
+}
+
+fn adamw_run<Be: AutodiffBackend>(config: Option<AdamWConfig>) -> (Vec<f32>, Mlp<Be>) {
+    let device = Default::default();
+    Be::seed(&device, 7);
+    let mut model = Mlp::<Be>::new(8, 24, &device).map(&mut Materialize);
+    let mut losses = Vec::new();
+    let burn = BurnAdamW::new()
+        .with_beta_2(0.95)
+        .with_epsilon(1e-8)
+        .with_weight_decay(0.1);
+    let mut ours = config.map(|c| c.init::<Be, Mlp<Be>>());
+    let mut theirs = burn.init::<Be, Mlp<Be>>();
+    for step in 0..20 {
+        let (x, y) = batch::<Be>(step % 4, 0, 8, 8, &device);
+        let l = loss(&model, x, y);
+        losses.push(l.clone().into_scalar().to_string().parse().unwrap());
+        let grads = GradientsParams::from_grads(l.backward(), &model);
+        model = match ours.as_mut() {
+            Some(o) => o.step(LR, model, grads),
+            None => theirs.step(LR, model, grads),
+        };
+    }
+    (losses, model)
+}
+
+#[test]
+fn adamw_with_f32_moments_equals_burns_adamw() {
+    let (burn, _) = adamw_run::<B>(None);
+    let (ours, _) = adamw_run::<B>(Some(AdamWConfig::new().with_moments(MomentDType::F32)));
+    for (i, (a, b)) in ours.iter().zip(&burn).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-6 * b.abs(),
+            "step {i}: {a} vs Burn's {b}"
+        );
+    }
+}
+
+#[test]
+fn adamw_bf16_moments_are_stored_in_bf16_and_track_f32() {
+    type F = Autodiff<Flex>;
+    let (f32_losses, _) = adamw_run::<F>(Some(AdamWConfig::new().with_moments(MomentDType::F32)));
+    let (bf16_losses, _) = adamw_run::<F>(Some(AdamWConfig::new()));
+    let last = f32_losses.len() - 1;
+    let rel = (bf16_losses[last] - f32_losses[last]).abs() / f32_losses[last];
+    eprintln!(
+        "20 AdamW steps: final loss f32 moments {}, BF16 moments {}, relative difference {rel:.2e}",
+        f32_losses[last], bf16_losses[last]
+    );
+    assert!(
+        f32_losses[last] < f32_losses[0] * 0.8,
+        "training did not progress: {f32_losses:?}"
+    );
+    // BF16 keeps 8 bits of mantissa (relative rounding 2^-9 per step on the moments).
+    assert!(rel < 2e-2, "BF16 moments drift from f32 by {rel}");
+
+    // The stored state is BF16.
+    let device = Default::default();
+    let model = Mlp::<F>::new(8, 24, &device);
+    let (x, y) = batch::<F>(0, 0, 4, 8, &device);
+    let l = loss(&model, x, y);
+    let grads = GradientsParams::from_grads(l.backward(), &model);
+    let param = model.up.weight.clone();
+    let grad = grads.get::<Flex, 2>(param.id).unwrap();
+    let opt = AdamWConfig::new();
+    let (_, state) = burn::optim::SimpleOptimizer::<Flex>::step(
+        &burn_dp::AdamW::from_config(&opt),
+        LR,
+        param.val().inner(),
+        grad,
+        None,
+    );
+    let state = state.unwrap();
+    assert_eq!(
+        (state.moment_1.dtype(), state.moment_2.dtype()),
+        (DType::BF16, DType::BF16)
+    );
+    let f32_state = burn::optim::SimpleOptimizer::<Flex>::step(
+        &burn_dp::AdamW::from_config(&AdamWConfig::new().with_moments(MomentDType::F32)),
+        LR,
+        param.val().inner(),
+        grads.get::<Flex, 2>(param.id).unwrap(),
+        None,
+    )
+    .1
+    .unwrap();
+    assert_eq!(f32_state.moment_1.dtype(), DType::F32);
+}
+
+#[test]
+fn bf16_moments_on_a_backend_without_bf16_are_refused_up_front() {
+    let e = AdamWConfig::new()
+        .check::<NdArray>(&Default::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("BF16") && e.contains("does not store"), "{e}");
+    AdamWConfig::new()
+        .check::<Flex>(&Default::default())
+        .unwrap();
+}
+
+/// The same runs as MPI processes: each `mpi_worker_*` is one rank's program, started by
+/// the test beside it under `mpirun -np 2` and `-np 4` (`#[ignore]`d: alone, outside
+/// `mpirun`, it would be a world of one).
+#[cfg(feature = "mpi")]
+mod mpi {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn ddp_and_zero1_across_mpi_processes_equal_one_device() {
+        assert!(
+            burn_comm::mpirun::available(),
+            "mpirun not found: tests/run.sh installs OpenMPI (openmpi-bin)"
+        );
+        let exe = std::env::current_exe().unwrap();
+        for ranks in [2, 4] {
+            let args = [
+                "--ignored",
+                "--exact",
+                "mpi::mpi_worker_dp",
+                "--nocapture",
+                "--test-threads=1",
+            ];
+            let job = burn_comm::mpirun::run(ranks, &exe, &args, &[], Duration::from_secs(300))
+                .unwrap_or_else(|job| panic!("hung past 300 s:\n{}", job.output));
+            assert!(job.success, "{ranks} processes failed:\n{}", job.output);
+            for r in 0..ranks {
+                assert!(
+                    job.output.contains(&format!("rank {r} of {ranks}: ok")),
+                    "rank {r} did not finish:\n{}",
+                    job.output
+                );
+            }
+        }
+    }
+
+    #[test]
+    #[ignore = "an MPI rank: run by ddp_and_zero1_across_mpi_processes_equal_one_device under mpirun"]
+    fn mpi_worker_dp() {
+        burn_comm::mpi::launch(Duration::from_secs(60), |comm| {
+            let (d, world) = (8, comm.world_size());
+            // Every process builds the same model from the seed.
+            let reference = reference(model(d), world, d);
+            for mode in [Mode::Ddp, Mode::Zero1] {
+                let mine = run_rank(mode, &comm, model(d), d)?;
+                let ranks: Vec<Trained> = comm
+                    .all_gather_host("runs", (mine.losses, mine.params, mine.optim_bytes))?
+                    .into_iter()
+                    .map(|(losses, params, optim_bytes)| Trained {
+                        losses,
+                        params,
+                        optim_bytes,
+                    })
+                    .collect();
+                compare(
+                    &format!("{mode:?} on {world} MPI processes"),
+                    &reference,
+                    &ranks,
+                );
+            }
+            println!("rank {} of {world}: ok", comm.rank());
+            Ok::<_, DpError>(())
+        })
+        .unwrap();
+    }
+}
