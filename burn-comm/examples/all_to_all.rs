@@ -11,9 +11,12 @@
 //! ```sh
 //! cargo run --release -p burn-comm --features mpi --example all_to_all -- --ranks 2,4
 //! ```
-//! (needs `mpirun`; as root it sets OpenMPI's run-as-root variables itself).
+//! (needs `mpirun`; as root it sets OpenMPI's run-as-root variables itself). On a machine
+//! with one NVIDIA GPU per rank, `--features nccl` and `--nccl` add a column: MPI processes
+//! with NCCL between `Cuda` tensors.
 
 use burn::backend::NdArray;
+use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use burn_comm::{launch, Comm, CommError, Transport};
 use std::time::{Duration, Instant};
@@ -47,23 +50,27 @@ const CASES: [Case; 3] = [
 ];
 
 /// Seconds per all-to-all of `case` on this rank (every rank runs the same count).
-fn measure(comm: &Comm, case: Case, min_time: Duration) -> Result<f64, CommError> {
-    let device = Default::default();
+fn measure<B: Backend>(
+    comm: &Comm,
+    case: Case,
+    device: &B::Device,
+    min_time: Duration,
+) -> Result<f64, CommError> {
     let world = comm.world_size();
     let per = if case.rows == 0 { 1 } else { case.rows / world };
     let parts = || {
         (0..world)
             .map(|dst| {
-                Some(Tensor::<NdArray, 2>::full(
+                Some(Tensor::<B, 2>::full(
                     [per, case.width],
                     (comm.rank() * 10 + dst) as f32,
-                    &device,
+                    device,
                 ))
             })
             .collect::<Vec<_>>()
     };
     let once = || -> Result<(), CommError> {
-        let got = comm.exchange_tensors("all_to_all", parts(), &device)?;
+        let got = comm.exchange_tensors("all_to_all", parts(), device)?;
         assert!(got
             .iter()
             .all(|p| p.as_ref().is_some_and(|t| t.dims() == [per, case.width])));
@@ -94,8 +101,10 @@ fn bytes(case: Case, world: usize) -> f64 {
     (per * case.width * 4 * (world - 1)) as f64
 }
 
-fn parse_ranks(args: &[String]) -> Vec<usize> {
+/// `--ranks` and whether `--nccl` was given.
+fn parse_args(args: &[String]) -> (Vec<usize>, bool) {
     let mut ranks = vec![2, 4];
+    let mut nccl = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -115,17 +124,16 @@ fn parse_ranks(args: &[String]) -> Vec<usize> {
                     })
                     .collect();
             }
-            "--child" => {
-                it.next();
-            }
+            "--nccl" if cfg!(feature = "nccl") => nccl = true,
+            "--nccl" => fail("--nccl: build with --features nccl"),
             "--help" | "-h" => {
-                println!("all_to_all [--ranks 2,4]");
+                println!("all_to_all [--ranks 2,4] [--nccl]");
                 std::process::exit(0);
             }
             other => fail(&format!("unknown argument {other:?} (see --help)")),
         }
     }
-    ranks
+    (ranks, nccl)
 }
 
 fn fail(msg: &str) -> ! {
@@ -140,29 +148,45 @@ fn mpi_child() -> bool {
     std::env::var_os("OMPI_COMM_WORLD_SIZE").is_some() || std::env::var_os("PMI_SIZE").is_some()
 }
 
+/// One rank of the MPI job: host tensors over MPI, or (`nccl`) CUDA tensors over NCCL.
 #[cfg(feature = "mpi")]
-fn run_child() {
+fn run_child(nccl: bool) {
     burn_comm::mpi::launch(Duration::from_secs(60), |comm| {
-        for (i, case) in CASES.iter().enumerate() {
-            let s = measure(&comm, *case, MIN_TIME)?;
+        let report = |i: usize, s: f64, comm: &Comm| {
             if comm.rank() == 0 {
                 println!("RESULT {i} {s}");
             }
+        };
+        if nccl {
+            #[cfg(feature = "nccl")]
+            {
+                use burn::backend::cuda::CudaDevice;
+                let gpu = CudaDevice::new(burn_comm::mpi::local_rank().unwrap_or(comm.rank()));
+                let comm = comm.with_nccl(&gpu)?;
+                for (i, case) in CASES.iter().enumerate() {
+                    report(i, measure::<burn::backend::Cuda>(&comm, *case, &gpu, MIN_TIME)?, &comm);
+                }
+            }
+            return Ok(());
+        }
+        for (i, case) in CASES.iter().enumerate() {
+            let s = measure::<NdArray>(&comm, *case, &Default::default(), MIN_TIME)?;
+            report(i, s, &comm);
         }
         Ok::<_, CommError>(())
     })
     .unwrap();
 }
 
-/// Seconds per all-to-all of each case on `world` MPI processes.
+/// Seconds per all-to-all of each case on `world` MPI processes (`nccl`: CUDA tensors).
 #[cfg(feature = "mpi")]
-fn over_mpi(world: usize) -> Option<Vec<f64>> {
+fn over_mpi(world: usize, nccl: bool) -> Option<Vec<f64>> {
     if !burn_comm::mpirun::available() {
         return None;
     }
     let out = burn_comm::mpirun::command(world)
         .arg(std::env::current_exe().ok()?)
-        .args(["--child", "mpi"])
+        .args(["--child", if nccl { "nccl" } else { "mpi" }])
         .output()
         .ok()?;
     if !out.status.success() {
@@ -186,35 +210,42 @@ fn over_mpi(world: usize) -> Option<Vec<f64>> {
 }
 
 #[cfg(not(feature = "mpi"))]
-fn over_mpi(_world: usize) -> Option<Vec<f64>> {
+fn over_mpi(_world: usize, _nccl: bool) -> Option<Vec<f64>> {
     None
 }
 
 fn main() {
     #[cfg(feature = "mpi")]
     if mpi_child() {
-        return run_child();
+        return run_child(std::env::args().any(|a| a == "nccl"));
     }
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let ranks = parse_ranks(&args);
+    let (ranks, nccl) = parse_args(&args);
     println!(
         "all-to-all per rank, f32 rows, NdArray tensors (host), {} cores",
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
     println!(
-        "{:<34} {:>5} {:>12} {:>14} {:>14} {:>10}",
-        "case", "ranks", "bytes out", "threads", "MPI procs", "MPI/thr"
+        "{:<34} {:>5} {:>12} {:>14} {:>14} {:>10}{}",
+        "case",
+        "ranks",
+        "bytes out",
+        "threads",
+        "MPI procs",
+        "MPI/thr",
+        if nccl { "  NCCL (CUDA)" } else { "" }
     );
     for &world in &ranks {
         let threads = launch(Comm::group(world, Transport::Host), |comm| {
             CASES
                 .iter()
-                .map(|c| measure(&comm, *c, MIN_TIME))
+                .map(|c| measure::<NdArray>(&comm, *c, &Default::default(), MIN_TIME))
                 .collect::<Result<Vec<_>, _>>()
         })
         .expect("threads")[0]
             .clone();
-        let mpi = over_mpi(world);
+        let mpi = over_mpi(world, false);
+        let gpus = if nccl { over_mpi(world, true) } else { None };
         for (i, case) in CASES.iter().enumerate() {
             let b = bytes(*case, world);
             let show = |s: f64| {
@@ -228,8 +259,13 @@ fn main() {
                 Some(m) => (show(m[i]), format!("{:.2}x", threads[i] / m[i])),
                 None => ("(no mpi)".to_string(), "-".to_string()),
             };
+            let g = match (&gpus, nccl) {
+                (Some(g), _) => format!("  {:>11}", show(g[i])),
+                (None, true) => "  (failed)".to_string(),
+                (None, false) => String::new(),
+            };
             println!(
-                "{:<34} {:>5} {:>12} {:>14} {:>14} {:>10}",
+                "{:<34} {:>5} {:>12} {:>14} {:>14} {:>10}{g}",
                 case.name,
                 world,
                 b as u64,
