@@ -8,6 +8,8 @@
 //! cargo run --release --example train_tiny -- --ep 2                 # experts over 2 ranks (threads, one device each)
 //! cargo run --release --example train_tiny -- --pp 2                 # DualPipeV: 4 stages over 2 ranks
 //! cargo run --release --example train_tiny -- --pp 2 --ep 2          # and each stage's experts over 2 ranks: 4 threads
+//! cargo run --release --example train_tiny -- --dp 2 --zero 1        # data parallel, optimizer state sharded (ZeRO-1)
+//! cargo run --release --example train_tiny -- --backend flex --moments bf16  # AdamW moments in BF16
 //! cargo build --release --features mpi --example train_tiny && mpirun -np 4 target/release/examples/train_tiny --pp 2 --ep 2
 //! cargo run --release --features cuda --example train_tiny -- --backend cuda --d-model 256 --steps 3000
 //! ```
@@ -49,11 +51,22 @@
 //! `--oversubscribe` past the core count). Rank 0 prints and writes the whole model
 //! (gathered from the stages); every rank writes its optimizer state
 //! (`optim-pp{N}-ep{E}-rank{r}.mpk`), so `--resume` takes the same `--pp` and `--ep`.
-//! Under `mpirun` without `--pp`, the processes are the `--ep` ranks.
+//! Under `mpirun` without `--pp`, the processes are the `--dp` × `--ep` ranks.
+//!
+//! `--dp D` trains data-parallel (burn-dp): `D` replicas, each on its own batch, with
+//! `--zero 0` (default) the gradients averaged over them (DDP), with `--zero 1` the
+//! optimizer state sharded over them (ZeRO-1). With `--ep E` as well the ranks form a
+//! `[dp D, ep E]` mesh: each `ep` group shards the experts, `dp` averages every gradient
+//! and sums the MoE counts for the bias. `--moments bf16` stores AdamW's moments in BF16
+//! (a backend with BF16: `--backend flex`, wgpu, cuda). At the end rank 0 prints what each
+//! rank holds (parameters, gradients, moments) and the bytes it sent; optimizer records
+//! are `optim-dp{D}-zero{Z}-ep{E}-rank{r}.mpk`.
 
 use burn::config::Config;
 use burn::module::{AutodiffModule, Module};
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::{GradientsParams, Optimizer};
+use burn_dp::{AdamW as DpAdamW, AdamWConfig, Ddp, DpError, Layout, MomentDType, Zero1};
 use burn::record::{BinBytesRecorder, FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Int, Tensor, TensorData};
@@ -62,7 +75,6 @@ use burn::backend::autodiff::grads::Gradients;
 use burn_deepseek::dualpipe::executor::{materialize, Pipeline};
 use burn_deepseek::dualpipe::schedule::{Schedule, ScheduleKind};
 use burn_moe::comm::{launch, Comm, DeviceMesh, Transport};
-use burn_moe::ep::EpError;
 use burn_moe::MoeBackend;
 use std::io::Write;
 use std::path::PathBuf;
@@ -85,6 +97,9 @@ struct Args {
     resume: bool,
     ep: usize,
     pp: usize,
+    dp: usize,
+    zero: usize,
+    moments: MomentDType,
     micro_batches: Option<usize>,
     out: PathBuf,
     save_every: usize,
@@ -105,6 +120,9 @@ fn parse_args() -> Args {
         resume: false,
         ep: 1,
         pp: 0,
+        dp: 1,
+        zero: 0,
+        moments: MomentDType::F32,
         micro_batches: None,
         out: PathBuf::from("target/train_tiny"),
         save_every: 250,
@@ -125,6 +143,15 @@ fn parse_args() -> Args {
             "--fp8" => a.fp8 = true,
             "--resume" => a.resume = true,
             "--ep" => a.ep = value().parse().expect("--ep N"),
+            "--dp" => a.dp = value().parse().expect("--dp N: a number of data-parallel ranks"),
+            "--zero" => a.zero = value().parse().ok().filter(|z| [0, 1].contains(z)).unwrap_or_else(|| panic!("--zero 0|1: 0 replicates the optimizer state (DDP), 1 shards it (ZeRO-1)")),
+            "--moments" => {
+                a.moments = match value().as_str() {
+                    "f32" => MomentDType::F32,
+                    "bf16" => MomentDType::Bf16,
+                    other => panic!("--moments {other}: f32 or bf16"),
+                }
+            }
             "--pp" | "--dualpipe" => a.pp = value().parse().unwrap_or_else(|_| panic!("{flag} N: a number of pipeline ranks")),
             "--micro-batches" => a.micro_batches = Some(value().parse().expect("--micro-batches M")),
             "--out" => a.out = PathBuf::from(value()),
@@ -132,28 +159,30 @@ fn parse_args() -> Args {
             "--sample" => a.sample = value().parse().expect("--sample N"),
             "--seed" => a.seed = value().parse().expect("--seed N"),
             "--help" | "-h" => {
-                println!("train_tiny [--backend ndarray|wgpu|cuda] [--steps N] [--batch N] [--seq N] [--d-model N] [--layers N] [--lr X] [--fp8] [--resume] [--ep E] [--pp N [--micro-batches M]] [--out DIR] [--save-every N] [--sample N] [--seed N]");
+                println!("train_tiny [--backend ndarray|flex|wgpu|cuda] [--steps N] [--batch N] [--seq N] [--d-model N] [--layers N] [--lr X] [--fp8] [--resume] [--ep E] [--dp D [--zero 0|1]] [--moments f32|bf16] [--pp N [--micro-batches M]] [--out DIR] [--save-every N] [--sample N] [--seed N]");
                 std::process::exit(0);
             }
             other => panic!("unknown flag {other}; see --help"),
         }
     }
     assert!(a.ep >= 1, "--ep {}: at least one rank", a.ep);
+    assert!(a.dp >= 1, "--dp {}: at least one rank", a.dp);
+    assert!(a.dp == 1 || a.pp == 0, "--dp {} with --pp {}: data parallelism inside the pipeline is not built yet (use --dp with --ep)", a.dp, a.pp);
     assert!(a.micro_batches.is_none() || a.pp > 0, "--micro-batches goes with --pp");
     a
 }
 
-/// The ranks the flags ask for: `--pp N --ep E` → `N · E`; `--ep E` → `E`.
+/// The ranks the flags ask for: `--pp N --ep E` → `N · E`; `--dp D --ep E` → `D · E`.
 fn world_size(args: &Args) -> usize {
-    args.pp.max(1) * args.ep
+    args.pp.max(1) * args.dp * args.ep
 }
 
 /// Checks the parallel layout against the model and the world before any work: the
 /// mesh's size, experts that split over `--ep`, stages that the blocks fill, micro-batches
 /// that split the batch.
 fn check_layout(args: &Args, config: &DeepSeekV3Config, world: usize) {
-    let layout = format!("--pp {} --ep {}", args.pp.max(1), args.ep);
-    DeviceMesh::validate(&[("pp", args.pp.max(1)), ("ep", args.ep)], world).unwrap_or_else(|e| panic!("{layout}: {e} (start {} processes, or as many threads without mpirun)", world_size(args)));
+    let layout = format!("--pp {} --dp {} --ep {}", args.pp.max(1), args.dp, args.ep);
+    DeviceMesh::validate(&[("pp", args.pp.max(1)), ("dp", args.dp), ("ep", args.ep)], world).unwrap_or_else(|e| panic!("{layout}: {e} (start {} processes, or as many threads without mpirun)", world_size(args)));
     let experts = config.moe.router.n_experts;
     assert!(experts % args.ep == 0, "--ep {}: does not divide the {experts} experts of each MoE layer", args.ep);
     if args.pp > 0 {
@@ -218,6 +247,7 @@ where
     B::InnerBackend: MoeBackend,
 {
     let device = &devices[0];
+    adamw(args).check::<B::InnerBackend>(device).unwrap_or_else(|e| panic!("--moments: {e}"));
     B::seed(device, args.seed);
     std::fs::create_dir_all(&args.out).expect("create the output directory");
     let state_path = args.out.join("state.json");
@@ -279,14 +309,19 @@ where
             .unwrap_or_else(|e: RunError| panic!("pipeline training stopped: {e}"));
         return;
     }
-    if args.ep == 1 {
+    let ranks = world_size(args);
+    if ranks == 1 {
         run::<B>(args, &model, state, None, device).expect("a single device has no collectives to fail");
         return;
     }
-    assert!(args.ep <= devices.len(), "--ep {}: this backend offers {} devices here", args.ep, devices.len());
-    println!("expert parallelism: {} ranks, {} experts each per MoE layer", args.ep, config.moe.router.n_experts / args.ep);
-    launch(Comm::group(args.ep, Transport::Host), |comm| run::<B>(args, &model, state.clone(), Some(comm.clone()), &devices[comm.rank()]))
-        .unwrap_or_else(|e| panic!("expert-parallel training stopped: {e}"));
+    if args.ep > 1 {
+        println!("expert parallelism: {} ranks, {} experts each per MoE layer", args.ep, config.moe.router.n_experts / args.ep);
+    }
+    if args.dp > 1 {
+        println!("data parallelism: {} ranks, {}", args.dp, if args.zero == 1 { "ZeRO-1 (optimizer state sharded)" } else { "DDP (optimizer state replicated)" });
+    }
+    launch(Comm::group(ranks, Transport::Host), |comm| run::<B>(args, &model, state.clone(), Some(comm.clone()), &devices[comm.rank() % devices.len()]))
+        .unwrap_or_else(|e| panic!("parallel training stopped: {e}"));
 }
 
 /// The job's communicator for this process's device: with NCCL beside MPI for a CUDA
@@ -403,48 +438,157 @@ fn batches(args: &Args, step: usize, rank: usize) -> Batches<'static> {
     Batches { text: train_text, state: (args.seed ^ step as u64 ^ ((rank as u64) << 32)).wrapping_mul(0x2545_F491_4F6C_DD1D) | 1 }
 }
 
-/// One rank's training loop (the only one without `--ep`): rank 0 prints, evaluates,
-/// writes the model and samples; every rank writes its optimizer state.
-fn run<B: AutodiffBackend + MoeBackend>(args: &Args, model: &DeepSeekV3<B>, mut state: TrainState, comm: Option<Comm>, device: &B::Device) -> Result<(), EpError>
+/// The optimizer of every mode: burn-dp's AdamW with Burn's AdamW defaults (β₂ 0.999,
+/// ε 1e-5; the same update as Burn's), weight decay 0.1, moments as `--moments` says.
+fn adamw(args: &Args) -> AdamWConfig {
+    AdamWConfig::new().with_beta_2(0.999).with_epsilon(1e-5).with_weight_decay(0.1).with_moments(args.moments)
+}
+
+/// The optimizer step of a rank: Burn's adaptor around burn-dp's AdamW (f32 or BF16
+/// moments), the gradients averaged over the `dp` ranks (DDP) or the state sharded over
+/// them (ZeRO-1).
+enum DpOptim<B: AutodiffBackend + MoeBackend>
 where
     B::InnerBackend: MoeBackend,
 {
-    let (rank, world) = comm.as_ref().map_or((0, 1), |c| (c.rank(), c.world_size()));
-    let optim_name = if world == 1 { "optim".to_string() } else { format!("optim-ep{world}-rank{rank}") };
-    let mut model = match &comm {
-        Some(comm) => model.shard_experts(comm, device)?,
+    Replicated(Option<Ddp>, OptimizerAdaptor<DpAdamW, DeepSeekV3<B>, B>),
+    Zero(Zero1<OptimizerAdaptor<DpAdamW, DeepSeekV3<B>, B>>),
+}
+
+impl<B: AutodiffBackend + MoeBackend> DpOptim<B>
+where
+    B::InnerBackend: MoeBackend,
+{
+    fn new(args: &Args, dp: Option<Comm>) -> Self {
+        let adamw = adamw(args).init();
+        match (dp, args.zero) {
+            (Some(dp), 1) => DpOptim::Zero(Zero1::new(adamw, dp)),
+            (dp, _) => DpOptim::Replicated(dp.map(Ddp::new), adamw),
+        }
+    }
+
+    fn adamw(&self) -> &OptimizerAdaptor<DpAdamW, DeepSeekV3<B>, B> {
+        match self {
+            DpOptim::Replicated(_, o) => o,
+            DpOptim::Zero(z) => z.optimizer(),
+        }
+    }
+
+    fn load(&mut self, record: <OptimizerAdaptor<DpAdamW, DeepSeekV3<B>, B> as Optimizer<DeepSeekV3<B>, B>>::Record) {
+        match self {
+            DpOptim::Replicated(_, o) => *o = o.clone().load_record(record),
+            DpOptim::Zero(z) => *z.optimizer_mut() = z.optimizer().clone().load_record(record),
+        }
+    }
+
+    fn step(&mut self, lr: f64, model: DeepSeekV3<B>, grads: GradientsParams) -> Result<DeepSeekV3<B>, DpError> {
+        match self {
+            DpOptim::Replicated(ddp, o) => {
+                let grads = match ddp {
+                    Some(ddp) => ddp.sync(&model, grads)?,
+                    None => grads,
+                };
+                Ok(o.step(lr, model, grads))
+            }
+            DpOptim::Zero(z) => z.step(lr, model, grads),
+        }
+    }
+}
+
+/// The MoE layers' token counts summed over the `dp` ranks (each `ep` group counted its
+/// own tokens), so that every replica updates the balancing bias alike.
+fn counts_over<B: burn::tensor::backend::Backend>(counts: Vec<Tensor<B, 1, Int>>, dp: &Comm) -> Result<Vec<Tensor<B, 1, Int>>, DpError> {
+    let sizes: Vec<usize> = counts.iter().map(|c| c.dims()[0]).collect();
+    let flat = Tensor::cat(counts.into_iter().map(|c| c.float()).collect(), 0);
+    // Counts below 2^24 are exact in f32.
+    let summed = burn_dp::collective::all_reduce(flat, dp)?;
+    Ok(summed.split_with_sizes(sizes, 0).into_iter().map(|c| c.int()).collect())
+}
+
+/// One rank's training loop without `--pp`: alone, or one of the `[dp, ep]` mesh's ranks
+/// — the MoE layers' experts spread over the `ep` group, the gradients averaged (DDP) or
+/// the optimizer state sharded (ZeRO-1) over the `dp` group. Rank 0 prints, evaluates,
+/// writes the model and samples; every rank writes its optimizer state.
+fn run<B: AutodiffBackend + MoeBackend>(args: &Args, model: &DeepSeekV3<B>, mut state: TrainState, world: Option<Comm>, device: &B::Device) -> Result<(), RunError>
+where
+    B::InnerBackend: MoeBackend,
+{
+    let (rank, ranks) = world.as_ref().map_or((0, 1), |c| (c.rank(), c.world_size()));
+    let (ep, dp) = match &world {
+        Some(world) => {
+            let mesh = DeviceMesh::new(world, &[("dp", args.dp), ("ep", args.ep)]).map_err(failed)?;
+            let ep = (args.ep > 1).then(|| mesh.comm("ep").cloned()).transpose().map_err(failed)?;
+            let dp = (args.dp > 1).then(|| mesh.comm("dp").cloned()).transpose().map_err(failed)?;
+            (ep, dp)
+        }
+        None => (None, None),
+    };
+    let optim_name = match ranks {
+        1 => "optim".to_string(),
+        _ if args.dp == 1 => format!("optim-ep{}-rank{rank}", args.ep),
+        _ => format!("optim-dp{}-zero{}-ep{}-rank{rank}", args.dp, args.zero, args.ep),
+    };
+    let mut model = match &ep {
+        Some(comm) => model.shard_experts(comm, device).map_err(failed)?,
         None => model.clone(),
     };
-    let mut optim = AdamWConfig::new().with_weight_decay(0.1).init();
+    let mut optim = DpOptim::<B>::new(args, dp.clone());
     if args.resume {
         let path = args.out.join(&optim_name);
-        optim = optim.load_record(recorder().load(path.clone(), device).unwrap_or_else(|e| panic!("--resume: {}.mpk (the optimizer state of this rank count): {e}", path.display())));
+        optim.load(recorder().load(path.clone(), device).unwrap_or_else(|e| panic!("--resume: {}.mpk (the optimizer state of this layout): {e}", path.display())));
     }
     let mut batches = batches(args, state.step, rank);
     let (start, mut speed) = (Instant::now(), Throughput::default());
+    let mut held = None;
     while state.step < args.steps {
         let step_start = Instant::now();
         let lr = learning_rate(args, state.step);
         let batch = tokens::<B>(batches.next(args.batch, args.seq + 2), args.batch, device);
-        let out = model.try_loss(batch)?;
+        let out = model.try_loss(batch).map_err(failed)?;
         let losses = (out.lm_loss.clone().into_scalar().elem::<f32>(), out.mtp_losses[0].clone().into_scalar().elem::<f32>());
-        let grads = model.sync_grads(GradientsParams::from_grads(out.loss.backward(), &model))?;
-        model = optim.step(lr, model, grads).update_bias(&out.counts);
+        let grads = model.sync_grads(GradientsParams::from_grads(out.loss.backward(), &model)).map_err(failed)?;
+        let layout = Layout::of::<B, _>(&model);
+        let grad_bytes = burn_dp::memory::grad_bytes::<B>(&grads, &layout);
+        let counts = match &dp {
+            Some(dp) => counts_over(out.counts, dp).map_err(failed)?,
+            None => out.counts,
+        };
+        model = optim.step(lr, model, grads).map_err(failed)?.update_bias(&counts);
+        if held.is_none() {
+            // What this rank holds, from its tensors: parameters, one step's gradients, the
+            // optimizer's moments.
+            held = Some((burn_dp::memory::param_bytes(&model), grad_bytes, burn_dp::memory::adamw_state_bytes(optim.adamw(), &layout)));
+        }
         state.step += 1;
-        speed.add(state.step, world * args.batch * args.seq, step_start);
+        speed.add(state.step, ranks * args.batch * args.seq, step_start);
         if rank == 0 {
-            progress(&mut state, args, losses, speed.per_second(), load_ratio(&out.counts), "");
+            progress(&mut state, args, losses, speed.per_second(), load_ratio(&counts), "");
         }
         if state.step % args.save_every == 0 || state.step == args.steps {
-            let whole = model.unshard_experts()?;
-            recorder().record(optim.to_record(), args.out.join(&optim_name)).expect("write the optimizer record");
+            let whole = model.unshard_experts().map_err(failed)?;
+            recorder().record(optim.adamw().to_record(), args.out.join(&optim_name)).expect("write the optimizer record");
             if rank == 0 {
                 checkpoint(args, &mut state, &whole, device, start);
             }
         }
     }
+    if let Some((params, grads, moments)) = held {
+        let all = match &world {
+            Some(w) => w.all_gather_host("held bytes", (params, grads, moments)).map_err(failed)?,
+            None => vec![(params, grads, moments)],
+        };
+        if rank == 0 {
+            let mb = |b: usize| b as f64 / 1e6;
+            for (r, (p, g, m)) in all.iter().enumerate() {
+                println!("rank {r} holds: parameters {:.2} MB, gradients {:.2} MB, AdamW moments ({:?}) {:.2} MB", mb(*p), mb(*g), args.moments, mb(*m));
+            }
+            if let Some(w) = &world {
+                println!("sent per rank: {:.1} MB", mb(w.sent_bytes() as usize));
+            }
+        }
+    }
     // Every rank takes part in gathering the experts; rank 0 samples.
-    let valid = model.unshard_experts()?.valid();
+    let valid = model.unshard_experts().map_err(failed)?.valid();
     if rank == 0 {
         sample(args, &state, &valid, &optim_name, device);
     }
@@ -484,7 +628,7 @@ where
     }
     let mut pipeline = Pipeline::new(stages, vec![device.clone(); pp], schedule).map_err(failed)?;
     let optim_name = format!("optim-pp{pp}-ep{ep}-rank{rank}");
-    let mut optim = AdamWConfig::new().with_weight_decay(0.1).init();
+    let mut optim = adamw(args).init();
     if args.resume {
         let path = args.out.join(&optim_name);
         optim = optim.load_record(recorder().load(path.clone(), device).unwrap_or_else(|e| panic!("--resume: {}.mpk (the optimizer state of this layout): {e}", path.display())));
@@ -620,6 +764,8 @@ fn main() {
     match args.backend.as_str() {
         #[cfg(feature = "ndarray")]
         "ndarray" => train::<burn::backend::Autodiff<burn::backend::NdArray>>(&args, &vec![Default::default(); world_size(&args)], "ndarray (reference CPU backend)"),
+        #[cfg(feature = "flex")]
+        "flex" => train::<burn::backend::Autodiff<burn::backend::Flex>>(&args, &vec![Default::default(); world_size(&args)], "flex (Burn's CPU backend)"),
         #[cfg(feature = "wgpu")]
         "wgpu" => {
             use burn::backend::wgpu::WgpuDevice;

@@ -35,6 +35,7 @@ pub mod hf;
 pub mod model;
 
 pub use burn_comm as comm;
+pub use burn_dp as dp;
 pub use burn_dualpipe as dualpipe;
 pub use burn_fp8 as fp8;
 pub use burn_moe as moe;
@@ -53,6 +54,9 @@ pub mod guide_expert_parallel {}
 
 #[doc = include_str!("../docs/distributed.md")]
 pub mod guide_distributed {}
+
+#[doc = include_str!("../docs/data-parallel.md")]
+pub mod guide_data_parallel {}
 
 #[doc = include_str!("../docs/mla.md")]
 pub mod guide_mla {}

@@ -24,6 +24,7 @@ pub mod collective;
 mod ddp;
 mod error;
 pub mod layout;
+pub mod memory;
 mod zero;
 
 pub use adamw::{AdamW, AdamWConfig, AdamWState, MomentDType};

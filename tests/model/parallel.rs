@@ -60,6 +60,91 @@ fn pipeline_and_expert_parallelism_on_four_threads_take_the_single_device_step()
     .unwrap();
 }
 
+#[test]
+fn data_and_expert_parallelism_on_four_threads_take_the_single_device_step() {
+    let reference = reference(
+        Rng::new("data_and_expert_parallelism_on_four_threads").next(),
+        DP_EP_ROWS,
+    );
+    launch(Comm::group(4, Transport::Host), |world| {
+        dp_ep_rank(&world, &reference).map_err(|e| as_comm(world.rank(), e))
+    })
+    .unwrap();
+}
+
+/// Rows of the `[dp 2, ep 2]` step: 2 per rank.
+pub(crate) const DP_EP_ROWS: usize = 8;
+
+/// Rank `world.rank()` of a `[dp 2, ep 2]` mesh over the 4 ranks of `world`: the
+/// experts sharded over `ep` (the model's sync sums the replicated gradients over it),
+/// then DDP averages every gradient — dense and expert — over `dp`, so the expert
+/// gradients are divided by the whole data-parallel size (torchtitan's rule); the MoE
+/// counts summed over `dp` are the whole batch's. Each rank has 2 rows.
+pub(crate) fn dp_ep_rank(world: &Comm, reference: &Reference) -> Result<(), String> {
+    let err = |e: &dyn std::fmt::Display| e.to_string();
+    let mesh = DeviceMesh::new(world, &[("dp", 2), ("ep", 2)]).map_err(|e| err(&e))?;
+    let (dp, ep) = (
+        mesh.comm("dp").map_err(|e| err(&e))?.clone(),
+        mesh.comm("ep").map_err(|e| err(&e))?.clone(),
+    );
+    let (r, n, device) = (world.rank(), reference.n, Default::default());
+    let rows = DP_EP_ROWS / 4;
+    let model = reference
+        .model
+        .shard_experts(&ep, &device)
+        .map_err(|e| err(&e))?;
+    let ids = reference.ids[r * rows * n..(r + 1) * rows * n].to_vec();
+    let out = model
+        .try_loss(Tensor::from_data(TensorData::new(ids, [rows, n]), &device))
+        .map_err(|e| err(&e))?;
+    // The ep group's objective is its 4 rows' mean; dp averages the two groups.
+    let loss: f64 = world
+        .all_gather_host("loss", host(out.loss.clone())[0] as f64)
+        .map_err(|e| err(&e))?
+        .iter()
+        .sum::<f64>()
+        / 2.0;
+    assert!(
+        (loss - reference.loss).abs() <= 1e-5 * reference.loss,
+        "rank {r}: loss {loss} vs one device {}",
+        reference.loss
+    );
+    let grads = model
+        .sync_grads(GradientsParams::from_grads(out.loss.backward(), &model))
+        .map_err(|e| err(&e))?;
+    let grads = burn_dp::Ddp::new(dp.clone())
+        .sync(&model, grads)
+        .map_err(|e| err(&e))?;
+    let mut seen = 0;
+    for (id, (dims, g)) in host_grads(&model, &grads) {
+        let (full_dims, full) = &reference.grads[&id];
+        let expected = if &dims == full_dims {
+            &full[..]
+        } else {
+            // An expert tensor: this ep rank's half of the experts.
+            &full[ep.rank() * g.len()..(ep.rank() + 1) * g.len()]
+        };
+        let d = rel_diff(&g, expected);
+        assert!(
+            d <= 3e-4,
+            "rank {r}: gradient of {dims:?} off by {d:e} of its largest entry"
+        );
+        seen += 1;
+    }
+    assert_eq!(seen, reference.grads.len(), "rank {r}: every parameter");
+    // Counts: global within the ep group, then summed over dp.
+    let sizes: Vec<usize> = out.counts.iter().map(|c| c.dims()[0]).collect();
+    let flat = Tensor::cat(out.counts.iter().map(|c| c.clone().float()).collect(), 0);
+    let summed = burn_dp::collective::all_reduce(flat, &dp).map_err(|e| err(&e))?;
+    let counts: Vec<Vec<i64>> = summed
+        .split_with_sizes(sizes, 0)
+        .into_iter()
+        .map(|c| counts_of(&c.int()))
+        .collect();
+    assert_eq!(counts, reference.counts, "rank {r}: the whole batch's counts");
+    Ok(())
+}
+
 /// Rows of the DualPipeV step: 4 micro-batches of one.
 pub(crate) const DUALPIPE_ROWS: usize = 4;
 /// Rows of the `[pp 2, ep 2]` step: 4 micro-batches of one per `ep` rank.

@@ -157,3 +157,6 @@ fn tensors<B: Backend>(q: Fp8Primitive<B>) -> (Tensor<B, 2, Int>, Tensor<B, 2>) 
 
 #[cfg(feature = "ndarray")]
 impl Fp8Backend for burn::backend::NdArray {}
+
+#[cfg(feature = "flex")]
+impl Fp8Backend for burn::backend::Flex {}

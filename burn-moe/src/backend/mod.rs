@@ -204,3 +204,6 @@ pub trait MoeBackend: Fp8Backend {
 
 #[cfg(feature = "ndarray")]
 impl MoeBackend for burn::backend::NdArray {}
+
+#[cfg(feature = "flex")]
+impl MoeBackend for burn::backend::Flex {}
