@@ -141,7 +141,10 @@ pub(crate) fn dp_ep_rank(world: &Comm, reference: &Reference) -> Result<(), Stri
         .into_iter()
         .map(|c| counts_of(&c.int()))
         .collect();
-    assert_eq!(counts, reference.counts, "rank {r}: the whole batch's counts");
+    assert_eq!(
+        counts, reference.counts,
+        "rank {r}: the whole batch's counts"
+    );
     Ok(())
 }
 
