@@ -54,3 +54,14 @@ impl RankError for DpError {
         }
     }
 }
+
+impl From<burn_comm::MeshError> for DpError {
+    fn from(e: burn_comm::MeshError) -> Self {
+        match e {
+            burn_comm::MeshError::Comm(e) => DpError::Comm(e),
+            other => DpError::Config {
+                detail: other.to_string(),
+            },
+        }
+    }
+}

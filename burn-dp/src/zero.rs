@@ -1,6 +1,6 @@
 //! ZeRO-1: the optimizer state sharded over the data-parallel ranks.
 
-use crate::collective::{all_gather, reduce_scatter};
+use crate::collective::{all_gather, all_reduce, reduce_scatter};
 use crate::ddp::checked_layout;
 use crate::layout::{put_grads, put_values, take_grads, take_values, Layout};
 use crate::DpError;
@@ -51,6 +51,9 @@ use std::sync::Mutex;
 pub struct Zero1<O> {
     optimizer: O,
     comm: Comm,
+    /// HSDP's outer dimension: groups holding the same shards, whose gradients are
+    /// averaged across (the mesh's `dp_replicate`).
+    replicas: Option<Comm>,
     checked: Mutex<Option<Layout>>,
 }
 
@@ -60,8 +63,19 @@ impl<O> Zero1<O> {
         Zero1 {
             optimizer,
             comm,
+            replicas: None,
             checked: Mutex::new(None),
         }
+    }
+
+    /// HSDP's 2-D layout `[dp_replicate, dp_shard]`: the state sharded over this
+    /// communicator's ranks (`dp_shard`, e.g. the GPUs of one node), the shards' gradients
+    /// also averaged over `replicas` (`dp_replicate`: the ranks holding the same shard in
+    /// the other groups). Each rank then holds `1 / dp_shard` of the state, and only the
+    /// shard's gradients cross groups.
+    pub fn with_replicas(mut self, replicas: Comm) -> Self {
+        self.replicas = Some(replicas);
+        self
     }
 
     /// The wrapped optimizer, holding this rank's shard of the state (its record is this
@@ -108,7 +122,13 @@ impl<O> Zero1<O> {
         let me = self.comm.rank();
         let bounds = layout.partition(world);
         let flat = take_grads(&module, &layout, 0..layout.len(), &mut grads);
-        let mine = reduce_scatter(flat, &bounds, &self.comm)?.div_scalar(world as f32);
+        let mut mine = reduce_scatter(flat, &bounds, &self.comm)?;
+        let mut ranks = world;
+        if let Some(replicas) = &self.replicas {
+            mine = all_reduce(mine, replicas)?;
+            ranks *= replicas.world_size();
+        }
+        let mine = mine.div_scalar(ranks as f32);
         let range = layout.params_in(bounds[me], bounds[me + 1]);
         let mut own = GradientsParams::new();
         put_grads(&layout, range.clone(), mine, &mut own);

@@ -1,4 +1,5 @@
-//! Data parallelism against one device: K optimizer steps of DDP and ZeRO-1 on W ranks
+//! Data parallelism against one device: K optimizer steps of DDP, ZeRO-1 and hybrid
+//! ZeRO-1 (`[dp_replicate 2, dp_shard W/2]`) on W ranks
 //! (threads here, MPI processes in `mpi_*`) equal K steps of one device on the
 //! concatenated batch; ZeRO-1 holds about 1/W of the optimizer state; the BF16-moment
 //! AdamW stores BF16 and stays close to f32.
@@ -70,6 +71,8 @@ fn loss<B: Backend>(m: &Mlp<B>, x: Tensor<B, 2>, y: Tensor<B, 2>) -> Tensor<B, 1
 pub enum Mode {
     Ddp,
     Zero1,
+    /// `[dp_replicate 2, dp_shard W/2]`: ZeRO-1 within each half, averaged across.
+    Hybrid,
 }
 
 /// What a run leaves: the loss of each step (this rank's batch) and every parameter.
@@ -115,8 +118,15 @@ pub fn run_rank(mode: Mode, comm: &Comm, model: Mlp<B>, d: usize) -> Result<Trai
             }
             optim_bytes = record_bytes(optim.to_record());
         }
-        Mode::Zero1 => {
-            let mut zero = Zero1::new(adamw.init::<B, Mlp<B>>(), comm.clone());
+        Mode::Zero1 | Mode::Hybrid => {
+            let mut zero = if mode == Mode::Hybrid {
+                let mesh =
+                    burn_comm::DeviceMesh::new(comm, &[("dp_replicate", 2), ("dp_shard", w / 2)])?;
+                Zero1::new(adamw.init::<B, Mlp<B>>(), mesh.comm("dp_shard")?.clone())
+                    .with_replicas(mesh.comm("dp_replicate")?.clone())
+            } else {
+                Zero1::new(adamw.init::<B, Mlp<B>>(), comm.clone())
+            };
             for step in 0..STEPS {
                 let (x, y) = batch::<B>(step, r * ROWS, ROWS, d, &device);
                 let l = loss(&model, x, y);
@@ -127,7 +137,6 @@ pub fn run_rank(mode: Mode, comm: &Comm, model: Mlp<B>, d: usize) -> Result<Trai
             optim_bytes = record_bytes(zero.optimizer().to_record());
         }
     }
-    let _ = w;
     Ok(Trained {
         losses,
         params: flat_params(&model),
@@ -198,12 +207,12 @@ pub fn model(d: usize) -> Mlp<B> {
 }
 
 #[test]
-fn ddp_and_zero1_on_threads_equal_one_device() {
+fn ddp_zero1_and_hybrid_on_threads_equal_one_device() {
     let d = 8;
     for world in [2, 4] {
         let m = model(d);
         let reference = reference(m.clone(), world, d);
-        for mode in [Mode::Ddp, Mode::Zero1] {
+        for mode in [Mode::Ddp, Mode::Zero1, Mode::Hybrid] {
             let ranks = launch(Comm::group(world, Transport::Host), |comm| {
                 run_rank(mode, &comm, m.clone(), d)
             })
@@ -389,7 +398,7 @@ mod mpi {
     use std::time::Duration;
 
     #[test]
-    fn ddp_and_zero1_across_mpi_processes_equal_one_device() {
+    fn ddp_zero1_and_hybrid_across_mpi_processes_equal_one_device() {
         assert!(
             burn_comm::mpirun::available(),
             "mpirun not found: tests/run.sh installs OpenMPI (openmpi-bin)"
@@ -417,13 +426,13 @@ mod mpi {
     }
 
     #[test]
-    #[ignore = "an MPI rank: run by ddp_and_zero1_across_mpi_processes_equal_one_device under mpirun"]
+    #[ignore = "an MPI rank: run by ddp_zero1_and_hybrid_across_mpi_processes_equal_one_device under mpirun"]
     fn mpi_worker_dp() {
         burn_comm::mpi::launch(Duration::from_secs(60), |comm| {
             let (d, world) = (8, comm.world_size());
             // Every process builds the same model from the seed.
             let reference = reference(model(d), world, d);
-            for mode in [Mode::Ddp, Mode::Zero1] {
+            for mode in [Mode::Ddp, Mode::Zero1, Mode::Hybrid] {
                 let mine = run_rank(mode, &comm, model(d), d)?;
                 let ranks: Vec<Trained> = comm
                     .all_gather_host("runs", (mine.losses, mine.params, mine.optim_bytes))?
