@@ -528,9 +528,11 @@ where
         _ if args.dp == 1 => format!("optim-ep{}-rank{rank}", args.ep),
         _ => format!("optim-dp{}-zero{}-ep{}-rank{rank}", args.dp, args.zero, args.ep),
     };
-    let mut model = match &ep {
-        Some(comm) => model.shard_experts(comm, device).map_err(failed)?,
-        None => model.clone(),
+    let mut model = match (&ep, &world) {
+        (Some(comm), _) => model.shard_experts(comm, device).map_err(failed)?,
+        // A replica of its own (fresh autodiff leaves): threads must not share a graph.
+        (None, Some(_)) => model.clone().fork(device),
+        (None, None) => model.clone(),
     };
     let mut optim = DpOptim::<B>::new(args, dp.clone());
     if args.resume {
@@ -573,18 +575,19 @@ where
         }
     }
     if let Some((params, grads, moments)) = held {
+        // Tensor bytes this rank sent to others over the run: expert all-to-alls and
+        // gradient sync (ep), data-parallel collectives (dp).
+        let sent = ep.iter().chain(dp.iter()).map(|c| c.sent_bytes() as usize).sum::<usize>();
         let all = match &world {
-            Some(w) => w.all_gather_host("held bytes", (params, grads, moments)).map_err(failed)?,
-            None => vec![(params, grads, moments)],
+            Some(w) => w.all_gather_host("held bytes", (params, grads, moments, sent)).map_err(failed)?,
+            None => vec![(params, grads, moments, sent)],
         };
         if rank == 0 {
             let mb = |b: usize| b as f64 / 1e6;
-            for (r, (p, g, m)) in all.iter().enumerate() {
-                println!("rank {r} holds: parameters {:.2} MB, gradients {:.2} MB, AdamW moments ({:?}) {:.2} MB", mb(*p), mb(*g), args.moments, mb(*m));
+            for (r, (p, g, m, sent)) in all.iter().enumerate() {
+                println!("rank {r} holds: parameters {:.2} MB, gradients {:.2} MB, AdamW moments ({:?}) {:.2} MB; sent {:.1} MB in {} steps", mb(*p), mb(*g), args.moments, mb(*m), mb(*sent), state.step);
             }
-            if let Some(w) = &world {
-                println!("sent per rank: {:.1} MB", mb(w.sent_bytes() as usize));
-            }
+
         }
     }
     // Every rank takes part in gathering the experts; rank 0 samples.

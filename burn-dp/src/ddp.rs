@@ -27,6 +27,7 @@ pub const DEFAULT_BUCKET_BYTES: usize = 25 << 20;
 /// # Example
 /// ```
 /// use burn::backend::{Autodiff, NdArray};
+/// use burn::module::Module;
 /// use burn::nn::LinearConfig;
 /// use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 /// use burn::tensor::Tensor;
@@ -35,14 +36,17 @@ pub const DEFAULT_BUCKET_BYTES: usize = 25 << 20;
 ///
 /// type B = Autodiff<NdArray>;
 /// let device = Default::default();
-/// let model = LinearConfig::new(4, 2).init::<B>(&device);
+/// // Burn draws weights lazily, at first use: fork draws them now, once for all ranks.
+/// let model = LinearConfig::new(4, 2).init::<B>(&device).fork(&device);
 /// let weights = launch(Comm::group(2, Transport::Host), |comm| {
 ///     let ddp = Ddp::new(comm.clone());
 ///     let mut optim = AdamWConfig::new().init();
+///     // Each in-process rank works on its own replica: the same values, fresh leaves.
+///     let model = model.clone().fork(&device);
 ///     let x = Tensor::<B, 2>::ones([3, 4], &device) * (comm.rank() as f32 + 1.0);
 ///     let grads = GradientsParams::from_grads(model.forward(x).mean().backward(), &model);
 ///     let grads = ddp.sync(&model, grads)?; // the mean over both ranks
-///     let model = optim.step(1e-2, model.clone(), grads);
+///     let model = optim.step(1e-2, model, grads);
 ///     Ok::<_, DpError>(model.weight.val().into_data())
 /// })
 /// .unwrap();

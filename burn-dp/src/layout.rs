@@ -3,11 +3,12 @@
 //! and back, and the partition of that vector among ranks at parameter boundaries.
 
 use crate::DpError;
-use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
 use burn_comm::Comm;
+use std::collections::{HashMap, HashSet};
 
 /// The trainable float parameters of a module in visiting order (the order is the
 /// module's structure, the same on every rank that built the same module).
@@ -20,18 +21,52 @@ pub struct Layout {
     /// `offsets[i]..offsets[i + 1]`: parameter `i` in the flat vector
     /// (`offsets.len() == ids.len() + 1`).
     pub offsets: Vec<usize>,
+    /// Each parameter's index, by id.
+    position: HashMap<ParamId, usize>,
 }
 
 impl Layout {
     /// The trainable (`require_grad`) float parameters of `module`.
-    pub fn of<B: Backend, M: burn::module::Module<B>>(module: &M) -> Layout {
-        let mut v = Collect(Layout {
-            ids: Vec::new(),
-            shapes: Vec::new(),
-            offsets: vec![0],
-        });
+    pub fn of<B: Backend, M: Module<B>>(module: &M) -> Layout {
+        let mut v = Collect(Vec::new());
         module.visit(&mut v);
-        v.0
+        Layout::new(v.0)
+    }
+
+    fn new(params: Vec<(ParamId, Vec<usize>)>) -> Layout {
+        let mut offsets = vec![0];
+        for (_, shape) in &params {
+            offsets.push(offsets[offsets.len() - 1] + shape.iter().product::<usize>());
+        }
+        let position = params
+            .iter()
+            .enumerate()
+            .map(|(i, (id, _))| (*id, i))
+            .collect();
+        let (ids, shapes) = params.into_iter().unzip();
+        Layout {
+            ids,
+            shapes,
+            offsets,
+            position,
+        }
+    }
+
+    /// The same parameters but those in `skip` (e.g. parameters synchronised otherwise).
+    pub fn without(&self, skip: &HashSet<ParamId>) -> Layout {
+        Layout::new(
+            self.ids
+                .iter()
+                .zip(&self.shapes)
+                .filter(|(id, _)| !skip.contains(id))
+                .map(|(id, s)| (*id, s.clone()))
+                .collect(),
+        )
+    }
+
+    /// The index of parameter `id`, if it is in the layout.
+    pub fn index(&self, id: &ParamId) -> Option<usize> {
+        self.position.get(id).copied()
     }
 
     /// Elements of the flat vector.
@@ -116,25 +151,20 @@ impl Layout {
     }
 }
 
-struct Collect(Layout);
+struct Collect(Vec<(ParamId, Vec<usize>)>);
 
 impl<B: Backend> ModuleVisitor<B> for Collect {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        if !param.is_require_grad() {
-            return;
+        if param.is_require_grad() {
+            self.0.push((param.id, param.shape().to_vec()));
         }
-        let shape = param.shape().to_vec();
-        let n: usize = shape.iter().product();
-        self.0.ids.push(param.id);
-        self.0.shapes.push(shape);
-        self.0.offsets.push(self.0.numel() + n);
     }
 }
 
 /// The gradients of the layout's parameters `range` taken out of `grads`, flattened in
 /// order into one vector (zeros for a parameter without a gradient on this rank, so that
 /// every rank contributes the same layout).
-pub fn take_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
+pub fn take_grads<B: AutodiffBackend, M: Module<B>>(
     module: &M,
     layout: &Layout,
     range: std::ops::Range<usize>,
@@ -143,7 +173,6 @@ pub fn take_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
     let mut v = TakeGrads::<B> {
         layout,
         range,
-        index: 0,
         grads,
         parts: Vec::new(),
     };
@@ -154,22 +183,19 @@ pub fn take_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
 struct TakeGrads<'a, B: AutodiffBackend> {
     layout: &'a Layout,
     range: std::ops::Range<usize>,
-    index: usize,
     grads: &'a mut GradientsParams,
     parts: Vec<Tensor<B::InnerBackend, 1>>,
 }
 
 impl<B: AutodiffBackend> ModuleVisitor<B> for TakeGrads<'_, B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        if !param.is_require_grad() {
+        if !self
+            .layout
+            .index(&param.id)
+            .is_some_and(|i| self.range.contains(&i))
+        {
             return;
         }
-        let i = self.index;
-        self.index += 1;
-        if !self.range.contains(&i) {
-            return;
-        }
-        debug_assert_eq!(self.layout.ids[i], param.id, "the layout of this module");
         let n = param.shape().num_elements();
         let g = self
             .grads
@@ -208,66 +234,59 @@ fn dims<const D: usize>(shape: &[usize]) -> [usize; D] {
 }
 
 /// The values of the layout's parameters `range`, flattened in order (inner backend).
-pub fn take_values<B: AutodiffBackend, M: AutodiffModule<B>>(
+pub fn take_values<B: AutodiffBackend, M: Module<B>>(
     module: &M,
+    layout: &Layout,
     range: std::ops::Range<usize>,
 ) -> Tensor<B::InnerBackend, 1> {
     let mut v = TakeValues::<B> {
+        layout,
         range,
-        index: 0,
         parts: Vec::new(),
     };
     module.visit(&mut v);
     flat(v.parts, &module_device(module))
 }
 
-struct TakeValues<B: AutodiffBackend> {
+struct TakeValues<'a, B: AutodiffBackend> {
+    layout: &'a Layout,
     range: std::ops::Range<usize>,
-    index: usize,
     parts: Vec<Tensor<B::InnerBackend, 1>>,
 }
 
-impl<B: AutodiffBackend> ModuleVisitor<B> for TakeValues<B> {
+impl<B: AutodiffBackend> ModuleVisitor<B> for TakeValues<'_, B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        if !param.is_require_grad() {
-            return;
-        }
-        let i = self.index;
-        self.index += 1;
-        if self.range.contains(&i) {
+        if self
+            .layout
+            .index(&param.id)
+            .is_some_and(|i| self.range.contains(&i))
+        {
             let n = param.shape().num_elements();
             self.parts.push(param.val().inner().reshape([n]));
         }
     }
 }
 
-/// `module` with every trainable parameter's value replaced by its slice of `flat`
-/// (the whole flat vector; ids and `require_grad` kept).
-pub fn put_values<B: AutodiffBackend, M: AutodiffModule<B>>(
+/// `module` with the value of every parameter of `layout` replaced by its slice of
+/// `flat` (the layout's whole flat vector; ids and `require_grad` kept).
+pub fn put_values<B: AutodiffBackend, M: Module<B>>(
     module: M,
     layout: &Layout,
     flat: Tensor<B::InnerBackend, 1>,
 ) -> M {
-    module.map(&mut PutValues::<B> {
-        layout,
-        flat,
-        index: 0,
-    })
+    module.map(&mut PutValues::<B> { layout, flat })
 }
 
 struct PutValues<'a, B: AutodiffBackend> {
     layout: &'a Layout,
     flat: Tensor<B::InnerBackend, 1>,
-    index: usize,
 }
 
 impl<B: AutodiffBackend> ModuleMapper<B> for PutValues<'_, B> {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        if !param.is_require_grad() {
+        let Some(i) = self.layout.index(&param.id) else {
             return param;
-        }
-        let i = self.index;
-        self.index += 1;
+        };
         let (lo, hi) = (self.layout.offsets[i], self.layout.offsets[i + 1]);
         let (id, tensor, mapper) = param.consume();
         let value = self.flat.clone().slice([lo..hi]).reshape(tensor.dims());
@@ -286,7 +305,7 @@ fn flat<B: Backend>(parts: Vec<Tensor<B, 1>>, device: &B::Device) -> Tensor<B, 1
 }
 
 /// The device of a module's first parameter (the default device for a module without).
-fn module_device<B: AutodiffBackend, M: AutodiffModule<B>>(
+fn module_device<B: AutodiffBackend, M: Module<B>>(
     module: &M,
 ) -> burn::tensor::Device<B::InnerBackend> {
     module.devices().into_iter().next().unwrap_or_default()

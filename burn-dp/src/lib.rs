@@ -17,7 +17,9 @@
 //! Every rank of a data-parallel group builds the same module (same structure; the same
 //! initial values, e.g. from one seed or one checkpoint) and trains on its own batch; the
 //! steps equal those of one device on the concatenated batch (`tests/dp.rs` checks it on
-//! threads and MPI processes).
+//! threads and MPI processes). In-process ranks each fork their own replica
+//! (`module.fork(&device)`): Burn 0.21 merges the autodiff graphs of tensors that share
+//! leaves, and threads working on one merged graph can deadlock.
 
 mod adamw;
 pub mod collective;

@@ -29,6 +29,7 @@ use std::sync::Mutex;
 /// # Example
 /// ```
 /// use burn::backend::{Autodiff, NdArray};
+/// use burn::module::Module;
 /// use burn::nn::LinearConfig;
 /// use burn::optim::{AdamWConfig, GradientsParams};
 /// use burn::tensor::Tensor;
@@ -37,12 +38,15 @@ use std::sync::Mutex;
 ///
 /// type B = Autodiff<NdArray>;
 /// let device = Default::default();
-/// let model = LinearConfig::new(4, 2).init::<B>(&device);
+/// // Burn draws weights lazily, at first use: fork draws them now, once for all ranks.
+/// let model = LinearConfig::new(4, 2).init::<B>(&device).fork(&device);
 /// let weights = launch(Comm::group(2, Transport::Host), |comm| {
 ///     let mut zero = Zero1::new(AdamWConfig::new().init(), comm.clone());
+///     // Each in-process rank works on its own replica: the same values, fresh leaves.
+///     let model = model.clone().fork(&device);
 ///     let x = Tensor::<B, 2>::ones([3, 4], &device) * (comm.rank() as f32 + 1.0);
 ///     let grads = GradientsParams::from_grads(model.forward(x).mean().backward(), &model);
-///     let model = zero.step(1e-2, model.clone(), grads)?; // weight on rank 0, bias on rank 1
+///     let model = zero.step(1e-2, model, grads)?; // weight on rank 0, bias on rank 1
 ///     Ok::<_, DpError>(model.weight.val().into_data())
 /// })
 /// .unwrap();
@@ -133,7 +137,7 @@ impl<O> Zero1<O> {
         let mut own = GradientsParams::new();
         put_grads(&layout, range.clone(), mine, &mut own);
         let module = self.optimizer.step(lr, module, own);
-        let shard = take_values(&module, range);
+        let shard = take_values(&module, &layout, range);
         let all = all_gather(shard, &bounds, &self.comm)?;
         Ok(put_values(module, &layout, all))
     }

@@ -84,7 +84,7 @@ pub struct Trained {
 
 fn flat_params<M: AutodiffModule<B>>(m: &M) -> Vec<f32> {
     let l = Layout::of::<B, M>(m);
-    layout::take_values::<B, M>(m, 0..l.len())
+    layout::take_values::<B, M>(m, &l, 0..l.len())
         .into_data()
         .to_vec()
         .unwrap()

@@ -43,7 +43,8 @@ use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
 use burn_dualpipe::executor::copy_to_device;
-use burn_moe::comm::{all_reduce, Comm};
+use burn_dp::layout::{put_grads, take_grads, Layout};
+use burn_moe::comm::Comm;
 use burn_moe::ep::{EpError, ExpertParallelMoe};
 use burn_moe::eplb::Placement;
 use burn_moe::MoeBackend;
@@ -173,7 +174,7 @@ where
 /// The gradient sync of a module whose MoE `blocks` may be sharded over `group`: each
 /// sharded layer's replicated parameters through [`ExpertParallelMoe::sync_grads`], every
 /// other trainable parameter of `module` summed over the group in one all-reduce of all
-/// of them flattened together. Unchanged without a group.
+/// of them flattened together (burn-dp's reduce-scatter + all-gather). Unchanged without a group.
 pub(crate) fn sync_grads<'a, B, M>(module: &M, group: Option<&Comm>, blocks: impl Iterator<Item = &'a Block<B>>, mut grads: GradientsParams) -> Result<GradientsParams, EpError>
 where
     B: AutodiffBackend,
@@ -188,16 +189,14 @@ where
             shard.visit(&mut layer_params);
         }
     }
-    let mut flat = Flatten::<B> { skip: &layer_params.0, grads, parts: Vec::new() };
-    module.visit(&mut flat);
-    if flat.parts.is_empty() {
-        return Ok(flat.grads);
+    let layout = Layout::of::<B, M>(module).without(&layer_params.0);
+    if layout.is_empty() {
+        return Ok(grads);
     }
-    let sizes: Vec<usize> = flat.parts.iter().map(|p| p.dims()[0]).collect();
-    let summed = all_reduce(Tensor::cat(flat.parts, 0), comm)?;
-    let mut restore = Restore::<B> { skip: &layer_params.0, grads: flat.grads, parts: summed.split_with_sizes(sizes, 0).into_iter() };
-    module.visit(&mut restore);
-    Ok(restore.grads)
+    let flat = take_grads(module, &layout, 0..layout.len(), &mut grads);
+    let summed = burn_dp::collective::all_reduce(flat, comm)?;
+    put_grads(&layout, 0..layout.len(), summed, &mut grads);
+    Ok(grads)
 }
 
 /// Collects the ids of the float parameters it visits.
@@ -206,41 +205,5 @@ struct Ids(HashSet<ParamId>);
 impl<B: Backend> ModuleVisitor<B> for Ids {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         self.0.insert(param.id);
-    }
-}
-
-/// Takes the gradient of every trainable parameter not in `skip` out of `grads`,
-/// flattened (zeros where this rank has none, so every rank sends the same layout).
-struct Flatten<'a, B: AutodiffBackend> {
-    skip: &'a HashSet<ParamId>,
-    grads: GradientsParams,
-    parts: Vec<Tensor<B::InnerBackend, 1>>,
-}
-
-impl<B: AutodiffBackend> ModuleVisitor<B> for Flatten<'_, B> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        if self.skip.contains(&param.id) || !param.is_require_grad() {
-            return;
-        }
-        let n = param.shape().num_elements();
-        let g = self.grads.remove::<B::InnerBackend, D>(param.id).map(|g| g.reshape([n]));
-        self.parts.push(g.unwrap_or_else(|| Tensor::zeros([n], &param.device())));
-    }
-}
-
-/// Puts the summed gradients back, in the order [`Flatten`] took them.
-struct Restore<'a, B: AutodiffBackend> {
-    skip: &'a HashSet<ParamId>,
-    grads: GradientsParams,
-    parts: std::vec::IntoIter<Tensor<B::InnerBackend, 1>>,
-}
-
-impl<B: AutodiffBackend> ModuleVisitor<B> for Restore<'_, B> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        if self.skip.contains(&param.id) || !param.is_require_grad() {
-            return;
-        }
-        let g = self.parts.next().expect("one part per parameter flattened");
-        self.grads.register::<B::InnerBackend, D>(param.id, g.reshape(param.dims()));
     }
 }
