@@ -246,3 +246,23 @@ where
         .map(|(src, t)| if src == me { mine.take() } else { t }.map(from_cube))
         .collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::{Autodiff, Cuda, NdArray};
+
+    #[test]
+    fn nccl_moves_the_tensors_of_burns_cuda_backends_only() {
+        assert!(is_cuda::<Cuda, Float>());
+        assert!(is_cuda::<Cuda, Int>());
+        assert!(is_cuda::<Cuda, Bool>());
+        assert!(is_cuda::<Cube, Float>());
+        assert!(is_cuda::<CubeBackend<CudaRuntime, f64, i64, u32>, Int>());
+        // Autodiff's collectives run on its inner backend; other backends go over MPI.
+        assert!(!is_cuda::<Autodiff<Cuda>, Float>());
+        assert!(!is_cuda::<NdArray, Float>());
+        // Not a tensor kind.
+        assert!(!is_cuda::<Cuda, u8>());
+    }
+}
