@@ -1,14 +1,18 @@
 //! Communicators for distributed Burn: collectives and point-to-point messages between
 //! ranks, a named device mesh over them, and the launchers that start the ranks.
 //!
-//! One API, two engines chosen at construction:
+//! One API, three engines chosen at construction:
 //!
 //! - **threads** ([`Comm::group`], [`launch`]): ranks are threads of one process, each on
 //!   its own Burn device; payloads are moved through a shared mailbox, tensors through
 //!   host memory or Burn's `to_device` ([`Transport`]). For tests and one-host runs.
 //! - **MPI** (feature `mpi`, [`mpi::launch`]): one rank per process, on one machine or
-//!   many, through rsmpi: host buffers, the all-to-all by `MPI_Ialltoallv`, every wait
+//!   many, through rsmpi: host buffers, the all-to-all by `MPI_Alltoallv`, every wait
 //!   bounded by the group's timeout. Works with every Burn backend.
+//! - **NCCL** (feature `nccl`, `Comm::with_nccl`): beside an MPI communicator, the
+//!   tensor all-to-all of Burn's CUDA backends between GPUs as one group of
+//!   `ncclSend`/`ncclRecv` on the device buffers; everything else stays on MPI. Compiled
+//!   in CI; not yet run (no machine here has had two GPUs).
 //!
 //! Every operation is matched across ranks — collectives by their order, point-to-point
 //! messages by source and tag — and fails with a [`CommError`] naming the rank at fault
