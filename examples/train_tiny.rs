@@ -60,7 +60,9 @@
 //! and sums the MoE counts for the bias. `--moments bf16` stores AdamW's moments in BF16
 //! (a backend with BF16: `--backend flex`, wgpu, cuda). At the end rank 0 prints what each
 //! rank holds (parameters, gradients, moments) and the bytes it sent; optimizer records
-//! are `optim-dp{D}-zero{Z}-ep{E}-rank{r}.mpk`.
+//! are `optim-dp{D}-zero{Z}-ep{E}-rank{r}.mpk`. With `--pp N` as well the ranks form a
+//! `[pp N, dp D, ep E]` mesh: each replica of a stage averages its gradients over `dp`
+//! (DDP; ZeRO-1 inside the pipeline is not built).
 
 use burn::config::Config;
 use burn::module::{AutodiffModule, Module};
@@ -167,7 +169,7 @@ fn parse_args() -> Args {
     }
     assert!(a.ep >= 1, "--ep {}: at least one rank", a.ep);
     assert!(a.dp >= 1, "--dp {}: at least one rank", a.dp);
-    assert!(a.dp == 1 || a.pp == 0, "--dp {} with --pp {}: data parallelism inside the pipeline is not built yet (use --dp with --ep)", a.dp, a.pp);
+    assert!(a.zero == 0 || a.pp == 0, "--zero {} with --pp {}: ZeRO-1 inside the pipeline is not built yet (--pp takes --dp with DDP)", a.zero, a.pp);
     assert!(a.micro_batches.is_none() || a.pp > 0, "--micro-batches goes with --pp");
     a
 }
@@ -498,6 +500,9 @@ where
 /// The MoE layers' token counts summed over the `dp` ranks (each `ep` group counted its
 /// own tokens), so that every replica updates the balancing bias alike.
 fn counts_over<B: burn::tensor::backend::Backend>(counts: Vec<Tensor<B, 1, Int>>, dp: &Comm) -> Result<Vec<Tensor<B, 1, Int>>, DpError> {
+    if counts.is_empty() {
+        return Ok(counts); // a stage without MoE layers
+    }
     let sizes: Vec<usize> = counts.iter().map(|c| c.dims()[0]).collect();
     let flat = Tensor::cat(counts.into_iter().map(|c| c.float()).collect(), 0);
     // Counts below 2^24 are exact in f32.
@@ -606,10 +611,13 @@ fn run_mesh<B: AutodiffBackend<Gradients = Gradients> + MoeBackend>(args: &Args,
 where
     B::InnerBackend: MoeBackend,
 {
-    let (pp, ep) = (args.pp, args.ep);
-    let mesh = DeviceMesh::new(world, &[("pp", pp), ("ep", ep)]).map_err(failed)?;
+    let (pp, dp, ep) = (args.pp, args.dp, args.ep);
+    let mesh = DeviceMesh::new(world, &[("pp", pp), ("dp", dp), ("ep", ep)]).map_err(failed)?;
     let (pp_comm, ep_comm) = (mesh.comm("pp").map_err(failed)?.clone(), mesh.comm("ep").map_err(failed)?.clone());
+    // The data-parallel replicas of this rank's stages (same pipeline and expert coordinates).
+    let dp_comm = (dp > 1).then(|| mesh.comm("dp").cloned()).transpose().map_err(failed)?;
     let (p, e, rank) = (pp_comm.rank(), ep_comm.rank(), world.rank());
+    let d = dp_comm.as_ref().map_or(0, Comm::rank);
     let m = args.micro_batches.unwrap_or(2 * pp);
     let schedule = Schedule::new(ScheduleKind::DualPipeV, pp, m).map_err(failed)?;
     let staged = model.clone().into_stages(schedule.stages()).map_err(failed)?;
@@ -617,7 +625,7 @@ where
     let held: Vec<usize> = (0..schedule.kind.chunks_per_rank()).map(|c| schedule.stage_of_chunk(p, c)).collect();
     if rank == 0 {
         let cut: Vec<String> = staged.stages.iter().map(|s| format!("{}{}{}", if s.embed.is_some() { "embed+" } else { "" }, s.layers.len(), if s.tail.is_some() { "+head/MTP" } else { "" })).collect();
-        println!("DualPipeV: {pp} pipeline ranks, {} stages (blocks per stage: {}), {m} micro-batches of {} rows; {ep} expert ranks per stage", schedule.stages(), cut.join(" | "), args.batch / m);
+        println!("DualPipeV: {pp} pipeline ranks, {} stages (blocks per stage: {}), {m} micro-batches of {} rows; {ep} expert ranks per stage; {dp} data-parallel replicas (DDP)", schedule.stages(), cut.join(" | "), args.batch / m);
     }
     let mut stages = staged.stages;
     let mut stage_comms = Vec::new();
@@ -630,13 +638,15 @@ where
         }
     }
     let mut pipeline = Pipeline::new(stages, vec![device.clone(); pp], schedule).map_err(failed)?;
-    let optim_name = format!("optim-pp{pp}-ep{ep}-rank{rank}");
+    let optim_name = if dp == 1 { format!("optim-pp{pp}-ep{ep}-rank{rank}") } else { format!("optim-pp{pp}-dp{dp}-ep{ep}-rank{rank}") };
+    // One DDP per held stage (each stage its own parameter layout).
+    let ddps: Vec<Option<Ddp>> = held.iter().map(|_| dp_comm.clone().map(Ddp::new)).collect();
     let mut optim = adamw(args).init();
     if args.resume {
         let path = args.out.join(&optim_name);
         optim = optim.load_record(recorder().load(path.clone(), device).unwrap_or_else(|e| panic!("--resume: {}.mpk (the optimizer state of this layout): {e}", path.display())));
     }
-    let mut batches = batches(args, state.step, e);
+    let mut batches = batches(args, state.step, d * ep + e);
     let (start, mut speed) = (Instant::now(), Throughput::default());
     let rows = args.batch / m;
     while state.step < args.steps {
@@ -661,10 +671,14 @@ where
         let mine = (!parts.is_empty()).then(|| Tensor::stack::<2>(parts, 0).mean_dim(0).into_data().convert::<f32>().to_vec::<f32>().expect("f32 losses"));
         let mut grads = pipeline.stage_grads(out.grads);
         let mut counts: Vec<Vec<Tensor<B, 1, Int>>> = vec![Vec::new(); pipeline.stages().len()];
-        for &s in &held {
+        for (i, &s) in held.iter().enumerate() {
             let stage = &pipeline.stages()[s];
             grads[s] = stage.sync_grads(std::mem::replace(&mut grads[s], GradientsParams::new())).map_err(failed)?;
             counts[s] = stage.take_counts(m);
+            if let (Some(ddp), Some(dp)) = (&ddps[i], &dp_comm) {
+                grads[s] = ddp.sync(stage, std::mem::replace(&mut grads[s], GradientsParams::new())).map_err(failed)?;
+                counts[s] = counts_over(std::mem::take(&mut counts[s]), dp).map_err(failed)?;
+            }
         }
         let bubble = out.timeline.bubble_fraction();
         pipeline.optimize_stages(&mut optim, lr, grads);
@@ -673,25 +687,25 @@ where
         let losses: Vec<&Vec<f32>> = losses.iter().flatten().collect();
         let mean = |i: usize| losses.iter().map(|l| l[i]).sum::<f32>() / losses.len().max(1) as f32;
         state.step += 1;
-        speed.add(state.step, ep * args.batch * args.seq, step_start);
+        speed.add(state.step, dp * ep * args.batch * args.seq, step_start);
         if rank == 0 {
             let load = load_ratio(&held.iter().flat_map(|&s| counts[s].clone()).collect::<Vec<_>>());
             progress(&mut state, args, (mean(0), mean(1)), speed.per_second(), load, &format!(" | bubble {:.0}%", 100.0 * bubble));
         }
         if state.step % args.save_every == 0 || state.step == args.steps {
             recorder().record(optim.to_record(), args.out.join(&optim_name)).expect("write the optimizer record");
-            if let Some(whole) = gather_model(&pipeline, &held, &pp_comm, e, device)? {
+            if let Some(whole) = gather_model(&pipeline, &held, &pp_comm, (d, e), device)? {
                 checkpoint(args, &mut state, &whole, device, start);
             }
         }
     }
     // What each rank sent over the run: activations and gradients to its pipeline
     // neighbours, expert rows to its expert group.
-    let sent = (pp_comm.sent_bytes(), stage_comms.iter().map(Comm::sent_bytes).sum::<u64>());
+    let sent = (pp_comm.sent_bytes(), stage_comms.iter().map(Comm::sent_bytes).sum::<u64>(), dp_comm.as_ref().map_or(0, Comm::sent_bytes));
     let sent = world.all_gather_host("bytes sent", sent)?;
-    if let Some(whole) = gather_model(&pipeline, &held, &pp_comm, e, device)? {
-        let per_rank: Vec<String> = sent.iter().map(|(p, x)| format!("{:.1}+{:.1}", *p as f64 / 1e6, *x as f64 / 1e6)).collect();
-        println!("MB sent per rank (pipeline + experts, {} steps on {}): {}", state.step, world.engine_name(), per_rank.join(" | "));
+    if let Some(whole) = gather_model(&pipeline, &held, &pp_comm, (d, e), device)? {
+        let per_rank: Vec<String> = sent.iter().map(|(p, x, g)| format!("{:.1}+{:.1}+{:.1}", *p as f64 / 1e6, *x as f64 / 1e6, *g as f64 / 1e6)).collect();
+        println!("MB sent per rank (pipeline + experts + data-parallel gradients, {} steps on {}): {}", state.step, world.engine_name(), per_rank.join(" | "));
         println!("tokens/s over the run: {:.0}", speed.per_second());
         sample(args, &state, &whole.valid(), &optim_name, device);
     }
@@ -699,9 +713,10 @@ where
 }
 
 /// The whole model on world rank 0 (`None` elsewhere): every rank unshards the experts of
-/// the stages it holds (collective over each stage's group), the pipeline ranks of `ep`
-/// coordinate 0 send theirs to pipeline rank 0 as Burn records.
-fn gather_model<B: AutodiffBackend<Gradients = Gradients> + MoeBackend>(pipeline: &Pipeline<B, ModelStage<B>, 3>, held: &[usize], pp_comm: &Comm, e: usize, device: &B::Device) -> Result<Option<DeepSeekV3<B>>, RunError>
+/// the stages it holds (collective over each stage's group), the pipeline ranks of
+/// replica 0 and `ep` coordinate 0 (`(d, e)`) send theirs to pipeline rank 0 as Burn
+/// records.
+fn gather_model<B: AutodiffBackend<Gradients = Gradients> + MoeBackend>(pipeline: &Pipeline<B, ModelStage<B>, 3>, held: &[usize], pp_comm: &Comm, (d, e): (usize, usize), device: &B::Device) -> Result<Option<DeepSeekV3<B>>, RunError>
 where
     B::InnerBackend: MoeBackend,
 {
@@ -710,7 +725,7 @@ where
     for &s in held {
         stages[s] = stages[s].unshard_experts().map_err(failed)?;
     }
-    if e != 0 {
+    if d != 0 || e != 0 {
         return Ok(None);
     }
     let p = pp_comm.rank();
