@@ -554,17 +554,18 @@ where
         let out = model.try_loss(batch).map_err(failed)?;
         let losses = (out.lm_loss.clone().into_scalar().elem::<f32>(), out.mtp_losses[0].clone().into_scalar().elem::<f32>());
         let grads = model.sync_grads(GradientsParams::from_grads(out.loss.backward(), &model)).map_err(failed)?;
-        let layout = Layout::of::<B, _>(&model);
-        let grad_bytes = burn_dp::memory::grad_bytes::<B>(&grads, &layout);
+        // What this rank holds is measured on the first step (the layout does not change).
+        let layout = held.is_none().then(|| Layout::of::<B, _>(&model));
+        let grad_bytes = layout.as_ref().map_or(0, |l| burn_dp::memory::grad_bytes::<B>(&grads, l));
         let counts = match &dp {
             Some(dp) => counts_over(out.counts, dp).map_err(failed)?,
             None => out.counts,
         };
         model = optim.step(lr, model, grads).map_err(failed)?.update_bias(&counts);
-        if held.is_none() {
+        if let Some(layout) = &layout {
             // What this rank holds, from its tensors: parameters, one step's gradients, the
             // optimizer's moments.
-            held = Some((burn_dp::memory::param_bytes(&model), grad_bytes, burn_dp::memory::adamw_state_bytes(optim.adamw(), &layout)));
+            held = Some((burn_dp::memory::param_bytes(&model), grad_bytes, burn_dp::memory::adamw_state_bytes(optim.adamw(), layout)));
         }
         state.step += 1;
         speed.add(state.step, ranks * args.batch * args.seq, step_start);

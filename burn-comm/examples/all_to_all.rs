@@ -164,7 +164,11 @@ fn run_child(nccl: bool) {
                 let gpu = CudaDevice::new(burn_comm::mpi::local_rank().unwrap_or(comm.rank()));
                 let comm = comm.with_nccl(&gpu)?;
                 for (i, case) in CASES.iter().enumerate() {
-                    report(i, measure::<burn::backend::Cuda>(&comm, *case, &gpu, MIN_TIME)?, &comm);
+                    report(
+                        i,
+                        measure::<burn::backend::Cuda>(&comm, *case, &gpu, MIN_TIME)?,
+                        &comm,
+                    );
                 }
             }
             return Ok(());

@@ -56,22 +56,11 @@ pub fn reduce_scatter<B: Backend>(
         .collect();
     let got = comm.exchange_tensors(op, parts, &device)?;
     let n = bounds[me + 1] - bounds[me];
-    let mut sum: Option<Tensor<B, 1>> = None;
-    for (src, part) in got.into_iter().enumerate() {
-        match part {
-            Some(p) if p.dims()[0] == n => sum = Some(sum.map_or(p.clone(), |s| s + p)),
-            None if n == 0 => {}
-            other => {
-                let detail = format!(
-                    "rank {} sent {:?} elements of this rank's range of {n}",
-                    comm.global_rank(src),
-                    other.map(|p| p.dims()[0])
-                );
-                return Err(comm.shape_error(op, detail));
-            }
-        }
-    }
-    Ok(sum.unwrap_or_else(|| Tensor::zeros([0], &device)))
+    let parts = received(comm, op, got, |_| n)?;
+    Ok(parts
+        .into_iter()
+        .reduce(|sum, p| sum + p)
+        .unwrap_or_else(|| Tensor::zeros([0], &device)))
 }
 
 /// Every rank's `shard` concatenated in rank order: rank `r`'s holds the elements
@@ -103,15 +92,27 @@ pub fn all_gather<B: Backend>(
         .map(|_| (n > 0).then(|| shard.clone()))
         .collect();
     let got = comm.exchange_tensors(op, parts, &device)?;
-    let mut pieces = Vec::with_capacity(got.len());
+    let pieces = received(comm, op, got, |src| bounds[src + 1] - bounds[src])?;
+    Ok(crate::layout::flat(pieces, &device))
+}
+
+/// The non-empty parts of an exchange, each checked to hold `want(src)` elements (a rank
+/// sending nothing where elements are due, or the wrong count, is a shape error).
+fn received<B: Backend>(
+    comm: &Comm,
+    op: &'static str,
+    got: Vec<Option<Tensor<B, 1>>>,
+    want: impl Fn(usize) -> usize,
+) -> Result<Vec<Tensor<B, 1>>, CommError> {
+    let mut parts = Vec::with_capacity(got.len());
     for (src, part) in got.into_iter().enumerate() {
-        let want = bounds[src + 1] - bounds[src];
+        let want = want(src);
         match part {
-            Some(p) if p.dims()[0] == want => pieces.push(p),
+            Some(p) if p.dims()[0] == want => parts.push(p),
             None if want == 0 => {}
             other => {
                 let detail = format!(
-                    "rank {} sent {:?} elements for its range of {want}",
+                    "rank {} sent {:?} elements where {want} are due",
                     comm.global_rank(src),
                     other.map(|p| p.dims()[0])
                 );
@@ -119,11 +120,7 @@ pub fn all_gather<B: Backend>(
             }
         }
     }
-    Ok(match pieces.len() {
-        0 => Tensor::zeros([0], &device),
-        1 => pieces.pop().expect("one piece"),
-        _ => Tensor::cat(pieces, 0),
-    })
+    Ok(parts)
 }
 
 /// The element-wise sum over ranks of `flat`, on every rank (a reduce-scatter over even

@@ -296,7 +296,7 @@ impl<B: AutodiffBackend> ModuleMapper<B> for PutValues<'_, B> {
 }
 
 /// One vector of `parts` (an empty vector on `device` when there are none).
-fn flat<B: Backend>(parts: Vec<Tensor<B, 1>>, device: &B::Device) -> Tensor<B, 1> {
+pub(crate) fn flat<B: Backend>(parts: Vec<Tensor<B, 1>>, device: &B::Device) -> Tensor<B, 1> {
     match parts.len() {
         0 => Tensor::zeros([0], device),
         1 => parts.into_iter().next().expect("one part"),

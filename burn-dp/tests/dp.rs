@@ -194,16 +194,12 @@ pub fn compare(what: &str, reference: &Trained, ranks: &[Trained]) {
     }
 }
 
-/// Burn initialises parameters lazily, at first use: mapping them draws their values now,
-/// so that clones of the model (one per rank) hold the same ones.
-struct Materialize;
-
-impl<Be: Backend> burn::module::ModuleMapper<Be> for Materialize {}
-
 pub fn model(d: usize) -> Mlp<B> {
     let device = Default::default();
     B::seed(&device, 2024);
-    Mlp::new(d, 24, &device).map(&mut Materialize)
+    // Burn draws weights lazily, at first use: fork draws them now, so that the ranks'
+    // replicas (forks of this one) hold the same values.
+    Mlp::new(d, 24, &device).fork(&device)
 }
 
 #[test]
@@ -293,7 +289,7 @@ fn ranks_with_different_modules_fail_naming_the_shapes() {
 fn adamw_run<Be: AutodiffBackend>(config: Option<AdamWConfig>) -> (Vec<f32>, Mlp<Be>) {
     let device = Default::default();
     Be::seed(&device, 7);
-    let mut model = Mlp::<Be>::new(8, 24, &device).map(&mut Materialize);
+    let mut model = Mlp::<Be>::new(8, 24, &device).fork(&device);
     let mut losses = Vec::new();
     let burn = BurnAdamW::new()
         .with_beta_2(0.95)

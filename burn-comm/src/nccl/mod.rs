@@ -237,50 +237,41 @@ impl Nccl {
             .map_err(|e| failed("CUDA context", format!("{e:?}")))?;
         let stream = self.stream.cu_stream() as sys::cudaStream_t;
         result::group_start().map_err(|e| failed("ncclGroupStart", format!("{e:?}")))?;
-        let mut posted = Ok(());
-        for t in sends.iter().filter(|t| t.bytes > 0) {
-            // SAFETY: `ptr` addresses `bytes` live device bytes of this GPU (the caller's
-            // contract).
-            let r = unsafe {
-                result::send(
-                    t.ptr as *const core::ffi::c_void,
-                    t.bytes,
-                    sys::ncclDataType_t::ncclUint8,
-                    t.peer as i32,
-                    self.comm.0,
-                    stream,
-                )
-            };
-            if let Err(e) = r {
-                posted = Err(failed(
-                    &format!("ncclSend to rank {}", global(t.peer)),
-                    format!("{e:?}"),
-                ));
-                break;
-            }
-        }
-        if posted.is_ok() {
-            for t in recvs.iter().filter(|t| t.bytes > 0) {
-                // SAFETY: as above, for writable bytes.
+        // One post per transfer with bytes: sends, then receives; the first failure stops.
+        let posted = sends
+            .iter()
+            .map(|t| (t, true))
+            .chain(recvs.iter().map(|t| (t, false)))
+            .filter(|(t, _)| t.bytes > 0)
+            .try_for_each(|(t, send)| {
+                // SAFETY: `ptr` addresses `bytes` live device bytes of this GPU, writable
+                // for a receive (the caller's contract).
                 let r = unsafe {
-                    result::recv(
-                        t.ptr as *mut core::ffi::c_void,
-                        t.bytes,
-                        sys::ncclDataType_t::ncclUint8,
-                        t.peer as i32,
-                        self.comm.0,
-                        stream,
-                    )
+                    if send {
+                        result::send(
+                            t.ptr as *const core::ffi::c_void,
+                            t.bytes,
+                            sys::ncclDataType_t::ncclUint8,
+                            t.peer as i32,
+                            self.comm.0,
+                            stream,
+                        )
+                    } else {
+                        result::recv(
+                            t.ptr as *mut core::ffi::c_void,
+                            t.bytes,
+                            sys::ncclDataType_t::ncclUint8,
+                            t.peer as i32,
+                            self.comm.0,
+                            stream,
+                        )
+                    }
                 };
-                if let Err(e) = r {
-                    posted = Err(failed(
-                        &format!("ncclRecv from rank {}", global(t.peer)),
-                        format!("{e:?}"),
-                    ));
-                    break;
-                }
-            }
-        }
+                r.map(|_| ()).map_err(|e| {
+                    let what = if send { "ncclSend to" } else { "ncclRecv from" };
+                    failed(&format!("{what} rank {}", global(t.peer)), format!("{e:?}"))
+                })
+            });
         // The group is closed also after a failed post, so NCCL's group depth stays right.
         let ended = result::group_end().map_err(|e| failed("ncclGroupEnd", format!("{e:?}")));
         posted?;
