@@ -9,6 +9,7 @@
 //! cargo run --release --example train_tiny -- --pp 2                 # DualPipeV: 4 stages over 2 ranks
 //! cargo run --release --example train_tiny -- --pp 2 --ep 2          # and each stage's experts over 2 ranks: 4 threads
 //! cargo run --release --example train_tiny -- --dp 2 --zero 1        # data parallel, optimizer state sharded (ZeRO-1)
+//! cargo run --release --example train_tiny -- --dp 4 --zero 3 --dp-replicate 2  # parameters sharded too (FSDP), HSDP [2, 2]
 //! cargo run --release --example train_tiny -- --backend flex --moments bf16  # AdamW moments in BF16
 //! cargo build --release --features mpi --example train_tiny && mpirun -np 4 target/release/examples/train_tiny --pp 2 --ep 2
 //! cargo run --release --features cuda --example train_tiny -- --backend cuda --d-model 256 --steps 3000
@@ -63,12 +64,20 @@
 //! are `optim-dp{D}-zero{Z}-ep{E}-rank{r}.mpk`. With `--pp N` as well the ranks form a
 //! `[pp N, dp D, ep E]` mesh: each replica of a stage averages its gradients over `dp`
 //! (DDP; ZeRO-1 inside the pipeline is not built).
+//!
+//! `--zero 3` shards the parameters as well (FSDP, burn-dp's `Fsdp`): each rank holds
+//! `1/D` of the model's trainable values, their gradients and AdamW's moments; every step
+//! all-gathers them for the forward and reduce-scatters the gradients in the backward (the
+//! model is one FSDP unit; `--ep` > 1 with it is not built yet). `--dp-replicate R` makes
+//! the `dp` ranks a `[dp_replicate R, dp_shard D/R]` mesh (HSDP with `--zero 3`, hybrid
+//! ZeRO-1 with `--zero 1`): the state sharded over each group of `D/R`, the gradients
+//! averaged across the `R` groups.
 
 use burn::config::Config;
 use burn::module::{AutodiffModule, Module};
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{GradientsParams, Optimizer};
-use burn_dp::{AdamW as DpAdamW, AdamWConfig, Ddp, DpError, Layout, MomentDType, Zero1};
+use burn_dp::{AdamW as DpAdamW, AdamWConfig, Ddp, DpError, FsdpBackend, Layout, MomentDType, Zero1};
 use burn::record::{BinBytesRecorder, FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Int, Tensor, TensorData};
@@ -84,6 +93,8 @@ use std::time::Instant;
 
 #[path = "common/corpus.rs"]
 mod corpus;
+#[path = "train_tiny/fsdp.rs"]
+mod fsdp;
 use corpus::{corpus, Batches};
 
 #[derive(Clone, Debug)]
@@ -101,6 +112,7 @@ struct Args {
     pp: usize,
     dp: usize,
     zero: usize,
+    dp_replicate: usize,
     moments: MomentDType,
     micro_batches: Option<usize>,
     out: PathBuf,
@@ -124,6 +136,7 @@ fn parse_args() -> Args {
         pp: 0,
         dp: 1,
         zero: 0,
+        dp_replicate: 1,
         moments: MomentDType::F32,
         micro_batches: None,
         out: PathBuf::from("target/train_tiny"),
@@ -146,7 +159,8 @@ fn parse_args() -> Args {
             "--resume" => a.resume = true,
             "--ep" => a.ep = value().parse().expect("--ep N"),
             "--dp" => a.dp = value().parse().expect("--dp N: a number of data-parallel ranks"),
-            "--zero" => a.zero = value().parse().ok().filter(|z| [0, 1].contains(z)).unwrap_or_else(|| panic!("--zero 0|1: 0 replicates the optimizer state (DDP), 1 shards it (ZeRO-1)")),
+            "--zero" => a.zero = value().parse().ok().filter(|z| [0, 1, 3].contains(z)).unwrap_or_else(|| panic!("--zero 0|1|3: 0 replicates the optimizer state (DDP), 1 shards it (ZeRO-1), 3 shards the parameters, gradients and state (FSDP)")),
+            "--dp-replicate" => a.dp_replicate = value().parse().ok().filter(|&r| r >= 1).unwrap_or_else(|| panic!("--dp-replicate R: a number (at least 1) of groups holding the same shards")),
             "--moments" => {
                 a.moments = match value().as_str() {
                     "f32" => MomentDType::F32,
@@ -161,7 +175,7 @@ fn parse_args() -> Args {
             "--sample" => a.sample = value().parse().expect("--sample N"),
             "--seed" => a.seed = value().parse().expect("--seed N"),
             "--help" | "-h" => {
-                println!("train_tiny [--backend ndarray|flex|wgpu|cuda] [--steps N] [--batch N] [--seq N] [--d-model N] [--layers N] [--lr X] [--fp8] [--resume] [--ep E] [--dp D [--zero 0|1]] [--moments f32|bf16] [--pp N [--micro-batches M]] [--out DIR] [--save-every N] [--sample N] [--seed N]");
+                println!("train_tiny [--backend ndarray|flex|wgpu|cuda] [--steps N] [--batch N] [--seq N] [--d-model N] [--layers N] [--lr X] [--fp8] [--resume] [--ep E] [--dp D [--zero 0|1|3] [--dp-replicate R]] [--moments f32|bf16] [--pp N [--micro-batches M]] [--out DIR] [--save-every N] [--sample N] [--seed N]");
                 std::process::exit(0);
             }
             other => panic!("unknown flag {other}; see --help"),
@@ -169,7 +183,10 @@ fn parse_args() -> Args {
     }
     assert!(a.ep >= 1, "--ep {}: at least one rank", a.ep);
     assert!(a.dp >= 1, "--dp {}: at least one rank", a.dp);
-    assert!(a.zero == 0 || a.pp == 0, "--zero {} with --pp {}: ZeRO-1 inside the pipeline is not built yet (--pp takes --dp with DDP)", a.zero, a.pp);
+    assert!(a.zero == 0 || a.pp == 0, "--zero {} with --pp {}: ZeRO inside the pipeline is not built yet (--pp takes --dp with DDP)", a.zero, a.pp);
+    assert!(a.zero != 3 || a.ep == 1, "--zero 3 with --ep {}: FSDP with expert parallelism is not built yet (--ep takes --zero 0 or 1)", a.ep);
+    assert!(a.dp % a.dp_replicate == 0, "--dp-replicate {} does not divide --dp {}", a.dp_replicate, a.dp);
+    assert!(a.dp_replicate == 1 || a.zero > 0, "--dp-replicate {} with --zero 0: replicas are for sharded state (--zero 1 or 3)", a.dp_replicate);
     assert!(a.micro_batches.is_none() || a.pp > 0, "--micro-batches goes with --pp");
     a
 }
@@ -244,7 +261,7 @@ const PROMPT: &str = "Phileas Fogg ";
 
 /// Builds (or loads) the model on the first device, then trains it on one device, or with
 /// its experts spread over `--ep N` ranks (one thread and one device each).
-fn train<B: AutodiffBackend<Gradients = Gradients> + MoeBackend>(args: &Args, devices: &[B::Device], name: &str)
+fn train<B: AutodiffBackend<Gradients = Gradients> + MoeBackend + FsdpBackend>(args: &Args, devices: &[B::Device], name: &str)
 where
     B::InnerBackend: MoeBackend,
 {
@@ -320,7 +337,13 @@ where
         println!("expert parallelism: {} ranks, {} experts each per MoE layer", args.ep, config.moe.router.n_experts / args.ep);
     }
     if args.dp > 1 {
-        println!("data parallelism: {} ranks, {}", args.dp, if args.zero == 1 { "ZeRO-1 (optimizer state sharded)" } else { "DDP (optimizer state replicated)" });
+        let mode = match args.zero {
+            3 => "FSDP (parameters, gradients and optimizer state sharded)",
+            1 => "ZeRO-1 (optimizer state sharded)",
+            _ => "DDP (optimizer state replicated)",
+        };
+        let hybrid = if args.dp_replicate > 1 { format!(", hybrid [dp_replicate {}, dp_shard {}]", args.dp_replicate, args.dp / args.dp_replicate) } else { String::new() };
+        println!("data parallelism: {} ranks, {mode}{hybrid}", args.dp);
     }
     launch(Comm::group(ranks, Transport::Host), |comm| run::<B>(args, &model, state.clone(), Some(comm.clone()), &devices[comm.rank() % devices.len()]))
         .unwrap_or_else(|e| panic!("parallel training stopped: {e}"));
@@ -461,11 +484,15 @@ impl<B: AutodiffBackend + MoeBackend> DpOptim<B>
 where
     B::InnerBackend: MoeBackend,
 {
-    fn new(args: &Args, dp: Option<Comm>) -> Self {
+    /// `groups`: the whole `dp` group, and its `[dp_shard, dp_replicate]` communicators.
+    fn new(args: &Args, groups: Option<&DpGroups>) -> Self {
         let adamw = adamw(args).init();
-        match (dp, args.zero) {
-            (Some(dp), 1) => DpOptim::Zero(Zero1::new(adamw, dp)),
-            (dp, _) => DpOptim::Replicated(dp.map(Ddp::new), adamw),
+        match (groups, args.zero) {
+            (Some(g), 1) => match &g.replicas {
+                Some(r) => DpOptim::Zero(Zero1::new(adamw, g.shard.clone()).with_replicas(r.clone())),
+                None => DpOptim::Zero(Zero1::new(adamw, g.dp.clone())),
+            },
+            (g, _) => DpOptim::Replicated(g.map(|g| Ddp::new(g.dp.clone())), adamw),
         }
     }
 
@@ -497,6 +524,32 @@ where
     }
 }
 
+/// The data-parallel communicators of a rank: the whole `dp` group, and the groups of
+/// the `[dp_replicate, dp_shard]` mesh it forms (`replicas` when `--dp-replicate` > 1).
+struct DpGroups {
+    dp: Comm,
+    shard: Comm,
+    replicas: Option<Comm>,
+}
+
+impl DpGroups {
+    /// The `dp_replicate` and `dp_shard` dimensions of `mesh` (`None` without `--dp`).
+    fn of(args: &Args, mesh: &DeviceMesh) -> Result<Option<DpGroups>, RunError> {
+        if args.dp == 1 {
+            return Ok(None);
+        }
+        let dp = mesh.group(&["dp_replicate", "dp_shard"]).map_err(failed)?;
+        let shard = mesh.comm("dp_shard").map_err(failed)?.clone();
+        let replicas = (args.dp_replicate > 1).then(|| mesh.comm("dp_replicate").cloned()).transpose().map_err(failed)?;
+        Ok(Some(DpGroups { dp, shard, replicas }))
+    }
+}
+
+/// The `[dp_replicate, dp_shard, ep]` mesh of a run without `--pp`.
+fn dp_ep_mesh(args: &Args, world: &Comm) -> Result<DeviceMesh, RunError> {
+    DeviceMesh::new(world, &[("dp_replicate", args.dp_replicate), ("dp_shard", args.dp / args.dp_replicate), ("ep", args.ep)]).map_err(failed)
+}
+
 /// The MoE layers' token counts summed over the `dp` ranks (each `ep` group counted its
 /// own tokens), so that every replica updates the balancing bias alike.
 fn counts_over<B: burn::tensor::backend::Backend>(counts: Vec<Tensor<B, 1, Int>>, dp: &Comm) -> Result<Vec<Tensor<B, 1, Int>>, DpError> {
@@ -514,24 +567,28 @@ fn counts_over<B: burn::tensor::backend::Backend>(counts: Vec<Tensor<B, 1, Int>>
 /// — the MoE layers' experts spread over the `ep` group, the gradients averaged (DDP) or
 /// the optimizer state sharded (ZeRO-1) over the `dp` group. Rank 0 prints, evaluates,
 /// writes the model and samples; every rank writes its optimizer state.
-fn run<B: AutodiffBackend + MoeBackend>(args: &Args, model: &DeepSeekV3<B>, mut state: TrainState, world: Option<Comm>, device: &B::Device) -> Result<(), RunError>
+fn run<B: AutodiffBackend + MoeBackend + FsdpBackend>(args: &Args, model: &DeepSeekV3<B>, mut state: TrainState, world: Option<Comm>, device: &B::Device) -> Result<(), RunError>
 where
     B::InnerBackend: MoeBackend,
 {
     let (rank, ranks) = world.as_ref().map_or((0, 1), |c| (c.rank(), c.world_size()));
-    let (ep, dp) = match &world {
+    if args.zero == 3 {
+        let world = world.unwrap_or_else(|| Comm::group(1, Transport::Host).remove(0));
+        return fsdp::run(args, model, state, &world, device);
+    }
+    let (ep, groups) = match &world {
         Some(world) => {
-            let mesh = DeviceMesh::new(world, &[("dp", args.dp), ("ep", args.ep)]).map_err(failed)?;
+            let mesh = dp_ep_mesh(args, world)?;
             let ep = (args.ep > 1).then(|| mesh.comm("ep").cloned()).transpose().map_err(failed)?;
-            let dp = (args.dp > 1).then(|| mesh.comm("dp").cloned()).transpose().map_err(failed)?;
-            (ep, dp)
+            (ep, DpGroups::of(args, &mesh)?)
         }
         None => (None, None),
     };
+    let dp = groups.as_ref().map(|g| g.dp.clone());
     let optim_name = match ranks {
         1 => "optim".to_string(),
         _ if args.dp == 1 => format!("optim-ep{}-rank{rank}", args.ep),
-        _ => format!("optim-dp{}-zero{}-ep{}-rank{rank}", args.dp, args.zero, args.ep),
+        _ => format!("optim-dp{}-zero{}{}-ep{}-rank{rank}", args.dp, args.zero, replicate_tag(args), args.ep),
     };
     let mut model = match (&ep, &world) {
         (Some(comm), _) => model.shard_experts(comm, device).map_err(failed)?,
@@ -539,7 +596,7 @@ where
         (None, Some(_)) => model.clone().fork(device),
         (None, None) => model.clone(),
     };
-    let mut optim = DpOptim::<B>::new(args, dp.clone());
+    let mut optim = DpOptim::<B>::new(args, groups.as_ref());
     if args.resume {
         let path = args.out.join(&optim_name);
         optim.load(recorder().load(path.clone(), device).unwrap_or_else(|e| panic!("--resume: {}.mpk (the optimizer state of this layout): {e}", path.display())));
@@ -580,26 +637,37 @@ where
             }
         }
     }
-    if let Some((params, grads, moments)) = held {
+    if let Some(held) = held {
         // Tensor bytes this rank sent to others over the run: expert all-to-alls and
         // gradient sync (ep), data-parallel collectives (dp).
         let sent = ep.iter().chain(dp.iter()).map(|c| c.sent_bytes() as usize).sum::<usize>();
-        let all = match &world {
-            Some(w) => w.all_gather_host("held bytes", (params, grads, moments, sent)).map_err(failed)?,
-            None => vec![(params, grads, moments, sent)],
-        };
-        if rank == 0 {
-            let mb = |b: usize| b as f64 / 1e6;
-            for (r, (p, g, m, sent)) in all.iter().enumerate() {
-                println!("rank {r} holds: parameters {:.2} MB, gradients {:.2} MB, AdamW moments ({:?}) {:.2} MB; sent {:.1} MB in {} steps", mb(*p), mb(*g), args.moments, mb(*m), mb(*sent), state.step);
-            }
-
-        }
+        report_held(args, world.as_ref(), held, sent, state.step)?;
     }
     // Every rank takes part in gathering the experts; rank 0 samples.
     let valid = model.unshard_experts().map_err(failed)?.valid();
     if rank == 0 {
         sample(args, &state, &valid, &optim_name, device);
+    }
+    Ok(())
+}
+
+/// `-r{R}` in the optimizer records' names under `--dp-replicate R` > 1.
+fn replicate_tag(args: &Args) -> String {
+    if args.dp_replicate > 1 { format!("-r{}", args.dp_replicate) } else { String::new() }
+}
+
+/// Rank 0 prints what every rank holds — `(parameters, gradients, moments)` bytes — and
+/// the tensor bytes it `sent` over `steps`. Collective over `world`.
+fn report_held(args: &Args, world: Option<&Comm>, (params, grads, moments): (usize, usize, usize), sent: usize, steps: usize) -> Result<(), RunError> {
+    let all = match world {
+        Some(w) => w.all_gather_host("held bytes", (params, grads, moments, sent)).map_err(failed)?,
+        None => vec![(params, grads, moments, sent)],
+    };
+    if world.is_none_or(|w| w.rank() == 0) {
+        let mb = |b: usize| b as f64 / 1e6;
+        for (r, (p, g, m, sent)) in all.iter().enumerate() {
+            println!("rank {r} holds: parameters {:.2} MB, gradients {:.2} MB, AdamW moments ({:?}) {:.2} MB; sent {:.1} MB in {steps} steps", mb(*p), mb(*g), args.moments, mb(*m), mb(*sent));
+        }
     }
     Ok(())
 }

@@ -229,7 +229,7 @@ pub fn put_grads<B: Backend>(
     }
 }
 
-fn dims<const D: usize>(shape: &[usize]) -> [usize; D] {
+pub(crate) fn dims<const D: usize>(shape: &[usize]) -> [usize; D] {
     shape.try_into().expect("the layout's rank")
 }
 
@@ -239,22 +239,33 @@ pub fn take_values<B: AutodiffBackend, M: Module<B>>(
     layout: &Layout,
     range: std::ops::Range<usize>,
 ) -> Tensor<B::InnerBackend, 1> {
+    values(module, layout, range).inner()
+}
+
+/// The values of the layout's parameters `range`, flattened in order, detached from any
+/// autodiff graph (any backend).
+pub fn values<B: Backend, M: Module<B>>(
+    module: &M,
+    layout: &Layout,
+    range: std::ops::Range<usize>,
+) -> Tensor<B, 1> {
     let mut v = TakeValues::<B> {
         layout,
         range,
         parts: Vec::new(),
     };
     module.visit(&mut v);
-    flat(v.parts, &module_device(module))
+    let device = module.devices().into_iter().next().unwrap_or_default();
+    flat(v.parts, &device)
 }
 
-struct TakeValues<'a, B: AutodiffBackend> {
+struct TakeValues<'a, B: Backend> {
     layout: &'a Layout,
     range: std::ops::Range<usize>,
-    parts: Vec<Tensor<B::InnerBackend, 1>>,
+    parts: Vec<Tensor<B, 1>>,
 }
 
-impl<B: AutodiffBackend> ModuleVisitor<B> for TakeValues<'_, B> {
+impl<B: Backend> ModuleVisitor<B> for TakeValues<'_, B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         if self
             .layout
@@ -262,7 +273,7 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for TakeValues<'_, B> {
             .is_some_and(|i| self.range.contains(&i))
         {
             let n = param.shape().num_elements();
-            self.parts.push(param.val().inner().reshape([n]));
+            self.parts.push(param.val().detach().reshape([n]));
         }
     }
 }

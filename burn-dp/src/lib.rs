@@ -6,6 +6,10 @@
 //! - [`Zero1`]: ZeRO stage 1 around any Burn optimizer — each rank keeps the optimizer
 //!   state of its shard of the parameters only, gradients are reduce-scattered and the
 //!   updated parameters all-gathered.
+//! - [`Fsdp`]: FSDP (ZeRO-3) — a module's parameters held as one flat shard per rank
+//!   (so gradients and optimizer state too), gathered for each forward by a
+//!   differentiable all-gather whose backward reduce-scatters the gradients; HSDP with
+//!   [`Fsdp::hybrid`].
 //! - [`AdamWConfig`]: AdamW with its moments stored in BF16 (DeepSeek-V3's recipe: master
 //!   weights and gradients f32), or f32.
 //!
@@ -25,6 +29,7 @@ mod adamw;
 pub mod collective;
 mod ddp;
 mod error;
+mod fsdp;
 pub mod layout;
 pub mod memory;
 mod zero;
@@ -32,5 +37,6 @@ mod zero;
 pub use adamw::{AdamW, AdamWConfig, AdamWState, MomentDType};
 pub use ddp::{Ddp, DEFAULT_BUCKET_BYTES};
 pub use error::DpError;
+pub use fsdp::{Fsdp, FsdpBackend, FsdpRecord, Shards};
 pub use layout::Layout;
 pub use zero::Zero1;

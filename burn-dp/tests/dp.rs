@@ -1,18 +1,22 @@
-//! Data parallelism against one device: K optimizer steps of DDP, ZeRO-1 and hybrid
-//! ZeRO-1 (`[dp_replicate 2, dp_shard W/2]`) on W ranks
+//! Data parallelism against one device: K optimizer steps of DDP, ZeRO-1, hybrid
+//! ZeRO-1, FSDP and HSDP (hybrid: `[dp_replicate 2, dp_shard W/2]`) on W ranks
 //! (threads here, MPI processes in `mpi_*`) equal K steps of one device on the
-//! concatenated batch; ZeRO-1 holds about 1/W of the optimizer state; the BF16-moment
+//! concatenated batch; ZeRO-1 holds about 1/W of the optimizer state, FSDP about 1/W of
+//! the parameters, gradients and state; the BF16-moment
 //! AdamW stores BF16 and stays close to f32.
 
+use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::backend::{Autodiff, Flex, NdArray};
 use burn::module::{AutodiffModule, Module};
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::optim::{AdamWConfig as BurnAdamW, GradientsParams, Optimizer};
 use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{activation::gelu, DType, Tensor, TensorData};
+use burn::tensor::{activation::gelu, DType, ElementConversion, Tensor, TensorData};
 use burn_comm::{launch, Comm, Transport};
-use burn_dp::{layout, AdamWConfig, Ddp, DpError, Layout, MomentDType, Zero1};
+use burn_dp::{
+    layout, memory, AdamWConfig, Ddp, DpError, Fsdp, FsdpBackend, Layout, MomentDType, Zero1,
+};
 
 type B = Autodiff<NdArray>;
 const STEPS: usize = 3;
@@ -73,6 +77,53 @@ pub enum Mode {
     Zero1,
     /// `[dp_replicate 2, dp_shard W/2]`: ZeRO-1 within each half, averaged across.
     Hybrid,
+    /// Each of the MLP's three layers an FSDP unit.
+    Fsdp,
+    /// `[dp_replicate 2, dp_shard W/2]`: FSDP within each half, averaged across.
+    Hsdp,
+}
+
+/// The MLP with each layer an FSDP unit (gathered just before its forward).
+#[derive(Module, Debug)]
+pub struct ShardedMlp<B: Backend> {
+    up: Fsdp<B, Linear<B>>,
+    norm: Fsdp<B, LayerNorm<B>>,
+    down: Fsdp<B, Linear<B>>,
+}
+
+impl<B: FsdpBackend> ShardedMlp<B> {
+    fn new(m: Mlp<B>, shard: &Comm, replicas: Option<&Comm>) -> Result<Self, DpError> {
+        fn unit<B: Backend, M: Module<B>>(
+            m: M,
+            shard: &Comm,
+            replicas: Option<&Comm>,
+        ) -> Result<Fsdp<B, M>, DpError> {
+            match replicas {
+                None => Fsdp::new(m, shard.clone()),
+                Some(r) => Fsdp::hybrid(m, shard.clone(), r.clone()),
+            }
+        }
+        Ok(ShardedMlp {
+            up: unit(m.up, shard, replicas)?,
+            norm: unit(m.norm, shard, replicas)?,
+            down: unit(m.down, shard, replicas)?,
+        })
+    }
+
+    fn loss(&self, x: Tensor<B, 2>, y: Tensor<B, 2>) -> Result<Tensor<B, 1>, DpError> {
+        let h = self.up.gather()?.forward(x);
+        let h = gelu(self.norm.gather()?.forward(h));
+        let out = self.down.gather()?.forward(h);
+        Ok((out - y).square().mean())
+    }
+
+    fn unshard(self) -> Result<Mlp<B>, DpError> {
+        Ok(Mlp {
+            up: self.up.unshard()?,
+            norm: self.norm.unshard()?,
+            down: self.down.unshard()?,
+        })
+    }
 }
 
 /// What a run leaves: the loss of each step (this rank's batch) and every parameter.
@@ -80,17 +131,19 @@ pub struct Trained {
     pub losses: Vec<f32>,
     pub params: Vec<f32>,
     pub optim_bytes: usize,
+    /// Bytes of the trainable parameters this rank holds at rest.
+    pub param_bytes: usize,
 }
 
-fn flat_params<M: AutodiffModule<B>>(m: &M) -> Vec<f32> {
-    let l = Layout::of::<B, M>(m);
-    layout::take_values::<B, M>(m, &l, 0..l.len())
+fn flat_params<A: AutodiffBackend, M: AutodiffModule<A>>(m: &M) -> Vec<f32> {
+    let l = Layout::of::<A, M>(m);
+    layout::take_values::<A, M>(m, &l, 0..l.len())
         .into_data()
         .to_vec()
         .unwrap()
 }
 
-fn record_bytes<R: burn::record::Record<B>>(r: R) -> usize {
+fn record_bytes<A: Backend, R: burn::record::Record<A>>(r: R) -> usize {
     BinBytesRecorder::<FullPrecisionSettings>::default()
         .record(r, ())
         .unwrap()
@@ -136,11 +189,51 @@ pub fn run_rank(mode: Mode, comm: &Comm, model: Mlp<B>, d: usize) -> Result<Trai
             }
             optim_bytes = record_bytes(zero.optimizer().to_record());
         }
+        Mode::Fsdp | Mode::Hsdp => return run_fsdp(mode, comm, model, d),
     }
+    Ok(Trained {
+        losses,
+        param_bytes: memory::param_bytes(&model),
+        params: flat_params(&model),
+        optim_bytes,
+    })
+}
+
+/// One rank of FSDP or HSDP, on any autodiff backend (checkpointing strategies included).
+pub fn run_fsdp<A: AutodiffBackend + FsdpBackend>(
+    mode: Mode,
+    comm: &Comm,
+    model: Mlp<A>,
+    d: usize,
+) -> Result<Trained, DpError> {
+    let device = Default::default();
+    let (w, r) = (comm.world_size(), comm.rank());
+    let mut sharded = if mode == Mode::Hsdp {
+        let mesh = burn_comm::DeviceMesh::new(comm, &[("dp_replicate", 2), ("dp_shard", w / 2)])?;
+        let replicas = mesh.comm("dp_replicate")?;
+        ShardedMlp::new(model, mesh.comm("dp_shard")?, Some(replicas))?
+    } else {
+        ShardedMlp::new(model, comm, None)?
+    };
+    let param_bytes = memory::param_bytes(&sharded);
+    let mut optim = BurnAdamW::new()
+        .with_weight_decay(0.1)
+        .init::<A, ShardedMlp<A>>();
+    let mut losses = Vec::new();
+    for step in 0..STEPS {
+        let (x, y) = batch::<A>(step, r * ROWS, ROWS, d, &device);
+        let l = sharded.loss(x, y)?;
+        losses.push(l.clone().into_scalar().elem());
+        let grads = GradientsParams::from_grads(l.backward(), &sharded);
+        sharded = optim.step(LR, sharded, grads);
+    }
+    let optim_bytes = record_bytes(optim.to_record());
+    let model = sharded.unshard()?;
     Ok(Trained {
         losses,
         params: flat_params(&model),
         optim_bytes,
+        param_bytes,
     })
 }
 
@@ -162,6 +255,7 @@ pub fn reference(model: Mlp<B>, world: usize, d: usize) -> Trained {
     }
     Trained {
         losses,
+        param_bytes: memory::param_bytes(&model),
         params: flat_params(&model),
         optim_bytes: record_bytes(optim.to_record()),
     }
@@ -194,26 +288,29 @@ pub fn compare(what: &str, reference: &Trained, ranks: &[Trained]) {
     }
 }
 
-pub fn model(d: usize) -> Mlp<B> {
+pub fn model<A: AutodiffBackend>(d: usize) -> Mlp<A> {
     let device = Default::default();
-    B::seed(&device, 2024);
+    A::seed(&device, 2024);
     // Burn draws weights lazily, at first use: fork draws them now, so that the ranks'
     // replicas (forks of this one) hold the same values.
     Mlp::new(d, 24, &device).fork(&device)
 }
 
 #[test]
-fn ddp_zero1_and_hybrid_on_threads_equal_one_device() {
+fn ddp_zero1_fsdp_and_hybrids_on_threads_equal_one_device() {
     let d = 8;
     for world in [2, 4] {
         let m = model(d);
         let reference = reference(m.clone(), world, d);
-        for mode in [Mode::Ddp, Mode::Zero1, Mode::Hybrid] {
+        for mode in [Mode::Ddp, Mode::Zero1, Mode::Hybrid, Mode::Fsdp, Mode::Hsdp] {
             let ranks = launch(Comm::group(world, Transport::Host), |comm| {
-                run_rank(mode, &comm, m.clone(), d)
+                run_rank(mode, &comm, m.clone().fork(&Default::default()), d)
             })
             .unwrap();
             compare(&format!("{mode:?} on {world} threads"), &reference, &ranks);
+            if mode == Mode::Fsdp {
+                check_fsdp_bytes(world, &reference, &ranks);
+            }
             if mode == Mode::Zero1 {
                 // Each rank holds the state of its shard only: together about one copy.
                 let total: usize = ranks.iter().map(|t| t.optim_bytes).sum();
@@ -236,6 +333,99 @@ fn ddp_zero1_and_hybrid_on_threads_equal_one_device() {
             }
         }
     }
+}
+
+/// FSDP ranks hold 1/W of the parameters and of the optimizer state (plus the units'
+/// one-element placeholders and their records' framing).
+fn check_fsdp_bytes(world: usize, reference: &Trained, ranks: &[Trained]) {
+    eprintln!(
+        "FSDP on {world} ranks: parameter bytes per rank {:?}, optimizer record bytes {:?}; \
+         one device {} and {}",
+        ranks.iter().map(|t| t.param_bytes).collect::<Vec<_>>(),
+        ranks.iter().map(|t| t.optim_bytes).collect::<Vec<_>>(),
+        reference.param_bytes,
+        reference.optim_bytes
+    );
+    for (r, t) in ranks.iter().enumerate() {
+        // Three units: at most one element more than an even share each.
+        assert!(
+            t.param_bytes <= reference.param_bytes / world + 3 * 4,
+            "rank {r} holds {} B of parameters, 1/{world} of {} B is the share",
+            t.param_bytes,
+            reference.param_bytes
+        );
+        assert!(
+            t.optim_bytes < reference.optim_bytes / world + 1024,
+            "rank {r} holds {} B of optimizer state, 1/{world} of {} B is the share",
+            t.optim_bytes,
+            reference.optim_bytes
+        );
+    }
+}
+
+/// Bytes each of 2 ranks sends over an FSDP run of the MLP on backend `A`.
+fn fsdp_sent<A: AutodiffBackend + FsdpBackend>(d: usize) -> (Vec<Trained>, Vec<u64>) {
+    let m = model::<A>(d);
+    let ranks = launch(Comm::group(2, Transport::Host), |comm| {
+        let sent = comm.sent_bytes();
+        let t = run_fsdp(Mode::Fsdp, &comm, m.clone().fork(&Default::default()), d)?;
+        Ok::<_, DpError>((t, comm.sent_bytes() - sent))
+    })
+    .unwrap();
+    ranks.into_iter().unzip()
+}
+
+#[test]
+fn fsdp_under_balanced_checkpointing_regathers_and_equals_one_device() {
+    type C = Autodiff<NdArray, BalancedCheckpointing>;
+    let d = 8;
+    let reference = reference(model(d), 2, d);
+    let (ranks, balanced) = fsdp_sent::<C>(d);
+    compare(
+        "FSDP, balanced checkpointing, 2 threads",
+        &reference,
+        &ranks,
+    );
+    let (_, kept) = fsdp_sent::<B>(d);
+    eprintln!(
+        "FSDP on 2 threads: bytes sent per rank {kept:?}, balanced checkpointing {balanced:?}"
+    );
+    // Burn's default keeps the gathered values for the backward; balanced checkpointing
+    // gathers again those the backward needs: the norm's (48 values) and the down
+    // layer's (50), whose inputs need gradients; not the up layer's, whose input (the
+    // batch) needs none. Each rank sends the other its half: (24 + 25) × 4 B a step.
+    for (b, k) in balanced.iter().zip(&kept) {
+        assert_eq!(
+            b - k,
+            STEPS as u64 * (24 + 25) * 4,
+            "balanced {b} B, kept {k} B"
+        );
+    }
+}
+
+#[test]
+fn fsdp_shard_of_another_world_size_is_refused_naming_the_sizes() {
+    let d = 8;
+    let m = model::<B>(d);
+    let two = launch(Comm::group(2, Transport::Host), |comm| {
+        let f = Fsdp::new(m.up.clone().fork(&Default::default()), comm)?;
+        let recorder = BinBytesRecorder::<FullPrecisionSettings>::default();
+        Ok::<_, DpError>(recorder.record(f.into_record(), ()).unwrap())
+    })
+    .unwrap();
+    let errors = launch(Comm::group(4, Transport::Host), |comm| {
+        let f = Fsdp::new(m.up.clone().fork(&Default::default()), comm)?;
+        let recorder = BinBytesRecorder::<FullPrecisionSettings>::default();
+        let f = f.load_record(recorder.load(two[0].clone(), &Default::default()).unwrap());
+        Ok::<_, DpError>(f.gather().err().map(|e| e.to_string()))
+    })
+    .unwrap();
+    let e = errors[0].as_ref().expect("a shard of 2 ranks refused on 4");
+    // The up layer: 8 × 24 + 24 = 216 values, 108 per rank on 2, 54 on 4.
+    assert!(
+        e.contains("rank 0 of 4 holds an FSDP shard of 108 elements, but 216 elements over 4 ranks give it 54"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -394,7 +584,7 @@ mod mpi {
     use std::time::Duration;
 
     #[test]
-    fn ddp_zero1_and_hybrid_across_mpi_processes_equal_one_device() {
+    fn ddp_zero1_fsdp_and_hybrids_across_mpi_processes_equal_one_device() {
         assert!(
             burn_comm::mpirun::available(),
             "mpirun not found: tests/run.sh installs OpenMPI (openmpi-bin)"
@@ -422,21 +612,23 @@ mod mpi {
     }
 
     #[test]
-    #[ignore = "an MPI rank: run by ddp_zero1_and_hybrid_across_mpi_processes_equal_one_device under mpirun"]
+    #[ignore = "an MPI rank: run by ddp_zero1_fsdp_and_hybrids_across_mpi_processes_equal_one_device under mpirun"]
     fn mpi_worker_dp() {
         burn_comm::mpi::launch(Duration::from_secs(60), |comm| {
             let (d, world) = (8, comm.world_size());
             // Every process builds the same model from the seed.
             let reference = reference(model(d), world, d);
-            for mode in [Mode::Ddp, Mode::Zero1, Mode::Hybrid] {
+            for mode in [Mode::Ddp, Mode::Zero1, Mode::Hybrid, Mode::Fsdp, Mode::Hsdp] {
                 let mine = run_rank(mode, &comm, model(d), d)?;
+                let run = (mine.losses, mine.params, mine.optim_bytes, mine.param_bytes);
                 let ranks: Vec<Trained> = comm
-                    .all_gather_host("runs", (mine.losses, mine.params, mine.optim_bytes))?
+                    .all_gather_host("runs", run)?
                     .into_iter()
-                    .map(|(losses, params, optim_bytes)| Trained {
+                    .map(|(losses, params, optim_bytes, param_bytes)| Trained {
                         losses,
                         params,
                         optim_bytes,
+                        param_bytes,
                     })
                     .collect();
                 compare(
@@ -444,6 +636,9 @@ mod mpi {
                     &reference,
                     &ranks,
                 );
+                if mode == Mode::Fsdp {
+                    check_fsdp_bytes(world, &reference, &ranks);
+                }
             }
             println!("rank {} of {world}: ok", comm.rank());
             Ok::<_, DpError>(())

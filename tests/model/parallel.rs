@@ -1,8 +1,9 @@
 //! Pipeline and expert parallelism together, against one device on the whole batch —
 //! the objective, every gradient by parameter id (expert tensors: the rank's share), the
 //! global expert counts: DualPipeV over 2 ranks driven one rank at a time
-//! (`Pipeline::step_rank`), and a `[pp 2, ep 2]` mesh whose pipeline ranks shard their
-//! stages' experts over their `ep` group. The per-rank programs run here as threads and
+//! (`Pipeline::step_rank`), a `[pp 2, ep 2]` mesh whose pipeline ranks shard their
+//! stages' experts over their `ep` group, `[dp 2, ep 2]` data and expert parallelism,
+//! and FSDP of the whole model over 2 ranks. The per-rank programs run here as threads and
 //! in mpi.rs as MPI processes; every rank draws the same weights and tokens from one seed.
 //!
 //! Tolerances: the same f32 math in another order (micro-batches, the
@@ -12,7 +13,7 @@
 use crate::common::{host, Ref, Rng};
 use crate::ep::{host_grads, rel_diff};
 use burn::backend::Autodiff;
-use burn::module::ParamId;
+use burn::module::{Module, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
@@ -70,6 +71,80 @@ fn data_and_expert_parallelism_on_four_threads_take_the_single_device_step() {
         dp_ep_rank(&world, &reference).map_err(|e| as_comm(world.rank(), e))
     })
     .unwrap();
+}
+
+#[test]
+fn fsdp_on_two_threads_takes_the_single_device_step() {
+    let reference = reference(Rng::new("fsdp_on_two_threads").next(), FSDP_ROWS);
+    launch(Comm::group(2, Transport::Host), |world| {
+        fsdp_rank(&world, &reference).map_err(|e| as_comm(world.rank(), e))
+    })
+    .unwrap();
+}
+
+/// Rows of the FSDP step: 2 per rank.
+pub(crate) const FSDP_ROWS: usize = 4;
+
+/// Rank `world.rank()` of FSDP over the ranks of `world`: the whole model one burn-dp
+/// `Fsdp` unit, gathered for the forward; after the backward this rank's shard holds its
+/// slice of the one-device gradient (flattened in module order), and the MoE counts
+/// summed over the ranks are the whole batch's.
+pub(crate) fn fsdp_rank(world: &Comm, reference: &Reference) -> Result<(), String> {
+    let err = |e: &dyn std::fmt::Display| e.to_string();
+    let (r, w, n, device) = (
+        world.rank(),
+        world.world_size(),
+        reference.n,
+        Default::default(),
+    );
+    let rows = FSDP_ROWS / w;
+    let fsdp = burn_dp::Fsdp::new(reference.model.clone().fork(&device), world.clone())
+        .map_err(|e| err(&e))?;
+    let ids = reference.ids[r * rows * n..(r + 1) * rows * n].to_vec();
+    let out = fsdp
+        .gather()
+        .map_err(|e| err(&e))?
+        .try_loss(Tensor::from_data(TensorData::new(ids, [rows, n]), &device))
+        .map_err(|e| err(&e))?;
+    let loss: f64 = world
+        .all_gather_host("loss", host(out.loss.clone())[0] as f64)
+        .map_err(|e| err(&e))?
+        .iter()
+        .sum::<f64>()
+        / w as f64;
+    assert!(
+        (loss - reference.loss).abs() <= 1e-5 * reference.loss,
+        "rank {r}: loss {loss} vs one device {}",
+        reference.loss
+    );
+    let grads = GradientsParams::from_grads(out.loss.backward(), &fsdp);
+    let shard = grads
+        .get::<Ref, 1>(fsdp.shard().id)
+        .ok_or("no gradient on the shard")?;
+    let layout = fsdp.layout();
+    let full: Vec<f32> = layout
+        .ids
+        .iter()
+        .flat_map(|id| reference.grads[id].1.iter().copied())
+        .collect();
+    let bounds = &fsdp.shards().bounds;
+    let d = rel_diff(&host(shard), &full[bounds[r]..bounds[r + 1]]);
+    assert!(
+        d <= 3e-4,
+        "rank {r}: the shard's gradient off by {d:e} of its largest entry"
+    );
+    let counts = burn_dp::collective::all_reduce(
+        Tensor::cat(out.counts.iter().map(|c| c.clone().float()).collect(), 0),
+        world,
+    )
+    .map_err(|e| err(&e))?;
+    let want: Vec<i64> = reference.counts.concat();
+    assert_eq!(
+        counts_of(&counts.int()),
+        want,
+        "rank {r}: the whole batch's counts"
+    );
+    Ok(())
 }
 
 /// Rows of the `[dp 2, ep 2]` step: 2 per rank.
