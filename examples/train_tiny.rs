@@ -81,7 +81,7 @@ use burn_dp::{AdamW as DpAdamW, AdamWConfig, Ddp, DpError, FsdpBackend, Layout, 
 use burn::record::{BinBytesRecorder, FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Int, Tensor, TensorData};
-use burn_deepseek::model::{DeepSeekV3, DeepSeekV3Config, ModelStage, Sampling, Session};
+use burn_deepseek::model::{DeepSeekV3, DeepSeekV3Config, LossOutput, ModelStage, Sampling, Session};
 use burn::backend::autodiff::grads::Gradients;
 use burn_deepseek::dualpipe::executor::{materialize, Pipeline};
 use burn_deepseek::dualpipe::schedule::{Schedule, ScheduleKind};
@@ -424,6 +424,12 @@ impl Throughput {
 }
 
 /// Records the step's losses and redraws the progress line (`extra` after the load).
+/// The next-token and first MTP losses of a step for the progress line: two host reads
+/// (each waits for the step's forward), so only the printing rank makes them.
+fn step_losses<B: burn::tensor::backend::Backend>(out: &LossOutput<B>) -> (f32, f32) {
+    (out.lm_loss.clone().into_scalar().elem::<f32>(), out.mtp_losses[0].clone().into_scalar().elem::<f32>())
+}
+
 fn progress(state: &mut TrainState, args: &Args, (lm, mtp): (f32, f32), tok_s: f64, load: f64, extra: &str) {
     state.lm.push(lm);
     state.mtp.push(mtp);
@@ -609,7 +615,7 @@ where
         let lr = learning_rate(args, state.step);
         let batch = tokens::<B>(batches.next(args.batch, args.seq + 2), args.batch, device);
         let out = model.try_loss(batch).map_err(failed)?;
-        let losses = (out.lm_loss.clone().into_scalar().elem::<f32>(), out.mtp_losses[0].clone().into_scalar().elem::<f32>());
+        let losses = (rank == 0).then(|| step_losses(&out));
         let grads = model.sync_grads(GradientsParams::from_grads(out.loss.backward(), &model)).map_err(failed)?;
         // What this rank holds is measured on the first step (the layout does not change).
         let layout = held.is_none().then(|| Layout::of::<B, _>(&model));
@@ -626,7 +632,7 @@ where
         }
         state.step += 1;
         speed.add(state.step, ranks * args.batch * args.seq, step_start);
-        if rank == 0 {
+        if let Some(losses) = losses {
             progress(&mut state, args, losses, speed.per_second(), load_ratio(&counts), "");
         }
         if state.step % args.save_every == 0 || state.step == args.steps {

@@ -255,8 +255,7 @@ pub fn values<B: Backend, M: Module<B>>(
         parts: Vec::new(),
     };
     module.visit(&mut v);
-    let device = module.devices().into_iter().next().unwrap_or_default();
-    flat(v.parts, &device)
+    flat(v.parts, &module_device(module))
 }
 
 struct TakeValues<'a, B: Backend> {
@@ -316,8 +315,6 @@ pub(crate) fn flat<B: Backend>(parts: Vec<Tensor<B, 1>>, device: &B::Device) -> 
 }
 
 /// The device of a module's first parameter (the default device for a module without).
-fn module_device<B: AutodiffBackend, M: Module<B>>(
-    module: &M,
-) -> burn::tensor::Device<B::InnerBackend> {
+pub(crate) fn module_device<B: Backend, M: Module<B>>(module: &M) -> B::Device {
     module.devices().into_iter().next().unwrap_or_default()
 }

@@ -42,7 +42,7 @@ where
         let lr = learning_rate(args, state.step);
         let batch = tokens::<B>(batches.next(args.batch, args.seq + 2), args.batch, device);
         let out = fsdp.gather().map_err(failed)?.try_loss(batch).map_err(failed)?;
-        let losses = (out.lm_loss.clone().into_scalar().elem::<f32>(), out.mtp_losses[0].clone().into_scalar().elem::<f32>());
+        let losses = (rank == 0).then(|| step_losses(&out));
         // The backward ends with each shard holding the mean gradient over the dp ranks.
         let grads = GradientsParams::from_grads(out.loss.backward(), &fsdp);
         let layout = held.is_none().then(|| Layout::of::<B, _>(&fsdp));
@@ -54,7 +54,7 @@ where
         }
         state.step += 1;
         speed.add(state.step, world.world_size() * args.batch * args.seq, step_start);
-        if rank == 0 {
+        if let Some(losses) = losses {
             progress(&mut state, args, losses, speed.per_second(), load_ratio(&counts), "");
         }
         if state.step % args.save_every == 0 || state.step == args.steps {

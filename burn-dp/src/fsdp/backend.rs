@@ -59,6 +59,22 @@ impl Shards {
         all_gather(shard, &self.bounds, &self.comm)
     }
 
+    /// The whole vector from this rank's shard, cut at `offsets` (not differentiated).
+    ///
+    /// # Shapes
+    /// - shard: `[own_len]` → `[offsets[i + 1] - offsets[i]]` for each piece `i`
+    pub fn gather_pieces<B: Backend>(
+        &self,
+        shard: Tensor<B, 1>,
+        offsets: &[usize],
+    ) -> Result<Vec<Tensor<B, 1>>, CommError> {
+        let full = self.gather(shard)?;
+        Ok(offsets
+            .windows(2)
+            .map(|w| full.clone().slice([w[0]..w[1]]))
+            .collect())
+    }
+
     /// This rank's shard of the mean over every data-parallel rank of `full` (a
     /// reduce-scatter within the group, an all-reduce across the replicas).
     ///
@@ -77,34 +93,27 @@ impl Shards {
 /// is the plain all-gather (inference, and the inner backend of `Autodiff`); `Autodiff`
 /// records it with a backward that reduce-scatters the gradient.
 pub trait FsdpBackend: Backend {
-    /// The whole flat vector gathered from every rank's shard, cut into consecutive
-    /// pieces of `sizes` elements (a unit's parameters). Collective over `shards.comm`.
+    /// The whole flat vector gathered from every rank's shard, cut at `offsets` into a
+    /// unit's parameters (the layout's offsets, `0` to `bounds[W]`). Collective over
+    /// `shards.comm`.
     ///
     /// # Shapes
-    /// - shard: `[shards.own_len()]` → `[sizes[i]]` for each `i` (`Σ sizes = bounds[W]`)
+    /// - shard: `[shards.own_len()]` → `[offsets[i + 1] - offsets[i]]` for each piece `i`
     ///
     /// # Errors
     /// A failed or stalled rank; a shard of another length than its range.
     fn fsdp_gather(
         shard: FloatTensor<Self>,
         shards: &Shards,
-        sizes: &[usize],
+        offsets: &[usize],
     ) -> Result<Vec<FloatTensor<Self>>, CommError> {
         let shard = Tensor::<Self, 1>::from_primitive(TensorPrimitive::Float(shard));
-        let full = shards.gather(shard)?;
-        Ok(pieces(sizes)
-            .map(|r| full.clone().slice([r]).into_primitive().tensor())
+        Ok(shards
+            .gather_pieces(shard, offsets)?
+            .into_iter()
+            .map(|p| p.into_primitive().tensor())
             .collect())
     }
-}
-
-/// The ranges of consecutive pieces of `sizes` elements.
-fn pieces(sizes: &[usize]) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
-    sizes.iter().scan(0, |lo, &n| {
-        let r = *lo..*lo + n;
-        *lo += n;
-        Some(r)
-    })
 }
 
 /// Unwinds out of a backward step (which cannot return errors) with the collective's
@@ -132,7 +141,7 @@ struct GatherBackward;
 #[derive(Clone, Debug)]
 struct GatherState<B: Backend> {
     shards: Shards,
-    sizes: Vec<usize>,
+    offsets: Vec<usize>,
     slots: Slots<B>,
     device: B::Device,
 }
@@ -151,11 +160,11 @@ impl<B: Backend> Backward<B, 1> for GatherBackward {
         let slots = std::mem::take(&mut *s.slots.lock().expect("FSDP gradient slots"));
         let parts = slots
             .into_iter()
-            .zip(&s.sizes)
-            .map(|(g, &n)| match g {
+            .zip(s.offsets.windows(2))
+            .map(|(g, w)| match g {
                 Some(g) => Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(g)),
                 // A parameter the loss does not depend on.
-                None => Tensor::zeros([n], &s.device),
+                None => Tensor::zeros([w[1] - w[0]], &s.device),
             })
             .collect();
         let full = crate::layout::flat(parts, &s.device);
@@ -236,12 +245,12 @@ impl<B: FsdpBackend, C: CheckpointStrategy> FsdpBackend for Autodiff<B, C> {
     fn fsdp_gather(
         shard: FloatTensor<Self>,
         shards: &Shards,
-        sizes: &[usize],
+        offsets: &[usize],
     ) -> Result<Vec<FloatTensor<Self>>, CommError> {
         let inner = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(shard.primitive.clone()));
         let device = inner.device();
         let full_inner = shards.gather(inner)?;
-        let slots: Slots<B> = Arc::new(Mutex::new(vec![None; sizes.len()]));
+        let slots: Slots<B> = Arc::new(Mutex::new(vec![None; offsets.len() - 1]));
         let retro = RetroGather::<B> {
             shard: shard.node.id,
             shards: shards.clone(),
@@ -260,7 +269,7 @@ impl<B: FsdpBackend, C: CheckpointStrategy> FsdpBackend for Autodiff<B, C> {
             OpsKind::Tracked(prep) => {
                 let state = GatherState {
                     shards: shards.clone(),
-                    sizes: sizes.to_vec(),
+                    offsets: offsets.to_vec(),
                     slots: slots.clone(),
                     device,
                 };
@@ -268,9 +277,11 @@ impl<B: FsdpBackend, C: CheckpointStrategy> FsdpBackend for Autodiff<B, C> {
             }
             OpsKind::UnTracked(prep) => prep.finish(value),
         };
-        Ok(pieces(sizes)
+        Ok(offsets
+            .windows(2)
             .enumerate()
-            .map(|(index, range)| {
+            .map(|(index, w)| {
+                let range = w[0]..w[1];
                 let value = full_inner
                     .clone()
                     .slice([range.clone()])

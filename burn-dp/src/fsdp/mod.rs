@@ -7,7 +7,7 @@ mod backend;
 pub use backend::{FsdpBackend, Shards};
 
 use crate::collective::even_bounds;
-use crate::layout::{dims, values, Layout};
+use crate::layout::{dims, module_device, values, Layout};
 use crate::DpError;
 use burn::module::{Module, ModuleMapper, Param, ParamId};
 use burn::tensor::backend::Backend;
@@ -108,7 +108,7 @@ impl<B: Backend, M: Module<B>> Fsdp<B, M> {
         }
         let bounds = even_bounds(layout.numel(), comm.world_size());
         let me = comm.rank();
-        let device = module.devices().into_iter().next().unwrap_or_default();
+        let device = module_device(&module);
         let full = values(&module, &layout, 0..layout.len());
         // A copy of the shard (one host round trip, at construction only): a slice can
         // be a view that keeps the whole vector alive (NdArray).
@@ -188,9 +188,8 @@ impl<B: Backend, M: Module<B>> Fsdp<B, M> {
     {
         self.check_shard()?;
         let layout = &self.plan.layout;
-        let sizes: Vec<usize> = layout.offsets.windows(2).map(|w| w[1] - w[0]).collect();
         let shard = self.shard.val().into_primitive().tensor();
-        let pieces = B::fsdp_gather(shard, &self.plan.shards, &sizes)?
+        let pieces = B::fsdp_gather(shard, &self.plan.shards, &layout.offsets)?
             .into_iter()
             .map(|p| Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(p)))
             .collect();
@@ -209,12 +208,8 @@ impl<B: Backend, M: Module<B>> Fsdp<B, M> {
     pub fn unshard(self) -> Result<M, DpError> {
         self.check_shard()?;
         let layout = &self.plan.layout;
-        let full = self.plan.shards.gather(self.shard.val().detach())?;
-        let pieces = layout
-            .offsets
-            .windows(2)
-            .map(|w| full.clone().slice([w[0]..w[1]]))
-            .collect();
+        let pieces =
+            (self.plan.shards).gather_pieces(self.shard.val().detach(), &layout.offsets)?;
         Ok(self.hollow.map(&mut Fill {
             layout,
             pieces,
