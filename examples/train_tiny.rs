@@ -67,8 +67,10 @@
 //!
 //! `--zero 3` shards the parameters as well (FSDP, burn-dp's `Fsdp`): each rank holds
 //! `1/D` of the model's trainable values, their gradients and AdamW's moments; every step
-//! all-gathers them for the forward and reduce-scatters the gradients in the backward (the
-//! model is one FSDP unit; `--ep` > 1 with it is not built yet). `--dp-replicate R` makes
+//! all-gathers each unit just before its forward — the embedding, each block, the norm,
+//! the head, the MTP module (`--fsdp-unit model`: the whole model at once) — and the
+//! backward reduce-scatters its gradients. With `--ep E` the experts are sharded over
+//! `ep` and then over `dp`, the dense parameters over all `D · E` ranks. `--dp-replicate R` makes
 //! the `dp` ranks a `[dp_replicate R, dp_shard D/R]` mesh (HSDP with `--zero 3`, hybrid
 //! ZeRO-1 with `--zero 1`): the state sharded over each group of `D/R`, the gradients
 //! averaged across the `R` groups.
@@ -113,6 +115,8 @@ struct Args {
     dp: usize,
     zero: usize,
     dp_replicate: usize,
+    /// `--zero 3`: one FSDP unit per block (and embedding, norm, head, MTP module), or the whole model one unit.
+    fsdp_per_block: bool,
     moments: MomentDType,
     micro_batches: Option<usize>,
     out: PathBuf,
@@ -137,6 +141,7 @@ fn parse_args() -> Args {
         dp: 1,
         zero: 0,
         dp_replicate: 1,
+        fsdp_per_block: true,
         moments: MomentDType::F32,
         micro_batches: None,
         out: PathBuf::from("target/train_tiny"),
@@ -161,6 +166,13 @@ fn parse_args() -> Args {
             "--dp" => a.dp = value().parse().expect("--dp N: a number of data-parallel ranks"),
             "--zero" => a.zero = value().parse().ok().filter(|z| [0, 1, 3].contains(z)).unwrap_or_else(|| panic!("--zero 0|1|3: 0 replicates the optimizer state (DDP), 1 shards it (ZeRO-1), 3 shards the parameters, gradients and state (FSDP)")),
             "--dp-replicate" => a.dp_replicate = value().parse().ok().filter(|&r| r >= 1).unwrap_or_else(|| panic!("--dp-replicate R: a number (at least 1) of groups holding the same shards")),
+            "--fsdp-unit" => {
+                a.fsdp_per_block = match value().as_str() {
+                    "block" => true,
+                    "model" => false,
+                    other => panic!("--fsdp-unit {other}: block (each block gathered just before its forward) or model (the whole model gathered at once)"),
+                }
+            }
             "--moments" => {
                 a.moments = match value().as_str() {
                     "f32" => MomentDType::F32,
@@ -175,7 +187,7 @@ fn parse_args() -> Args {
             "--sample" => a.sample = value().parse().expect("--sample N"),
             "--seed" => a.seed = value().parse().expect("--seed N"),
             "--help" | "-h" => {
-                println!("train_tiny [--backend ndarray|flex|wgpu|cuda] [--steps N] [--batch N] [--seq N] [--d-model N] [--layers N] [--lr X] [--fp8] [--resume] [--ep E] [--dp D [--zero 0|1|3] [--dp-replicate R]] [--moments f32|bf16] [--pp N [--micro-batches M]] [--out DIR] [--save-every N] [--sample N] [--seed N]");
+                println!("train_tiny [--backend ndarray|flex|wgpu|cuda] [--steps N] [--batch N] [--seq N] [--d-model N] [--layers N] [--lr X] [--fp8] [--resume] [--ep E] [--dp D [--zero 0|1|3] [--dp-replicate R] [--fsdp-unit block|model]] [--moments f32|bf16] [--pp N [--micro-batches M]] [--out DIR] [--save-every N] [--sample N] [--seed N]");
                 std::process::exit(0);
             }
             other => panic!("unknown flag {other}; see --help"),
@@ -184,10 +196,10 @@ fn parse_args() -> Args {
     assert!(a.ep >= 1, "--ep {}: at least one rank", a.ep);
     assert!(a.dp >= 1, "--dp {}: at least one rank", a.dp);
     assert!(a.zero == 0 || a.pp == 0, "--zero {} with --pp {}: ZeRO inside the pipeline is not built yet (--pp takes --dp with DDP)", a.zero, a.pp);
-    assert!(a.zero != 3 || a.ep == 1, "--zero 3 with --ep {}: FSDP with expert parallelism is not built yet (--ep takes --zero 0 or 1)", a.ep);
     assert!(a.dp % a.dp_replicate == 0, "--dp-replicate {} does not divide --dp {}", a.dp_replicate, a.dp);
     assert!(a.dp_replicate == 1 || a.zero > 0, "--dp-replicate {} with --zero 0: replicas are for sharded state (--zero 1 or 3)", a.dp_replicate);
     assert!(a.micro_batches.is_none() || a.pp > 0, "--micro-batches goes with --pp");
+    assert!(a.fsdp_per_block || a.zero == 3, "--fsdp-unit goes with --zero 3");
     a
 }
 

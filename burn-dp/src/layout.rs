@@ -54,11 +54,20 @@ impl Layout {
 
     /// The same parameters but those in `skip` (e.g. parameters synchronised otherwise).
     pub fn without(&self, skip: &HashSet<ParamId>) -> Layout {
+        self.filter(|id| !skip.contains(id))
+    }
+
+    /// Only the parameters in `keep`, in the layout's order.
+    pub fn only(&self, keep: &HashSet<ParamId>) -> Layout {
+        self.filter(|id| keep.contains(id))
+    }
+
+    fn filter(&self, keep: impl Fn(&ParamId) -> bool) -> Layout {
         Layout::new(
             self.ids
                 .iter()
                 .zip(&self.shapes)
-                .filter(|(id, _)| !skip.contains(id))
+                .filter(|(id, _)| keep(id))
                 .map(|(id, s)| (*id, s.clone()))
                 .collect(),
         )

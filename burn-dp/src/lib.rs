@@ -37,6 +37,6 @@ mod zero;
 pub use adamw::{AdamW, AdamWConfig, AdamWState, MomentDType};
 pub use ddp::{Ddp, DEFAULT_BUCKET_BYTES};
 pub use error::DpError;
-pub use fsdp::{Fsdp, FsdpBackend, FsdpRecord, Shards};
+pub use fsdp::{Fsdp, FsdpBackend, FsdpRecord, ShardGroup, Shards};
 pub use layout::Layout;
 pub use zero::Zero1;

@@ -15,7 +15,8 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{activation::gelu, DType, ElementConversion, Tensor, TensorData};
 use burn_comm::{launch, Comm, Transport};
 use burn_dp::{
-    layout, memory, AdamWConfig, Ddp, DpError, Fsdp, FsdpBackend, Layout, MomentDType, Zero1,
+    layout, memory, AdamWConfig, Ddp, DpError, Fsdp, FsdpBackend, Layout, MomentDType, ShardGroup,
+    Zero1,
 };
 
 type B = Autodiff<NdArray>;
@@ -423,8 +424,72 @@ fn fsdp_shard_of_another_world_size_is_refused_naming_the_sizes() {
     let e = errors[0].as_ref().expect("a shard of 2 ranks refused on 4");
     // The up layer: 8 × 24 + 24 = 216 values, 108 per rank on 2, 54 on 4.
     assert!(
-        e.contains("rank 0 of 4 holds an FSDP shard of 108 elements, but 216 elements over 4 ranks give it 54"),
+        e.contains("rank 0 of 4 holds an FSDP shard (group 0) of 108 elements, but 216 elements over 4 ranks give it 54"),
         "{e}"
+    );
+}
+
+#[test]
+fn fsdp_groups_that_do_not_partition_the_parameters_are_refused_naming_them() {
+    let m = model::<B>(8);
+    let comm = Comm::group(1, Transport::Host).remove(0);
+    let (weight, bias) = (m.up.weight.id, m.up.bias.as_ref().expect("a bias").id);
+    let refused = |groups: Vec<ShardGroup>| {
+        Fsdp::grouped(m.up.clone(), groups)
+            .err()
+            .map(|e| e.to_string())
+            .expect("refused")
+    };
+    let group = || ShardGroup::new(comm.clone());
+    let e = refused(vec![group().with_params([weight])]);
+    assert!(
+        e.contains(&format!(
+            "trainable parameter {bias} (shape [24]) is in no FSDP shard group"
+        )),
+        "{e}"
+    );
+    let e = refused(vec![
+        group().with_params([weight]),
+        group().with_params([weight, bias]),
+    ]);
+    assert!(
+        e.contains(&format!(
+            "shard group 1 names parameter {weight}, which an earlier group holds"
+        )),
+        "{e}"
+    );
+    let stranger = m.down.weight.id;
+    let e = refused(vec![group().with_params([stranger]), group()]);
+    assert!(
+        e.contains(&format!(
+            "group 0 names parameter {stranger}, which is not a trainable parameter"
+        )),
+        "{e}"
+    );
+    let e = refused(vec![group().with_params([weight, bias]), group()]);
+    assert!(
+        e.contains("shard group 1 has no trainable parameter"),
+        "{e}"
+    );
+    let e = refused(vec![group(), group()]);
+    assert!(
+        e.contains("two FSDP shard groups take the remaining parameters"),
+        "{e}"
+    );
+    let e = refused(vec![group().with_gradient_divide_factor(0)]);
+    assert!(e.contains("a gradient divide factor of 0"), "{e}");
+    // Two groups that do partition it gather the same module as one group.
+    let two = Fsdp::grouped(m.up.clone(), vec![group().with_params([bias]), group()]).unwrap();
+    assert_eq!(two.num_groups(), 2);
+    assert_eq!(two.layout(0).ids, vec![bias]);
+    let whole = two.unshard().unwrap();
+    assert_eq!(
+        whole.weight.val().into_data(),
+        m.up.weight.val().into_data()
+    );
+    assert_eq!(
+        whole.bias.unwrap().val().into_data(),
+        m.up.bias.as_ref().unwrap().val().into_data()
     );
 }
 

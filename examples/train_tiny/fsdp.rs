@@ -2,15 +2,20 @@
 //! HSDP with `--dp-replicate`).
 
 use super::*;
-use burn_dp::Fsdp;
+use burn_dp::{Fsdp, ShardGroup};
 
-/// One rank's loop with `--zero 3`: the model one burn-dp [`Fsdp`] unit over the `dp`
-/// ranks (`--ep 1`, so `world` is the `dp` group), HSDP over `[dp_replicate, dp_shard]`
-/// with `--dp-replicate`. Each step gathers the model, runs the forward, and the backward
-/// reduce-scatters the gradients onto the shards; AdamW steps the shard (its moments are
-/// `1/D` of the model's). The MoE counts are summed over `dp` so every rank updates the
-/// whole balancing bias it keeps alike. Rank 0 prints, evaluates, writes the model
-/// (gathered) and samples; every rank writes its optimizer shard.
+/// One rank's loop with `--zero 3`: the model a burn-dp [`Fsdp`] over the `dp` ranks
+/// with one shard group per unit (`DeepSeekV3::fsdp_units`; `--fsdp-unit model`: one for
+/// the whole model), HSDP over `[dp_replicate, dp_shard]` with `--dp-replicate`. With `--ep E` the experts
+/// are first sharded over `ep`, then the model goes into two shard groups: the dense
+/// parameters over the `dp_shard × ep` ranks, each `ep` rank's experts over `dp_shard`
+/// (both across the replicas under HSDP), the gradients of both divided by `--dp` (each
+/// `ep` rank's loss is its share of its group's objective; torchtitan's divide factor for
+/// the experts). Each step gathers the model, runs the forward, and the backward
+/// reduce-scatters the gradients onto the shards; AdamW steps the shards (their moments
+/// are `1/(D·E)` of the model's). The MoE counts are summed over `dp` so every rank
+/// updates the whole balancing bias it keeps alike. Rank 0 prints, evaluates, writes the
+/// model (gathered) and samples; every rank writes its optimizer shard.
 pub(super) fn run<B>(args: &Args, model: &DeepSeekV3<B>, mut state: TrainState, world: &Comm, device: &B::Device) -> Result<(), RunError>
 where
     B: AutodiffBackend + MoeBackend + FsdpBackend,
@@ -18,17 +23,41 @@ where
 {
     let rank = world.rank();
     let mesh = dp_ep_mesh(args, world)?;
+    let dense = mesh.group(&["dp_shard", "ep"]).map_err(failed)?;
     let shard = mesh.comm("dp_shard").map_err(failed)?.clone();
-    let replicas = mesh.comm("dp_replicate").map_err(failed)?.clone();
-    // A replica of its own (fresh autodiff leaves): threads must not share a graph.
-    let model = model.clone().fork(device);
-    let mut fsdp = match args.dp_replicate {
-        1 => Fsdp::new(model, shard.clone()),
-        _ => Fsdp::hybrid(model, shard.clone(), replicas.clone()),
+    let replicas = (args.dp_replicate > 1).then(|| mesh.comm("dp_replicate").cloned()).transpose().map_err(failed)?;
+    let dp = mesh.group(&["dp_replicate", "dp_shard"]).map_err(failed)?;
+    let group = |comm: Comm| {
+        let g = ShardGroup::new(comm).with_gradient_divide_factor(args.dp);
+        match &replicas {
+            Some(r) => g.with_replicas(r.clone()),
+            None => g,
+        }
+    };
+    let model = match args.ep {
+        // A replica of its own (fresh autodiff leaves): threads must not share a graph.
+        1 => model.clone().fork(device),
+        _ => model.shard_experts(mesh.comm("ep").map_err(failed)?, device).map_err(failed)?,
+    };
+    // Experts over dp_shard (ep split them already), the dense parameters over dp_shard × ep.
+    // Each group's unit, for the largest unit gathered at once (a block's dense part and
+    // experts are two groups of one unit).
+    let (groups, unit_of): (Vec<_>, Vec<String>) = match args.fsdp_per_block {
+        true => model.fsdp_units().into_iter().map(|u| (group(if u.experts { shard.clone() } else { dense.clone() }).with_params(u.params), u.name.trim_end_matches(".experts").to_string())).unzip(),
+        false if args.ep == 1 => (vec![group(dense.clone())], vec!["model".into()]),
+        false => (vec![group(dense.clone()), group(shard.clone()).with_params(model.routed_expert_ids())], vec!["model".into(); 2]),
+    };
+    let mut fsdp = Fsdp::grouped(model, groups).map_err(failed)?;
+    if rank == 0 {
+        let mut units = std::collections::BTreeMap::<&str, usize>::new();
+        for (g, unit) in unit_of.iter().enumerate() {
+            *units.entry(unit).or_default() += 4 * fsdp.layout(g).numel();
+        }
+        let (unit, bytes) = units.iter().max_by_key(|(_, b)| **b).expect("a group");
+        println!("FSDP: {} shard groups; the largest unit gathered at once: {unit}, {:.2} MB", fsdp.num_groups(), *bytes as f64 / 1e6);
     }
-    .map_err(failed)?;
     let mut optim = adamw(args).init::<B, Fsdp<B, DeepSeekV3<B>>>();
-    let optim_name = format!("optim-dp{}-zero3{}-rank{rank}", args.dp, replicate_tag(args));
+    let optim_name = format!("optim-dp{}-zero3{}-ep{}-rank{rank}", args.dp, replicate_tag(args), args.ep);
     if args.resume {
         let path = args.out.join(&optim_name);
         let record = recorder().load(path.clone(), device).unwrap_or_else(|e| panic!("--resume: {}.mpk (the optimizer shard of this layout): {e}", path.display()));
@@ -41,13 +70,17 @@ where
         let step_start = Instant::now();
         let lr = learning_rate(args, state.step);
         let batch = tokens::<B>(batches.next(args.batch, args.seq + 2), args.batch, device);
-        let out = fsdp.gather().map_err(failed)?.try_loss(batch).map_err(failed)?;
+        let out = match args.fsdp_per_block {
+            // Each unit gathered when the forward reaches it, a block dropped after its forward.
+            true => fsdp.hollow().try_loss_units(batch, &fsdp).map_err(failed)?,
+            false => fsdp.gather().map_err(failed)?.try_loss(batch).map_err(failed)?,
+        };
         let losses = (rank == 0).then(|| step_losses(&out));
         // The backward ends with each shard holding the mean gradient over the dp ranks.
         let grads = GradientsParams::from_grads(out.loss.backward(), &fsdp);
         let layout = held.is_none().then(|| Layout::of::<B, _>(&fsdp));
         let grad_bytes = layout.as_ref().map_or(0, |l| burn_dp::memory::grad_bytes::<B>(&grads, l));
-        let counts = counts_over(out.counts, world).map_err(failed)?;
+        let counts = counts_over(out.counts, &dp).map_err(failed)?;
         fsdp = optim.step(lr, fsdp, grads).map_module(|m| m.update_bias(&counts));
         if let Some(layout) = &layout {
             held = Some((burn_dp::memory::param_bytes(&fsdp), grad_bytes, burn_dp::memory::adamw_state_bytes(&optim, layout)));
@@ -59,7 +92,7 @@ where
         }
         if state.step % args.save_every == 0 || state.step == args.steps {
             // Every rank takes part in gathering the whole model.
-            let whole = fsdp.clone().unshard().map_err(failed)?;
+            let whole = fsdp.clone().unshard().map_err(failed)?.unshard_experts().map_err(failed)?;
             recorder().record(optim.to_record(), args.out.join(&optim_name)).expect("write the optimizer record");
             if rank == 0 {
                 checkpoint(args, &mut state, &whole, device, start);
@@ -67,12 +100,17 @@ where
         }
     }
     if let Some(held) = held {
-        // Tensor bytes this rank sent: the gathers and reduce-scatters (dp_shard), the
-        // gradient all-reduces across groups (dp_replicate), the MoE counts (world).
-        let sent = [world, &shard, &replicas].iter().map(|c| c.sent_bytes() as usize).sum::<usize>();
+        // Tensor bytes this rank sent: the gathers and reduce-scatters (dp_shard × ep, and
+        // dp_shard for the experts), the gradient all-reduces across groups
+        // (dp_replicate), the MoE counts (dp), the experts' all-to-alls (ep).
+        let mut comms = vec![&dense, &shard, &dp];
+        comms.extend(replicas.as_ref());
+        let ep = (args.ep > 1).then(|| mesh.comm("ep")).transpose().map_err(failed)?;
+        comms.extend(ep);
+        let sent = comms.iter().map(|c| c.sent_bytes() as usize).sum::<usize>();
         report_held(args, Some(world), held, sent, state.step)?;
     }
-    let valid = fsdp.unshard().map_err(failed)?.valid();
+    let valid = fsdp.unshard().map_err(failed)?.unshard_experts().map_err(failed)?.valid();
     if rank == 0 {
         sample(args, &state, &valid, &optim_name, device);
     }

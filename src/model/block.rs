@@ -8,6 +8,7 @@ use burn_fp8::linear::{Fp8Linear, Fp8Recipe, LinearLayer};
 use burn_fp8::Fp8Backend;
 use super::ep::ExpertShard;
 use burn_moe::ep::EpError;
+use super::units::Units;
 use burn_moe::mla::{CacheError, LatentCache, SeqId};
 use burn_moe::moe::SwiGluMlp;
 use burn_moe::{Mla, Moe, MoeBackend};
@@ -116,11 +117,12 @@ pub(crate) struct BlocksOutput<B: Backend> {
     pub balance_loss: Option<Tensor<B, 1>>,
 }
 
-/// `x [B, S, d_model]` through `blocks` in order (training forward).
-pub(crate) fn run_blocks<B: MoeBackend>(blocks: &[Block<B>], x: Tensor<B, 3>) -> Result<BlocksOutput<B>, EpError> {
+/// `x [B, S, d_model]` through `blocks` in order (training forward), each block taken
+/// from `units` just before its forward and dropped after it.
+pub(crate) fn run_blocks<B: MoeBackend, U: Units<B>>(blocks: &[Block<B>], x: Tensor<B, 3>, units: &U) -> Result<BlocksOutput<B>, U::Error> {
     let mut out = BlocksOutput { hidden: x, counts: Vec::new(), balance_loss: None };
     for block in blocks {
-        let (h, stats) = block.forward(out.hidden)?;
+        let (h, stats) = units.unit(block)?.forward(out.hidden)?;
         out.hidden = h;
         out.counts.extend(stats.counts);
         out.balance_loss = super::add(out.balance_loss, stats.balance_loss);

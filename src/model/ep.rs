@@ -100,6 +100,22 @@ impl<B: Backend> DeepSeekV3<B> {
         self.map_blocks(|block| shard_block(block, comm, device), Some(device))
     }
 
+    /// The ids of every MoE layer's routed-expert weights (main and MTP blocks; under
+    /// expert parallelism this rank's experts): the parameters expert parallelism splits,
+    /// e.g. to shard them over the data-parallel ranks only (burn-dp's
+    /// `ShardGroup::with_params`) while the dense ones shard over every rank.
+    pub fn routed_expert_ids(&self) -> HashSet<ParamId> {
+        let mut ids = Ids(HashSet::new());
+        for block in self.layers.iter().chain(self.mtp.iter().map(|m| &m.block)) {
+            match &block.ffn {
+                Ffn::Moe(moe) => moe.experts.visit(&mut ids),
+                Ffn::ExpertParallel(shard) => shard.layer.moe.experts.visit(&mut ids),
+                Ffn::Dense(_) => {}
+            }
+        }
+        ids.0
+    }
+
     /// The group the experts are sharded over; `None` for a model on one device.
     pub fn expert_group(&self) -> Option<&Comm> {
         group_of(self.layers.iter().chain(self.mtp.iter().map(|m| &m.block)))
@@ -199,11 +215,13 @@ where
     Ok(grads)
 }
 
-/// Collects the ids of the float parameters it visits.
-struct Ids(HashSet<ParamId>);
+/// Collects the ids of the trainable float parameters it visits.
+pub(crate) struct Ids(pub HashSet<ParamId>);
 
 impl<B: Backend> ModuleVisitor<B> for Ids {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        self.0.insert(param.id);
+        if param.is_require_grad() {
+            self.0.insert(param.id);
+        }
     }
 }

@@ -48,6 +48,7 @@ mod ep;
 mod generate;
 mod mtp;
 pub mod pipeline;
+mod units;
 
 pub use block::{Block, DenseMlp, Ffn, Projection};
 pub use ep::ExpertShard;
@@ -55,6 +56,7 @@ pub use config::DeepSeekV3Config;
 pub use generate::{Sampling, Session};
 pub use mtp::MtpModule;
 pub use pipeline::{ModelStage, SplitError, StageLoss, StageObjective, StageTail, StagedModel};
+pub use units::{Held, Unit, UnitError, Units};
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::nn::loss::CrossEntropyLossConfig;
@@ -218,7 +220,7 @@ impl<B: MoeBackend> DeepSeekV3<B> {
     /// (a rank that failed or timed out, non-finite router logits) instead of panicking.
     /// Every rank of the group runs it on its own tokens.
     pub fn try_forward(&self, tokens: Tensor<B, 2, Int>) -> Result<ModelOutput<B>, EpError> {
-        let out = block::run_blocks(&self.layers, self.embed.forward(tokens))?;
+        let out = block::run_blocks(&self.layers, self.embed.forward(tokens), &Held)?;
         let logits = self.head.forward(self.norm.forward(out.hidden.clone()));
         Ok(ModelOutput { logits, hidden: out.hidden, counts: out.counts, balance_loss: out.balance_loss })
     }
@@ -248,13 +250,30 @@ impl<B: MoeBackend> DeepSeekV3<B> {
     /// # Panics
     /// As [`DeepSeekV3::loss`], for the shape errors.
     pub fn try_loss(&self, tokens: Tensor<B, 2, Int>) -> Result<LossOutput<B>, EpError> {
+        self.try_loss_units(tokens, &Held)
+    }
+
+    /// [`DeepSeekV3::try_loss`] with every unit — the embedding, each block, the final
+    /// norm, the head, each MTP module ([`DeepSeekV3::fsdp_units`]) — taken from `units`
+    /// just before the forward first uses it. Under FSDP `self` is the burn-dp `Fsdp`'s
+    /// hollow module and `units` the `Fsdp`, which gathers each unit then: a block is
+    /// whole from just before its forward to the end of it (the embedding and the head,
+    /// which the MTP depths use again, to the end of the loss).
+    ///
+    /// # Panics
+    /// As [`DeepSeekV3::loss`], for the shape errors.
+    pub fn try_loss_units<U: Units<B>>(&self, tokens: Tensor<B, 2, Int>, units: &U) -> Result<LossOutput<B>, U::Error> {
         let [b, n] = tokens.dims();
         let depth = self.mtp.len();
         assert!(n >= depth + 2, "DeepSeekV3::loss: tokens [{b}, {n}] are too short for MTP depth {depth}: need at least {} per row", depth + 2);
         let s = n - 1;
-        let out = self.try_forward(tokens.clone().slice([0..b, 0..s]))?;
-        let lm_loss = cross_entropy(out.logits, &tokens, 1);
-        let mtp = mtp::run_depths(&self.mtp, &self.head, out.hidden, |k| self.embed.forward(tokens.clone().slice([0..b, k..s])))?;
+        let embed = units.unit(&self.embed)?;
+        let out = block::run_blocks(&self.layers, embed.forward(tokens.clone().slice([0..b, 0..s])), units)?;
+        let norm = units.unit(&self.norm)?;
+        let head = units.unit(&self.head)?;
+        let logits = head.forward(norm.forward(out.hidden.clone()));
+        let lm_loss = cross_entropy(logits, &tokens, 1);
+        let mtp = mtp::run_depths(&self.mtp, &head, out.hidden, |k| embed.forward(tokens.clone().slice([0..b, k..s])), units)?;
         let mtp_losses: Vec<_> = mtp.logits.into_iter().enumerate().map(|(i, logits)| cross_entropy(logits, &tokens, i + 2)).collect();
         let counts = out.counts.into_iter().chain(mtp.counts).collect();
         let balance_loss = add(out.balance_loss, mtp.balance_loss);

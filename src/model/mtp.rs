@@ -9,6 +9,7 @@ use burn::nn::{Linear, RmsNorm};
 use super::add;
 use burn::tensor::{backend::Backend, Tensor};
 use burn_moe::ep::EpError;
+use super::units::Units;
 use burn_moe::MoeBackend;
 
 /// One MTP depth: `h'ᵢ = M [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}ᵢ)]`, then a block, then
@@ -56,12 +57,14 @@ pub(crate) struct MtpOutput<B: Backend> {
 /// `S − k` positions (`hidden [B, S, d]`, the main model's last block output, for depth 1)
 /// and `embedded(k)`, the embeddings of tokens `k..S` (`[B, S − k, d]`), and its logits
 /// come from the shared `head`.
-pub(crate) fn run_depths<B: MoeBackend>(modules: &[MtpModule<B>], head: &Linear<B>, hidden: Tensor<B, 3>, embedded: impl Fn(usize) -> Tensor<B, 3>) -> Result<MtpOutput<B>, EpError> {
+pub(crate) fn run_depths<B: MoeBackend, U: Units<B>>(modules: &[MtpModule<B>], head: &Linear<B>, hidden: Tensor<B, 3>, embedded: impl Fn(usize) -> Tensor<B, 3>, units: &U) -> Result<MtpOutput<B>, U::Error> {
     let [b, s, d] = hidden.dims();
     let mut out = MtpOutput { logits: Vec::with_capacity(modules.len()), counts: Vec::new(), balance_loss: None };
     let mut previous = hidden;
     for (i, module) in modules.iter().enumerate() {
         let k = i + 1;
+        // Each module from `units` just before its forward, dropped after it.
+        let module = units.unit(module)?;
         let (h, stats) = module.forward(previous.slice([0..b, 0..s - k, 0..d]), embedded(k))?;
         out.counts.extend(stats.counts);
         out.balance_loss = add(out.balance_loss, stats.balance_loss);

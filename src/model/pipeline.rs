@@ -60,6 +60,7 @@
 use super::block::{run_blocks, Block};
 use super::ep::{group_of, shard_block, sync_grads, unshard_block};
 use super::mtp::{run_depths, MtpModule};
+use super::units::Held;
 use super::{add, cross_entropy, language_objective, DeepSeekV3};
 use burn::module::Module;
 use burn::optim::GradientsParams;
@@ -457,7 +458,7 @@ impl<B: MoeBackend> ModelStage<B> {
         // The executor's stage interface has no error path: a failed expert-parallel
         // exchange ends the rank's step as a panic naming it.
         let failed = |e: EpError| -> ! { panic!("ModelStage::forward: {e}") };
-        let blocks = run_blocks(&self.layers, carry.hidden).unwrap_or_else(|e| failed(e));
+        let blocks = run_blocks(&self.layers, carry.hidden, &Held).unwrap_or_else(|e| failed(e));
         carry.hidden = blocks.hidden;
         carry.aux = add(Some(carry.aux), blocks.balance_loss).expect("some");
         let mut counts = blocks.counts;
@@ -472,7 +473,7 @@ impl<B: MoeBackend> ModelStage<B> {
             let e = embedded.clone().expect("the MTP embeddings are carried when the depth is positive");
             let [b, s, d] = e.dims();
             e.slice([0..b, k..s, 0..d])
-        })
+        }, &Held)
         .unwrap_or_else(|e| failed(e));
         counts.extend(depths.counts);
         self.log.record(counts);

@@ -1,12 +1,13 @@
 //! The model's pipeline across MPI processes (feature `mpi`): the per-rank programs of
-//! parallel.rs — DualPipeV on 2 processes, `[pp 2, ep 2]` and `[dp 2, ep 2]` on 4 — each checked against one
+//! parallel.rs — DualPipeV on 2 processes, `[pp 2, ep 2]` and `[dp 2, ep 2]` (DDP, then FSDP) on 4 — each checked against one
 //! device on the whole batch. Each `mpi_worker_*` test is one rank's program, started by
 //! the test beside it under `mpirun`; every process draws the same weights and tokens
 //! from the seed the driver passes in `MOE_TEST_SEED`.
 
 use crate::common::{mpi_workers, Rng};
 use crate::parallel::{
-    dp_ep_rank, dualpipe_v_rank, pp_ep_rank, reference, DP_EP_ROWS, DUALPIPE_ROWS, PP_EP_ROWS,
+    dp_ep_rank, dualpipe_v_rank, fsdp_rank, pp_ep_rank, reference, DP_EP_ROWS, DUALPIPE_ROWS,
+    PP_EP_ROWS,
 };
 use burn_comm::{mpi, Comm};
 use std::time::Duration;
@@ -47,10 +48,11 @@ fn data_and_expert_parallelism_on_four_processes_take_the_single_device_step() {
 #[ignore = "an MPI rank: run by data_and_expert_parallelism_on_four_processes_take_the_single_device_step under mpirun"]
 fn mpi_worker_dp_ep() {
     mpi::launch(Duration::from_secs(120), |world| {
-        dp_ep_rank(
-            &world,
-            &reference(Rng::new("mpi_worker_dp_ep").next(), DP_EP_ROWS),
-        )?;
+        let reference = reference(Rng::new("mpi_worker_dp_ep").next(), DP_EP_ROWS);
+        dp_ep_rank(&world, &reference)?;
+        // And FSDP over the same [dp 2, ep 2] mesh, one shard group per unit, on the same
+        // batch.
+        fsdp_rank(&world, &reference, 2, true)?;
         done(&world);
         Ok::<_, String>(())
     })

@@ -3,7 +3,8 @@
 //! global expert counts: DualPipeV over 2 ranks driven one rank at a time
 //! (`Pipeline::step_rank`), a `[pp 2, ep 2]` mesh whose pipeline ranks shard their
 //! stages' experts over their `ep` group, `[dp 2, ep 2]` data and expert parallelism,
-//! and FSDP of the whole model over 2 ranks. The per-rank programs run here as threads and
+//! FSDP of the whole model over 2 ranks, and FSDP over `[dp 2, ep 2]` (dense parameters
+//! over all 4 ranks, each `ep` rank's experts over `dp`). The per-rank programs run here as threads and
 //! in mpi.rs as MPI processes; every rank draws the same weights and tokens from one seed.
 //!
 //! Tolerances: the same f32 math in another order (micro-batches, the
@@ -18,7 +19,8 @@ use burn::optim::GradientsParams;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use burn_comm::{launch, Comm, CommError, DeviceMesh, Transport};
-use burn_deepseek::model::{DeepSeekV3, DeepSeekV3Config, ModelStage};
+use burn_deepseek::model::{DeepSeekV3, DeepSeekV3Config, ModelStage, UnitError};
+use burn_dp::ShardGroup;
 use burn_dualpipe::executor::{materialize, Pipeline};
 use burn_dualpipe::schedule::{Schedule, ScheduleKind};
 use std::collections::HashMap;
@@ -77,19 +79,52 @@ fn data_and_expert_parallelism_on_four_threads_take_the_single_device_step() {
 fn fsdp_on_two_threads_takes_the_single_device_step() {
     let reference = reference(Rng::new("fsdp_on_two_threads").next(), FSDP_ROWS);
     launch(Comm::group(2, Transport::Host), |world| {
-        fsdp_rank(&world, &reference).map_err(|e| as_comm(world.rank(), e))
+        fsdp_rank(&world, &reference, 1, false).map_err(|e| as_comm(world.rank(), e))
     })
     .unwrap();
 }
 
-/// Rows of the FSDP step: 2 per rank.
+#[test]
+fn fsdp_per_block_on_two_threads_takes_the_single_device_step() {
+    let reference = reference(Rng::new("fsdp_per_block_on_two_threads").next(), FSDP_ROWS);
+    launch(Comm::group(2, Transport::Host), |world| {
+        fsdp_rank(&world, &reference, 1, true).map_err(|e| as_comm(world.rank(), e))
+    })
+    .unwrap();
+}
+
+#[test]
+fn fsdp_with_expert_parallelism_on_four_threads_takes_the_single_device_step() {
+    let reference = reference(Rng::new("fsdp_with_ep_on_four_threads").next(), DP_EP_ROWS);
+    launch(Comm::group(4, Transport::Host), |world| {
+        for per_block in [false, true] {
+            fsdp_rank(&world, &reference, 2, per_block).map_err(|e| as_comm(world.rank(), e))?;
+        }
+        Ok::<_, CommError>(())
+    })
+    .unwrap();
+}
+
+/// Rows of the FSDP step on 2 ranks: 2 per rank.
 pub(crate) const FSDP_ROWS: usize = 4;
 
-/// Rank `world.rank()` of FSDP over the ranks of `world`: the whole model one burn-dp
-/// `Fsdp` unit, gathered for the forward; after the backward this rank's shard holds its
-/// slice of the one-device gradient (flattened in module order), and the MoE counts
-/// summed over the ranks are the whole batch's.
-pub(crate) fn fsdp_rank(world: &Comm, reference: &Reference) -> Result<(), String> {
+/// Rank `world.rank()` of FSDP over a `[dp, ep]` mesh of the ranks of `world`, 2 rows
+/// each. With `ep` > 1 the experts are sharded over `ep` first; the dense parameters are
+/// sharded over every rank and this `ep` rank's experts over `dp`, both gradients
+/// divided by `dp` (each `ep` rank's loss is its share of its group's objective, so the
+/// sums over `ep` are whole; torchtitan's divide factor for the experts). `per_block`:
+/// one burn-dp shard group per unit of `DeepSeekV3::fsdp_units`, each gathered when the
+/// forward reaches it (`try_loss_units`); else one group for the dense parameters (and
+/// one for the experts), gathered at once. After the
+/// backward each shard holds its slice of the one-device gradient (flattened in module
+/// order; expert tensors: this `ep` rank's experts), and the MoE counts summed over `dp`
+/// are the whole batch's.
+pub(crate) fn fsdp_rank(
+    world: &Comm,
+    reference: &Reference,
+    ep: usize,
+    per_block: bool,
+) -> Result<(), String> {
     let err = |e: &dyn std::fmt::Display| e.to_string();
     let (r, w, n, device) = (
         world.rank(),
@@ -97,45 +132,92 @@ pub(crate) fn fsdp_rank(world: &Comm, reference: &Reference) -> Result<(), Strin
         reference.n,
         Default::default(),
     );
-    let rows = FSDP_ROWS / w;
-    let fsdp = burn_dp::Fsdp::new(reference.model.clone().fork(&device), world.clone())
-        .map_err(|e| err(&e))?;
+    let dp = w / ep;
+    let mesh = DeviceMesh::new(world, &[("dp", dp), ("ep", ep)]).map_err(|e| err(&e))?;
+    let (dp_comm, ep_comm) = (
+        mesh.comm("dp").map_err(|e| err(&e))?.clone(),
+        mesh.comm("ep").map_err(|e| err(&e))?.clone(),
+    );
+    let model = match ep {
+        1 => reference.model.clone().fork(&device),
+        _ => reference
+            .model
+            .shard_experts(&ep_comm, &device)
+            .map_err(|e| err(&e))?,
+    };
+    let group = |experts: bool| {
+        let comm = if experts { &dp_comm } else { world };
+        ShardGroup::new(comm.clone()).with_gradient_divide_factor(dp)
+    };
+    let groups = match (per_block, ep) {
+        (true, _) => model
+            .fsdp_units()
+            .into_iter()
+            .map(|u| group(u.experts).with_params(u.params))
+            .collect(),
+        (false, 1) => vec![group(false)],
+        (false, _) => vec![
+            group(false),
+            group(true).with_params(model.routed_expert_ids()),
+        ],
+    };
+    let fsdp = burn_dp::Fsdp::grouped(model, groups).map_err(|e| err(&e))?;
+    let rows = reference.ids.len() / n / w;
     let ids = reference.ids[r * rows * n..(r + 1) * rows * n].to_vec();
-    let out = fsdp
-        .gather()
-        .map_err(|e| err(&e))?
-        .try_loss(Tensor::from_data(TensorData::new(ids, [rows, n]), &device))
-        .map_err(|e| err(&e))?;
+    let tokens = Tensor::from_data(TensorData::new(ids, [rows, n]), &device);
+    let out = match per_block {
+        true => fsdp.hollow().try_loss_units(tokens, &fsdp),
+        false => fsdp
+            .gather()
+            .map_err(UnitError::from)
+            .and_then(|m| Ok(m.try_loss(tokens)?)),
+    }
+    .map_err(|e| err(&e))?;
+    // Each ep group's objective is the sum of its ranks' losses; dp averages the groups.
     let loss: f64 = world
         .all_gather_host("loss", host(out.loss.clone())[0] as f64)
         .map_err(|e| err(&e))?
         .iter()
         .sum::<f64>()
-        / w as f64;
+        / dp as f64;
     assert!(
         (loss - reference.loss).abs() <= 1e-5 * reference.loss,
         "rank {r}: loss {loss} vs one device {}",
         reference.loss
     );
     let grads = GradientsParams::from_grads(out.loss.backward(), &fsdp);
-    let shard = grads
-        .get::<Ref, 1>(fsdp.shard().id)
-        .ok_or("no gradient on the shard")?;
-    let layout = fsdp.layout();
-    let full: Vec<f32> = layout
-        .ids
-        .iter()
-        .flat_map(|id| reference.grads[id].1.iter().copied())
-        .collect();
-    let bounds = &fsdp.shards().bounds;
-    let d = rel_diff(&host(shard), &full[bounds[r]..bounds[r + 1]]);
-    assert!(
-        d <= 3e-4,
-        "rank {r}: the shard's gradient off by {d:e} of its largest entry"
-    );
+    for g in 0..fsdp.num_groups() {
+        let shard = grads
+            .get::<Ref, 1>(fsdp.shard(g).id)
+            .ok_or(format!("no gradient on the shard of group {g}"))?;
+        let layout = fsdp.layout(g);
+        let full: Vec<f32> = layout
+            .ids
+            .iter()
+            .zip(&layout.shapes)
+            .flat_map(|(id, shape)| {
+                let (full_dims, full) = &reference.grads[id];
+                let len: usize = shape.iter().product();
+                if shape == full_dims {
+                    full.clone()
+                } else {
+                    // An expert tensor: this ep rank's share of the experts.
+                    full[ep_comm.rank() * len..(ep_comm.rank() + 1) * len].to_vec()
+                }
+            })
+            .collect();
+        let bounds = &fsdp.shards(g).bounds;
+        let me = fsdp.shards(g).comm.rank();
+        let d = rel_diff(&host(shard), &full[bounds[me]..bounds[me + 1]]);
+        assert!(
+            d <= 3e-4,
+            "rank {r}: the gradient of group {g}'s shard off by {d:e} of its largest entry"
+        );
+    }
+    // Counts: global within the ep group, then summed over dp.
     let counts = burn_dp::collective::all_reduce(
         Tensor::cat(out.counts.iter().map(|c| c.clone().float()).collect(), 0),
-        world,
+        &dp_comm,
     )
     .map_err(|e| err(&e))?;
     let want: Vec<i64> = reference.counts.concat();

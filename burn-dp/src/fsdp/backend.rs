@@ -36,6 +36,9 @@ pub struct Shards {
     /// The groups holding the same shards (`dp_replicate`), whose gradients are averaged
     /// across.
     pub replicas: Option<Comm>,
+    /// What the summed gradients are divided by: [`Shards::dp_size`] unless the group
+    /// says otherwise ([`crate::ShardGroup::with_gradient_divide_factor`]).
+    pub divide_factor: usize,
 }
 
 impl Shards {
@@ -75,8 +78,9 @@ impl Shards {
             .collect())
     }
 
-    /// This rank's shard of the mean over every data-parallel rank of `full` (a
-    /// reduce-scatter within the group, an all-reduce across the replicas).
+    /// This rank's shard of the sum over every data-parallel rank of `full` divided by
+    /// [`Shards::divide_factor`] (the mean by default): a reduce-scatter within the group,
+    /// an all-reduce across the replicas.
     ///
     /// # Shapes
     /// - full: `[bounds[W]]` → `[own_len]`
@@ -85,7 +89,7 @@ impl Shards {
         if let Some(replicas) = &self.replicas {
             mine = all_reduce(mine, replicas)?;
         }
-        Ok(mine.div_scalar(self.dp_size() as f32))
+        Ok(mine.div_scalar(self.divide_factor as f32))
     }
 }
 
@@ -134,7 +138,7 @@ fn unwind(what: &str, shards: &Shards, e: CommError) -> ! {
 type Slots<B> = Arc<Mutex<Vec<Option<FloatTensor<B>>>>>;
 
 /// Backward of the all-gather: the pieces' gradients concatenated, reduce-scattered and
-/// divided by the data-parallel size.
+/// divided by the group's divide factor (the data-parallel size by default).
 #[derive(Debug)]
 struct GatherBackward;
 
