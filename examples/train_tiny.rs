@@ -63,7 +63,9 @@
 //! rank holds (parameters, gradients, moments) and the bytes it sent; optimizer records
 //! are `optim-dp{D}-zero{Z}-ep{E}-rank{r}.mpk`. With `--pp N` as well the ranks form a
 //! `[pp N, dp D, ep E]` mesh: each replica of a stage averages its gradients over `dp`
-//! (DDP; ZeRO-1 inside the pipeline is not built).
+//! (DDP), or with `--zero 1` each held stage has its own ZeRO-1 over `dp` (records
+//! `optim-pp{N}-dp{D}-zero1-ep{E}-rank{r}-stage{s}.mpk`); FSDP inside the pipeline is not
+//! built.
 //!
 //! `--zero 3` shards the parameters as well (FSDP, burn-dp's `Fsdp`): each rank holds
 //! `1/D` of the model's trainable values, their gradients and AdamW's moments; every step
@@ -195,7 +197,8 @@ fn parse_args() -> Args {
     }
     assert!(a.ep >= 1, "--ep {}: at least one rank", a.ep);
     assert!(a.dp >= 1, "--dp {}: at least one rank", a.dp);
-    assert!(a.zero == 0 || a.pp == 0, "--zero {} with --pp {}: ZeRO inside the pipeline is not built yet (--pp takes --dp with DDP)", a.zero, a.pp);
+    assert!(a.zero != 3 || a.pp == 0, "--zero 3 with --pp {}: FSDP inside the pipeline is not built yet (--pp takes --dp with --zero 0 or 1)", a.pp);
+    assert!(a.dp_replicate == 1 || a.pp == 0, "--dp-replicate {} with --pp {}: hybrid sharding inside the pipeline is not built yet", a.dp_replicate, a.pp);
     assert!(a.dp % a.dp_replicate == 0, "--dp-replicate {} does not divide --dp {}", a.dp_replicate, a.dp);
     assert!(a.dp_replicate == 1 || a.zero > 0, "--dp-replicate {} with --zero 0: replicas are for sharded state (--zero 1 or 3)", a.dp_replicate);
     assert!(a.micro_batches.is_none() || a.pp > 0, "--micro-batches goes with --pp");
@@ -712,7 +715,7 @@ where
     let held: Vec<usize> = (0..schedule.kind.chunks_per_rank()).map(|c| schedule.stage_of_chunk(p, c)).collect();
     if rank == 0 {
         let cut: Vec<String> = staged.stages.iter().map(|s| format!("{}{}{}", if s.embed.is_some() { "embed+" } else { "" }, s.layers.len(), if s.tail.is_some() { "+head/MTP" } else { "" })).collect();
-        println!("DualPipeV: {pp} pipeline ranks, {} stages (blocks per stage: {}), {m} micro-batches of {} rows; {ep} expert ranks per stage; {dp} data-parallel replicas (DDP)", schedule.stages(), cut.join(" | "), args.batch / m);
+        println!("DualPipeV: {pp} pipeline ranks, {} stages (blocks per stage: {}), {m} micro-batches of {} rows; {ep} expert ranks per stage; {dp} data-parallel replicas ({})", schedule.stages(), cut.join(" | "), args.batch / m, if args.zero == 1 { "ZeRO-1" } else { "DDP" });
     }
     let mut stages = staged.stages;
     let mut stage_comms = Vec::new();
@@ -725,13 +728,30 @@ where
         }
     }
     let mut pipeline = Pipeline::new(stages, vec![device.clone(); pp], schedule).map_err(failed)?;
-    let optim_name = if dp == 1 { format!("optim-pp{pp}-ep{ep}-rank{rank}") } else { format!("optim-pp{pp}-dp{dp}-ep{ep}-rank{rank}") };
-    // One DDP per held stage (each stage its own parameter layout).
-    let ddps: Vec<Option<Ddp>> = held.iter().map(|_| dp_comm.clone().map(Ddp::new)).collect();
+    let optim_name = match (dp, args.zero) {
+        (1, _) => format!("optim-pp{pp}-ep{ep}-rank{rank}"),
+        (_, 0) => format!("optim-pp{pp}-dp{dp}-ep{ep}-rank{rank}"),
+        _ => format!("optim-pp{pp}-dp{dp}-zero1-ep{ep}-rank{rank}"),
+    };
+    // One DDP per held stage (each stage its own parameter layout), or with --zero 1 one
+    // ZeRO-1 per held stage (each keeps the moments of its shard of that stage).
+    let ddps: Vec<Option<Ddp>> = held.iter().map(|_| dp_comm.clone().filter(|_| args.zero == 0).map(Ddp::new)).collect();
+    let mut zeros: Vec<Zero1<_>> = match (&dp_comm, args.zero) {
+        (Some(dp), 1) => held.iter().map(|_| Zero1::new(adamw(args).init::<B, ModelStage<B>>(), dp.clone())).collect(),
+        _ => Vec::new(),
+    };
     let mut optim = adamw(args).init();
     if args.resume {
         let path = args.out.join(&optim_name);
-        optim = optim.load_record(recorder().load(path.clone(), device).unwrap_or_else(|e| panic!("--resume: {}.mpk (the optimizer state of this layout): {e}", path.display())));
+        let load = |path: &std::path::Path| recorder().load(path.to_path_buf(), device).unwrap_or_else(|e| panic!("--resume: {}.mpk (the optimizer state of this layout): {e}", path.display()));
+        match zeros.is_empty() {
+            true => optim = optim.load_record(load(&path)),
+            false => {
+                for (z, s) in zeros.iter_mut().zip(&held) {
+                    *z.optimizer_mut() = z.optimizer().clone().load_record(load(&stage_record(&path, *s)));
+                }
+            }
+        }
     }
     let mut batches = batches(args, state.step, d * ep + e);
     let (start, mut speed) = (Instant::now(), Throughput::default());
@@ -762,13 +782,32 @@ where
             let stage = &pipeline.stages()[s];
             grads[s] = stage.sync_grads(std::mem::replace(&mut grads[s], GradientsParams::new())).map_err(failed)?;
             counts[s] = stage.take_counts(m);
-            if let (Some(ddp), Some(dp)) = (&ddps[i], &dp_comm) {
+            if let Some(ddp) = &ddps[i] {
                 grads[s] = ddp.sync(stage, std::mem::replace(&mut grads[s], GradientsParams::new())).map_err(failed)?;
+            }
+            // Every replica updates the bias from the whole batch's counts.
+            if let Some(dp) = &dp_comm {
                 counts[s] = counts_over(std::mem::take(&mut counts[s]), dp).map_err(failed)?;
             }
         }
         let bubble = out.timeline.bubble_fraction();
-        pipeline.optimize_stages(&mut optim, lr, grads);
+        if zeros.is_empty() {
+            pipeline.optimize_stages(&mut optim, lr, grads);
+        } else {
+            // ZeRO-1 per held stage: reduce-scatter its gradients over dp, step the shard,
+            // all-gather the parameters (the same order on every dp replica).
+            let mut failure = None;
+            pipeline.map_stages(|s, stage| match held.iter().position(|&h| h == s) {
+                Some(i) if failure.is_none() => zeros[i].step(lr, stage.clone(), std::mem::replace(&mut grads[s], GradientsParams::new())).unwrap_or_else(|e| {
+                    failure = Some(e);
+                    stage
+                }),
+                _ => stage,
+            });
+            if let Some(e) = failure {
+                return Err(failed(format!("ZeRO-1 step {}: {e}", state.step + 1)));
+            }
+        }
         pipeline.map_stages(|s, stage| if held.contains(&s) { stage.update_bias(&counts[s]) } else { stage });
         let losses = world.all_gather_host("losses", mine)?;
         let losses: Vec<&Vec<f32>> = losses.iter().flatten().collect();
@@ -780,7 +819,14 @@ where
             progress(&mut state, args, (mean(0), mean(1)), speed.per_second(), load, &format!(" | bubble {:.0}%", 100.0 * bubble));
         }
         if state.step % args.save_every == 0 || state.step == args.steps {
-            recorder().record(optim.to_record(), args.out.join(&optim_name)).expect("write the optimizer record");
+            match zeros.is_empty() {
+                true => recorder().record(optim.to_record(), args.out.join(&optim_name)).expect("write the optimizer record"),
+                false => {
+                    for (z, s) in zeros.iter().zip(&held) {
+                        recorder().record(z.optimizer().to_record(), stage_record(&args.out.join(&optim_name), *s)).expect("write the optimizer record");
+                    }
+                }
+            }
             if let Some(whole) = gather_model(&pipeline, &held, &pp_comm, (d, e), device)? {
                 checkpoint(args, &mut state, &whole, device, start);
             }
@@ -797,6 +843,13 @@ where
         sample(args, &state, &whole.valid(), &optim_name, device);
     }
     Ok(())
+}
+
+/// The optimizer record of held stage `s` under `--pp --zero 1` (one ZeRO-1 per stage).
+fn stage_record(path: &std::path::Path, s: usize) -> PathBuf {
+    let mut name = path.file_name().expect("a record name").to_os_string();
+    name.push(format!("-stage{s}"));
+    path.with_file_name(name)
 }
 
 /// The whole model on world rank 0 (`None` elsewhere): every rank unshards the experts of
