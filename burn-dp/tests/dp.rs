@@ -290,11 +290,20 @@ pub fn compare(what: &str, reference: &Trained, ranks: &[Trained]) {
 }
 
 pub fn model<A: AutodiffBackend>(d: usize) -> Mlp<A> {
+    seeded_mlp(2024, d, 24)
+}
+
+/// The MLP drawn from `seed`. A backend draws from one random stream per process and the
+/// tests run in parallel, so seeding and drawing hold one lock: no other test's draw
+/// falls between them (one did: a reference drawn from other weights than its ranks').
+/// Burn draws weights lazily, at first use: fork draws them now, so that the ranks'
+/// replicas (forks of this one) hold the same values.
+fn seeded_mlp<A: Backend>(seed: u64, d_in: usize, hidden: usize) -> Mlp<A> {
+    static DRAW: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _draw = DRAW.lock().unwrap_or_else(|e| e.into_inner());
     let device = Default::default();
-    A::seed(&device, 2024);
-    // Burn draws weights lazily, at first use: fork draws them now, so that the ranks'
-    // replicas (forks of this one) hold the same values.
-    Mlp::new(d, 24, &device).fork(&device)
+    A::seed(&device, seed);
+    Mlp::new(d_in, hidden, &device).fork(&device)
 }
 
 #[test]
@@ -524,7 +533,11 @@ fn partition_cuts_at_parameter_boundaries_into_about_equal_parts() {
 fn ranks_with_different_modules_fail_naming_the_shapes() {
     let errors = launch(Comm::group(2, Transport::Host), |comm| {
         let device = Default::default();
-        let m = Mlp::<B>::new(8, if comm.rank() == 0 { 24 } else { 16 }, &device);
+        let m = seeded_mlp::<B>(
+            comm.rank() as u64,
+            8,
+            if comm.rank() == 0 { 24 } else { 16 },
+        );
         let (x, y) = batch::<B>(0, 0, 2, 8, &device);
         let l = loss(&m, x, y);
         let grads = GradientsParams::from_grads(l.backward(), &m);
@@ -543,8 +556,7 @@ fn ranks_with_different_modules_fail_naming_the_shapes() {
 
 fn adamw_run<Be: AutodiffBackend>(config: Option<AdamWConfig>) -> (Vec<f32>, Mlp<Be>) {
     let device = Default::default();
-    Be::seed(&device, 7);
-    let mut model = Mlp::<Be>::new(8, 24, &device).fork(&device);
+    let mut model = seeded_mlp::<Be>(7, 8, 24);
     let mut losses = Vec::new();
     let burn = BurnAdamW::new()
         .with_beta_2(0.95)
@@ -597,7 +609,7 @@ fn adamw_bf16_moments_are_stored_in_bf16_and_track_f32() {
 
     // The stored state is BF16.
     let device = Default::default();
-    let model = Mlp::<F>::new(8, 24, &device);
+    let model = seeded_mlp::<F>(1, 8, 24);
     let (x, y) = batch::<F>(0, 0, 4, 8, &device);
     let l = loss(&model, x, y);
     let grads = GradientsParams::from_grads(l.backward(), &model);
