@@ -113,6 +113,14 @@ pub struct LossOutput<B: Backend> {
     pub counts: Vec<Tensor<B, 1, Int>>,
 }
 
+/// What the forward over [`Units`] gives: the output, and the embedding and head it
+/// took from the units (kept for the MTP depths).
+struct UnitsForward<'a, B: Backend> {
+    out: ModelOutput<B>,
+    embed: std::borrow::Cow<'a, Embedding<B>>,
+    head: std::borrow::Cow<'a, Linear<B>>,
+}
+
 /// Adds `b` to an optional sum.
 fn add<B: Backend>(sum: Option<Tensor<B, 1>>, b: Option<Tensor<B, 1>>) -> Option<Tensor<B, 1>> {
     match (sum, b) {
@@ -220,9 +228,20 @@ impl<B: MoeBackend> DeepSeekV3<B> {
     /// (a rank that failed or timed out, non-finite router logits) instead of panicking.
     /// Every rank of the group runs it on its own tokens.
     pub fn try_forward(&self, tokens: Tensor<B, 2, Int>) -> Result<ModelOutput<B>, EpError> {
-        let out = block::run_blocks(&self.layers, self.embed.forward(tokens), &Held)?;
-        let logits = self.head.forward(self.norm.forward(out.hidden.clone()));
-        Ok(ModelOutput { logits, hidden: out.hidden, counts: out.counts, balance_loss: out.balance_loss })
+        Ok(self.forward_units(tokens, &Held)?.out)
+    }
+
+    /// The forward with each unit taken from `units` just before its first use (the
+    /// embedding, each block, the norm, then the head), and the embedding and head it
+    /// took, which the MTP depths use again.
+    fn forward_units<'a, U: Units<B>>(&'a self, tokens: Tensor<B, 2, Int>, units: &U) -> Result<UnitsForward<'a, B>, U::Error> {
+        let embed = units.unit(&self.embed)?;
+        let out = block::run_blocks(&self.layers, embed.forward(tokens), units)?;
+        let norm = units.unit(&self.norm)?;
+        let head = units.unit(&self.head)?;
+        let logits = head.forward(norm.forward(out.hidden.clone()));
+        let out = ModelOutput { logits, hidden: out.hidden, counts: out.counts, balance_loss: out.balance_loss };
+        Ok(UnitsForward { out, embed, head })
     }
 
     /// The training objective on `tokens [B, S + 1]`: the main model reads `0..S` and
@@ -267,12 +286,8 @@ impl<B: MoeBackend> DeepSeekV3<B> {
         let depth = self.mtp.len();
         assert!(n >= depth + 2, "DeepSeekV3::loss: tokens [{b}, {n}] are too short for MTP depth {depth}: need at least {} per row", depth + 2);
         let s = n - 1;
-        let embed = units.unit(&self.embed)?;
-        let out = block::run_blocks(&self.layers, embed.forward(tokens.clone().slice([0..b, 0..s])), units)?;
-        let norm = units.unit(&self.norm)?;
-        let head = units.unit(&self.head)?;
-        let logits = head.forward(norm.forward(out.hidden.clone()));
-        let lm_loss = cross_entropy(logits, &tokens, 1);
+        let UnitsForward { out, embed, head } = self.forward_units(tokens.clone().slice([0..b, 0..s]), units)?;
+        let lm_loss = cross_entropy(out.logits, &tokens, 1);
         let mtp = mtp::run_depths(&self.mtp, &head, out.hidden, |k| embed.forward(tokens.clone().slice([0..b, k..s])), units)?;
         let mtp_losses: Vec<_> = mtp.logits.into_iter().enumerate().map(|(i, logits)| cross_entropy(logits, &tokens, i + 2)).collect();
         let counts = out.counts.into_iter().chain(mtp.counts).collect();

@@ -79,16 +79,10 @@ fn data_and_expert_parallelism_on_four_threads_take_the_single_device_step() {
 fn fsdp_on_two_threads_takes_the_single_device_step() {
     let reference = reference(Rng::new("fsdp_on_two_threads").next(), FSDP_ROWS);
     launch(Comm::group(2, Transport::Host), |world| {
-        fsdp_rank(&world, &reference, 1, false).map_err(|e| as_comm(world.rank(), e))
-    })
-    .unwrap();
-}
-
-#[test]
-fn fsdp_per_block_on_two_threads_takes_the_single_device_step() {
-    let reference = reference(Rng::new("fsdp_per_block_on_two_threads").next(), FSDP_ROWS);
-    launch(Comm::group(2, Transport::Host), |world| {
-        fsdp_rank(&world, &reference, 1, true).map_err(|e| as_comm(world.rank(), e))
+        for per_block in [false, true] {
+            fsdp_rank(&world, &reference, 1, per_block).map_err(|e| as_comm(world.rank(), e))?;
+        }
+        Ok::<_, CommError>(())
     })
     .unwrap();
 }

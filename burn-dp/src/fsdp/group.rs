@@ -152,21 +152,19 @@ impl Plans {
             if let Some(replicas) = &group.replicas {
                 layout.check(replicas)?;
             }
-            let dp_size =
-                group.comm.world_size() * group.replicas.as_ref().map_or(1, Comm::world_size);
-            let divide_factor = group.divide_factor.unwrap_or(dp_size);
-            if divide_factor == 0 {
+            if group.divide_factor == Some(0) {
                 return config(format!(
                     "FSDP shard group {g}: a gradient divide factor of 0"
                 ));
             }
             place.extend(layout.ids.iter().enumerate().map(|(i, id)| (*id, (g, i))));
-            let shards = Shards {
+            let mut shards = Shards {
                 bounds: even_bounds(layout.numel(), group.comm.world_size()),
                 comm: group.comm,
                 replicas: group.replicas,
-                divide_factor,
+                divide_factor: 1,
             };
+            shards.divide_factor = group.divide_factor.unwrap_or(shards.dp_size());
             plans.push(Plan { layout, shards });
         }
         Ok(Plans {
