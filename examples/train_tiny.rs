@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo run --release --example train_tiny                           # reference CPU backend, a few minutes
-//! cargo run --release --example train_tiny -- --resume --steps 1200  # continue from the checkpoint
+//! cargo run --release --example train_tiny -- --resume --steps 1200  # continue from the latest checkpoint
 //! cargo run --release --example train_tiny -- --backend wgpu --fp8   # CubeCL kernels, FP8 MLPs and experts
 //! cargo run --release --example train_tiny -- --ep 2                 # experts over 2 ranks (threads, one device each)
 //! cargo run --release --example train_tiny -- --pp 2                 # DualPipeV: 4 stages over 2 ranks
@@ -24,19 +24,25 @@
 //! the last 10% of the novel is held out.
 //!
 //! While it trains it shows a progress line: loss of the next-token head and of the MTP
-//! head, tokens per second, and the expert load (max / mean tokens per expert, averaged
+//! head (averaged over every rank's batch), tokens per second, and the expert load (max / mean tokens per expert, averaged
 //! over the MoE layers; 1.0 is perfect balance). At the end (and every `--save-every`
-//! steps) it writes to `--out` (default `target/train_tiny`): `model.mpk` and `optim.mpk`
-//! (Burn records, full precision), `state.json` (step and loss history), `loss.svg` (the
-//! loss curves), and it samples text from the trained model with the latent cache.
+//! steps) it writes to `--out` (default `target/train_tiny`): `model.mpk` (the whole
+//! model, a Burn record), `state.json` (step and loss history), `loss.svg` (the loss
+//! curves), and a distributed checkpoint `checkpoints/step-{N}/` (burn-dcp: every rank
+//! writes the parameters and AdamW moments it holds, under Hugging Face names, in a
+//! background thread unless `--save-mode sync`; rank 0 prints the step's stall). At the
+//! end it samples text from the trained model with the latent cache.
+//!
+//! `--resume` continues from the latest complete checkpoint in any layout and on any
+//! number of ranks (each rank reads the part it now holds): the data stream is a function
+//! of the step, so a run with the same global batch (`--batch × --dp × --ep` rows) takes
+//! the same batches; another global batch is refused naming the flags that keep it.
 //!
 //! `--ep N` trains with expert parallelism: N ranks (threads), each with its own device
 //! (ndarray: N CPU devices; wgpu: the default adapter and the CPU adapter, N ≤ 2; cuda: GPUs
 //! 0..N), its own batch, and `16 / N` of every MoE layer's experts; the MoE layers
 //! exchange rows with all-to-alls and the replicated gradients are all-reduced
-//! (`DeepSeekV3::shard_experts`, `sync_grads`). The checkpoint holds the whole model
-//! (gathered from the ranks) and one optimizer state per rank (`optim-ep{N}-rank{r}.mpk`),
-//! so `--resume` takes the same `--ep`.
+//! (`DeepSeekV3::shard_experts`, `sync_grads`).
 //!
 //! `--pp N` (or `--dualpipe N`) trains with pipeline parallelism: the model cut into `2N`
 //! stages (`DeepSeekV3::into_stages`; the embedding and the head/MTP tail both on rank 0)
@@ -50,8 +56,7 @@
 //! `mpirun` with the `mpi` feature, one process each (`mpirun -np N·E`; as root with
 //! OpenMPI's `OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1`, and
 //! `--oversubscribe` past the core count). Rank 0 prints and writes the whole model
-//! (gathered from the stages); every rank writes its optimizer state
-//! (`optim-pp{N}-ep{E}-rank{r}.mpk`), so `--resume` takes the same `--pp` and `--ep`.
+//! (gathered from the stages); every rank checkpoints the stages it holds.
 //! Under `mpirun` without `--pp`, the processes are the `--dp` × `--ep` ranks.
 //!
 //! `--dp D` trains data-parallel (burn-dp): `D` replicas, each on its own batch, with
@@ -60,12 +65,10 @@
 //! `[dp D, ep E]` mesh: each `ep` group shards the experts, `dp` averages every gradient
 //! and sums the MoE counts for the bias. `--moments bf16` stores AdamW's moments in BF16
 //! (a backend with BF16: `--backend flex`, wgpu, cuda). At the end rank 0 prints what each
-//! rank holds (parameters, gradients, moments) and the bytes it sent; optimizer records
-//! are `optim-dp{D}-zero{Z}-ep{E}-rank{r}.mpk`. With `--pp N` as well the ranks form a
+//! rank holds (parameters, gradients, moments) and the bytes it sent. With `--pp N` as well the ranks form a
 //! `[pp N, dp D, ep E]` mesh: each replica of a stage averages its gradients over `dp`
-//! (DDP), or with `--zero 1` each held stage has its own ZeRO-1 over `dp` (records
-//! `optim-pp{N}-dp{D}-zero1-ep{E}-rank{r}-stage{s}.mpk`); FSDP inside the pipeline is not
-//! built.
+//! (DDP), or with `--zero 1` each held stage has its own ZeRO-1 over `dp`; FSDP inside
+//! the pipeline is not built.
 //!
 //! `--zero 3` shards the parameters as well (FSDP, burn-dp's `Fsdp`): each rank holds
 //! `1/D` of the model's trainable values, their gradients and AdamW's moments; every step
@@ -93,13 +96,17 @@ use burn_moe::comm::{launch, Comm, DeviceMesh, Transport};
 use burn_moe::MoeBackend;
 use std::io::Write;
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+use burn_dcp::{Reader, Snapshot};
+use burn_deepseek::checkpoint::StateNames;
 
 #[path = "common/corpus.rs"]
 mod corpus;
 #[path = "train_tiny/fsdp.rs"]
 mod fsdp;
-use corpus::{corpus, Batches};
+#[path = "train_tiny/ckpt.rs"]
+mod ckpt;
+use corpus::{corpus, global_rows};
 
 #[derive(Clone, Debug)]
 struct Args {
@@ -123,6 +130,8 @@ struct Args {
     micro_batches: Option<usize>,
     out: PathBuf,
     save_every: usize,
+    /// `--save-mode async` (default): checkpoints written by a background thread.
+    save_mode_async: bool,
     sample: usize,
     seed: u64,
 }
@@ -148,6 +157,7 @@ fn parse_args() -> Args {
         micro_batches: None,
         out: PathBuf::from("target/train_tiny"),
         save_every: 250,
+        save_mode_async: true,
         sample: 200,
         seed: 42,
     };
@@ -185,11 +195,18 @@ fn parse_args() -> Args {
             "--pp" | "--dualpipe" => a.pp = value().parse().unwrap_or_else(|_| panic!("{flag} N: a number of pipeline ranks")),
             "--micro-batches" => a.micro_batches = Some(value().parse().expect("--micro-batches M")),
             "--out" => a.out = PathBuf::from(value()),
-            "--save-every" => a.save_every = value().parse().expect("--save-every N"),
+            "--save-every" => a.save_every = value().parse().ok().filter(|&n| n >= 1).unwrap_or_else(|| panic!("--save-every N: a number of steps, at least 1")),
+            "--save-mode" => {
+                a.save_mode_async = match value().as_str() {
+                    "async" => true,
+                    "sync" => false,
+                    other => panic!("--save-mode {other}: async (files written by a background thread) or sync"),
+                }
+            }
             "--sample" => a.sample = value().parse().expect("--sample N"),
             "--seed" => a.seed = value().parse().expect("--seed N"),
             "--help" | "-h" => {
-                println!("train_tiny [--backend ndarray|flex|wgpu|cuda] [--steps N] [--batch N] [--seq N] [--d-model N] [--layers N] [--lr X] [--fp8] [--resume] [--ep E] [--dp D [--zero 0|1|3] [--dp-replicate R] [--fsdp-unit block|model]] [--moments f32|bf16] [--pp N [--micro-batches M]] [--out DIR] [--save-every N] [--sample N] [--seed N]");
+                println!("train_tiny [--backend ndarray|flex|wgpu|cuda] [--steps N] [--batch N] [--seq N] [--d-model N] [--layers N] [--lr X] [--fp8] [--resume] [--ep E] [--dp D [--zero 0|1|3] [--dp-replicate R] [--fsdp-unit block|model]] [--moments f32|bf16] [--pp N [--micro-batches M]] [--out DIR] [--save-every N] [--save-mode async|sync] [--sample N] [--seed N]");
                 std::process::exit(0);
             }
             other => panic!("unknown flag {other}; see --help"),
@@ -236,6 +253,8 @@ struct TrainState {
     lm: Vec<f32>,
     /// Per step: MTP loss.
     mtp: Vec<f32>,
+    /// Per step: the expert load, max over mean tokens per expert (averaged over the MoE layers).
+    load: Vec<f32>,
     /// `(step, loss)` of the held-out text.
     held_out: Vec<(usize, f32)>,
     /// The model config the records belong to.
@@ -284,21 +303,26 @@ where
     adamw(args).check::<B::InnerBackend>(device).unwrap_or_else(|e| panic!("--moments: {e}"));
     B::seed(device, args.seed);
     std::fs::create_dir_all(&args.out).expect("create the output directory");
-    let state_path = args.out.join("state.json");
-    let (model, state) = if args.resume {
-        let state = TrainState::load(&state_path).unwrap_or_else(|e| panic!("--resume: cannot read {}: {e}", state_path.display()));
-        let model = state.model.init::<B>(device).load_file(args.out.join("model"), &recorder(), device).expect("--resume: model record");
-        println!("resumed from {} at step {}", args.out.display(), state.step);
-        (model, state)
+    let (model, state, reader) = if args.resume {
+        let (reader, state) = ckpt::resume(args).unwrap_or_else(|e| panic!("--resume: {e}"));
+        assert_eq!(state.step as u64, reader.step(), "--resume: {}: the run state is of another step", reader.dir().display());
+        // A fresh model of the saved config; every rank loads the part it holds below.
+        let model = state.model.init::<B>(device);
+        materialize(&model);
+        println!("resuming from {} at step {} (saved by {} ranks)", reader.dir().display(), state.step, reader.metadata().world_size);
+        (model, state, Some(reader))
     } else {
         assert!(args.layers >= 2, "--layers {}: the tiny model has a dense block and at least one MoE block", args.layers);
         let config = DeepSeekV3Config { n_layers: args.layers, ..DeepSeekV3Config::tiny() }.with_width(args.d_model).with_fp8_everywhere(args.fp8.then(Default::default));
-        let state = TrainState { step: 0, lm: Vec::new(), mtp: Vec::new(), held_out: Vec::new(), model: config.clone() };
+        let state = TrainState { step: 0, lm: Vec::new(), mtp: Vec::new(), load: Vec::new(), held_out: Vec::new(), model: config.clone() };
         let model = config.init::<B>(device);
         // The initial weights drawn now, in module order: the same model for every mode.
         materialize(&model);
-        (model, state)
+        (model, state, None)
     };
+    // The checkpoints' names of every parameter, from the whole model (ids survive sharding).
+    let names = StateNames::of(&model, &state.model).expect("every parameter of the tiny model has a Hugging Face name");
+    let reader = reader.as_ref();
     let config = &state.model;
     let max = config.mla.max_seq_len;
     assert!(args.seq + 1 <= max, "--seq {}: the model covers {max} positions", args.seq);
@@ -327,9 +351,9 @@ where
                 println!("{} MPI processes ({}): pp {} × ep {}", world.world_size(), world.engine_name(), args.pp.max(1), args.ep);
             }
             if args.pp > 0 {
-                run_mesh::<B>(args, &model, state.clone(), &world, device)
+                run_mesh::<B>(args, &model, state.clone(), (&names, reader), &world, device)
             } else {
-                run::<B>(args, &model, state.clone(), Some(world.clone()), device).map_err(failed)
+                run::<B>(args, &model, state.clone(), (&names, reader), Some(world.clone()), device).map_err(failed)
             }
         })
         .unwrap_or_else(|e| panic!("{e}"));
@@ -339,13 +363,13 @@ where
     if args.pp > 0 {
         let ranks = world_size(args);
         println!("pipeline{}: {ranks} ranks (threads), pp {} × ep {}", if args.ep > 1 { " and expert parallelism" } else { "" }, args.pp, args.ep);
-        launch(Comm::group(ranks, Transport::Host), |world| run_mesh::<B>(args, &model, state.clone(), &world, &devices[world.rank() % devices.len()]))
+        launch(Comm::group(ranks, Transport::Host), |world| run_mesh::<B>(args, &model, state.clone(), (&names, reader), &world, &devices[world.rank() % devices.len()]))
             .unwrap_or_else(|e: RunError| panic!("pipeline training stopped: {e}"));
         return;
     }
     let ranks = world_size(args);
     if ranks == 1 {
-        run::<B>(args, &model, state, None, device).expect("a single device has no collectives to fail");
+        run::<B>(args, &model, state, (&names, reader), None, device).unwrap_or_else(|e| panic!("training stopped: {e}"));
         return;
     }
     if args.ep > 1 {
@@ -360,7 +384,7 @@ where
         let hybrid = if args.dp_replicate > 1 { format!(", hybrid [dp_replicate {}, dp_shard {}]", args.dp_replicate, args.dp / args.dp_replicate) } else { String::new() };
         println!("data parallelism: {} ranks, {mode}{hybrid}", args.dp);
     }
-    launch(Comm::group(ranks, Transport::Host), |comm| run::<B>(args, &model, state.clone(), Some(comm.clone()), &devices[comm.rank() % devices.len()]))
+    launch(Comm::group(ranks, Transport::Host), |comm| run::<B>(args, &model, state.clone(), (&names, reader), Some(comm.clone()), &devices[comm.rank() % devices.len()]))
         .unwrap_or_else(|e| panic!("parallel training stopped: {e}"));
 }
 
@@ -445,9 +469,23 @@ fn step_losses<B: burn::tensor::backend::Backend>(out: &LossOutput<B>) -> (f32, 
     (out.lm_loss.clone().into_scalar().elem::<f32>(), out.mtp_losses[0].clone().into_scalar().elem::<f32>())
 }
 
+/// The step's next-token and MTP losses averaged over every rank's batch (equal rows per
+/// rank), for rank 0's progress line, so that runs of any world size print the same
+/// quantity. Each rank reads its two losses to the host for the exchange: the display
+/// needs them, the step does not. Collective over `world`.
+fn mean_losses<B: burn::tensor::backend::Backend>(world: Option<&Comm>, out: &LossOutput<B>) -> Result<Option<(f32, f32)>, RunError> {
+    let mine = step_losses(out);
+    let Some(world) = world.filter(|w| w.world_size() > 1) else { return Ok(Some(mine)) };
+    let all = world.all_gather_host("losses", mine)?;
+    let n = all.len() as f32;
+    let mean = (all.iter().map(|l| l.0).sum::<f32>() / n, all.iter().map(|l| l.1).sum::<f32>() / n);
+    Ok((world.rank() == 0).then_some(mean))
+}
+
 fn progress(state: &mut TrainState, args: &Args, (lm, mtp): (f32, f32), tok_s: f64, load: f64, extra: &str) {
     state.lm.push(lm);
     state.mtp.push(mtp);
+    state.load.push(load as f32);
     let filled = 24 * state.step / args.steps;
     print!("\r[{}{}] {:>5}/{} loss {lm:.3} mtp {mtp:.3} | {tok_s:>6.0} tok/s | load max/mean {load:.2}{extra}  ", "#".repeat(filled), "-".repeat(24 - filled), state.step, args.steps);
     std::io::stdout().flush().ok();
@@ -469,8 +507,8 @@ where
 }
 
 /// Continues the prompt with the trained model and the latent cache.
-fn sample<B: MoeBackend>(args: &Args, state: &TrainState, model: &DeepSeekV3<B>, optim_name: &str, device: &B::Device) {
-    println!("wrote {}/{{model.mpk, {optim_name}.mpk, state.json, loss.svg}}", args.out.display());
+fn sample<B: MoeBackend>(args: &Args, state: &TrainState, model: &DeepSeekV3<B>, device: &B::Device) {
+    println!("wrote {}/{{model.mpk, state.json, loss.svg}} and the distributed checkpoint {}", args.out.display(), burn_dcp::step_dir(&ckpt::root(args), state.step as u64).display());
     let ids: Vec<u32> = PROMPT.bytes().map(u32::from).collect();
     let mut session = Session::new(model, &state.model.mla, ids.len() + args.sample, Sampling { seed: args.seed, ..Default::default() }, device);
     let drawn = session.generate(&ids, args.sample).expect("prompt and sample fit the cache (checked at the start)");
@@ -478,10 +516,12 @@ fn sample<B: MoeBackend>(args: &Args, state: &TrainState, model: &DeepSeekV3<B>,
     println!("sample (temperature 0.8, top-40):\n{PROMPT}{}", String::from_utf8_lossy(&bytes));
 }
 
-/// The batch stream of `rank`, continuing where a resumed run stopped.
-fn batches(args: &Args, step: usize, rank: usize) -> Batches<'static> {
+/// Step `step`'s `--batch` rows of data-parallel replica (or expert rank) `replica`: its
+/// share of the step's global batch, which depends on the step alone (a resumed run on
+/// another number of ranks reads the same rows).
+fn batch_rows(args: &Args, step: usize, replica: usize) -> Vec<u8> {
     let (train_text, _) = corpus();
-    Batches { text: train_text, state: (args.seed ^ step as u64 ^ ((rank as u64) << 32)).wrapping_mul(0x2545_F491_4F6C_DD1D) | 1 }
+    global_rows(train_text, args.seed, step, replica * args.batch, args.batch, args.seq + 2)
 }
 
 /// The optimizer of every mode: burn-dp's AdamW with Burn's AdamW defaults (β₂ 0.999,
@@ -521,6 +561,18 @@ where
         match self {
             DpOptim::Replicated(_, o) => o,
             DpOptim::Zero(z) => z.optimizer(),
+        }
+    }
+
+    /// The parameters whose state this rank keeps: its ZeRO-1 shard's; all (`None`) when
+    /// replicated.
+    fn keep(&self, model: &DeepSeekV3<B>) -> Option<std::collections::HashSet<burn::module::ParamId>> {
+        match self {
+            DpOptim::Replicated(..) => None,
+            DpOptim::Zero(z) => {
+                let layout = Layout::of::<B, _>(model);
+                Some(layout.ids[z.shard_of(&layout, z.comm().rank())].iter().copied().collect())
+            }
         }
     }
 
@@ -587,15 +639,16 @@ fn counts_over<B: burn::tensor::backend::Backend>(counts: Vec<Tensor<B, 1, Int>>
 /// One rank's training loop without `--pp`: alone, or one of the `[dp, ep]` mesh's ranks
 /// — the MoE layers' experts spread over the `ep` group, the gradients averaged (DDP) or
 /// the optimizer state sharded (ZeRO-1) over the `dp` group. Rank 0 prints, evaluates,
-/// writes the model and samples; every rank writes its optimizer state.
-fn run<B: AutodiffBackend + MoeBackend + FsdpBackend>(args: &Args, model: &DeepSeekV3<B>, mut state: TrainState, world: Option<Comm>, device: &B::Device) -> Result<(), RunError>
+/// writes the model and samples; every rank checkpoints what it holds.
+fn run<B: AutodiffBackend + MoeBackend + FsdpBackend>(args: &Args, model: &DeepSeekV3<B>, mut state: TrainState, (names, reader): Resume<'_>, world: Option<Comm>, device: &B::Device) -> Result<(), RunError>
 where
     B::InnerBackend: MoeBackend,
 {
     let (rank, ranks) = world.as_ref().map_or((0, 1), |c| (c.rank(), c.world_size()));
+    let all = world.clone().unwrap_or_else(|| Comm::group(1, Transport::Host).remove(0));
+    let mut saver = ckpt::Saver::new(args, &all, names.clone())?;
     if args.zero == 3 {
-        let world = world.unwrap_or_else(|| Comm::group(1, Transport::Host).remove(0));
-        return fsdp::run(args, model, state, &world, device);
+        return fsdp::run(args, model, state, (&mut saver, reader), &all, device);
     }
     let (ep, groups) = match &world {
         Some(world) => {
@@ -606,11 +659,6 @@ where
         None => (None, None),
     };
     let dp = groups.as_ref().map(|g| g.dp.clone());
-    let optim_name = match ranks {
-        1 => "optim".to_string(),
-        _ if args.dp == 1 => format!("optim-ep{}-rank{rank}", args.ep),
-        _ => format!("optim-dp{}-zero{}{}-ep{}-rank{rank}", args.dp, args.zero, replicate_tag(args), args.ep),
-    };
     let mut model = match (&ep, &world) {
         (Some(comm), _) => model.shard_experts(comm, device).map_err(failed)?,
         // A replica of its own (fresh autodiff leaves): threads must not share a graph.
@@ -618,19 +666,23 @@ where
         (None, None) => model.clone(),
     };
     let mut optim = DpOptim::<B>::new(args, groups.as_ref());
-    if args.resume {
-        let path = args.out.join(&optim_name);
-        optim.load(recorder().load(path.clone(), device).unwrap_or_else(|e| panic!("--resume: {}.mpk (the optimizer state of this layout): {e}", path.display())));
+    if let Some(reader) = reader {
+        // This rank's part: the parameters it holds (its experts), the moments it keeps.
+        let load_start = Instant::now();
+        let h = saver.holding(ep.as_ref());
+        model = ckpt::loaded("the model", h.load_module(&model, reader))?;
+        let keep = optim.keep(&model);
+        optim.load(ckpt::loaded("the optimizer state", h.load_adamw(&model, reader, keep.as_ref()))?);
+        ckpt::report_load(rank, reader, load_start);
     }
-    let mut batches = batches(args, state.step, rank);
     let (start, mut speed) = (Instant::now(), Throughput::default());
     let mut held = None;
     while state.step < args.steps {
         let step_start = Instant::now();
         let lr = learning_rate(args, state.step);
-        let batch = tokens::<B>(batches.next(args.batch, args.seq + 2), args.batch, device);
+        let batch = tokens::<B>(batch_rows(args, state.step, rank), args.batch, device);
         let out = model.try_loss(batch).map_err(failed)?;
-        let losses = (rank == 0).then(|| step_losses(&out));
+        let losses = mean_losses(world.as_ref(), &out)?;
         let grads = model.sync_grads(GradientsParams::from_grads(out.loss.backward(), &model)).map_err(failed)?;
         // What this rank holds is measured on the first step (the layout does not change).
         let layout = held.is_none().then(|| Layout::of::<B, _>(&model));
@@ -652,12 +704,18 @@ where
         }
         if state.step % args.save_every == 0 || state.step == args.steps {
             let whole = model.unshard_experts().map_err(failed)?;
-            recorder().record(optim.adamw().to_record(), args.out.join(&optim_name)).expect("write the optimizer record");
             if rank == 0 {
                 checkpoint(args, &mut state, &whole, device, start);
             }
+            let snapshot_start = Instant::now();
+            let h = saver.holding(ep.as_ref());
+            let mut snapshot = Snapshot::new();
+            snapshot.chunks = ckpt::loaded("the model", h.module_chunks(&model))?;
+            snapshot.chunks.extend(ckpt::loaded("the optimizer state", h.adamw_chunks(&model, &optim.adamw().to_record()))?);
+            saver.save(args, &state, snapshot, snapshot_start.elapsed())?;
         }
     }
+    saver.finish()?;
     if let Some(held) = held {
         // Tensor bytes this rank sent to others over the run: expert all-to-alls and
         // gradient sync (ep), data-parallel collectives (dp).
@@ -667,15 +725,14 @@ where
     // Every rank takes part in gathering the experts; rank 0 samples.
     let valid = model.unshard_experts().map_err(failed)?.valid();
     if rank == 0 {
-        sample(args, &state, &valid, &optim_name, device);
+        sample(args, &state, &valid, device);
     }
     Ok(())
 }
 
-/// `-r{R}` in the optimizer records' names under `--dp-replicate R` > 1.
-fn replicate_tag(args: &Args) -> String {
-    if args.dp_replicate > 1 { format!("-r{}", args.dp_replicate) } else { String::new() }
-}
+/// What a rank needs to checkpoint and resume: the parameters' names, and the checkpoint
+/// to load (`--resume`).
+type Resume<'a> = (&'a StateNames, Option<&'a Reader>);
 
 /// Rank 0 prints what every rank holds — `(parameters, gradients, moments)` bytes — and
 /// the tensor bytes it `sent` over `steps`. Collective over `world`.
@@ -697,7 +754,7 @@ fn report_held(args: &Args, world: Option<&Comm>, (params, grads, moments): (usi
 /// mesh, the model cut into `2N` stages run by DualPipeV over the `pp` group, the stages
 /// this rank holds sharded over its `ep` group, `--micro-batches M` (default `2N`) per
 /// step. World rank 0 prints, evaluates, writes the model and samples.
-fn run_mesh<B: AutodiffBackend<Gradients = Gradients> + MoeBackend>(args: &Args, model: &DeepSeekV3<B>, mut state: TrainState, world: &Comm, device: &B::Device) -> Result<(), RunError>
+fn run_mesh<B: AutodiffBackend<Gradients = Gradients> + MoeBackend>(args: &Args, model: &DeepSeekV3<B>, mut state: TrainState, (names, reader): Resume<'_>, world: &Comm, device: &B::Device) -> Result<(), RunError>
 where
     B::InnerBackend: MoeBackend,
 {
@@ -727,12 +784,18 @@ where
             stage_comms.push(comm);
         }
     }
+    let mut saver = ckpt::Saver::new(args, world, names.clone())?;
+    // The stages' experts are sharded over ep with the identity placement: ep rank e holds
+    // the e-th slice of each stack.
+    let ep_place = (ep > 1).then_some(&ep_comm);
+    let load_start = Instant::now();
+    if let Some(reader) = reader {
+        let h = saver.holding(ep_place);
+        for &s in &held {
+            stages[s] = ckpt::loaded(&format!("stage {s}"), h.load_module(&stages[s], reader))?;
+        }
+    }
     let mut pipeline = Pipeline::new(stages, vec![device.clone(); pp], schedule).map_err(failed)?;
-    let optim_name = match (dp, args.zero) {
-        (1, _) => format!("optim-pp{pp}-ep{ep}-rank{rank}"),
-        (_, 0) => format!("optim-pp{pp}-dp{dp}-ep{ep}-rank{rank}"),
-        _ => format!("optim-pp{pp}-dp{dp}-zero1-ep{ep}-rank{rank}"),
-    };
     // One DDP per held stage (each stage its own parameter layout), or with --zero 1 one
     // ZeRO-1 per held stage (each keeps the moments of its shard of that stage).
     let ddps: Vec<Option<Ddp>> = held.iter().map(|_| dp_comm.clone().filter(|_| args.zero == 0).map(Ddp::new)).collect();
@@ -741,25 +804,35 @@ where
         _ => Vec::new(),
     };
     let mut optim = adamw(args).init();
-    if args.resume {
-        let path = args.out.join(&optim_name);
-        let load = |path: &std::path::Path| recorder().load(path.to_path_buf(), device).unwrap_or_else(|e| panic!("--resume: {}.mpk (the optimizer state of this layout): {e}", path.display()));
+    if let Some(reader) = reader {
+        let h = saver.holding(ep_place);
+        let stages = pipeline.stages();
         match zeros.is_empty() {
-            true => optim = optim.load_record(load(&path)),
+            // One optimizer steps every held stage: one record of all their parameters.
+            true => {
+                let mut record = burn_deepseek::checkpoint::AdamWRecord::default();
+                for &s in &held {
+                    record.extend(ckpt::loaded(&format!("the optimizer state of stage {s}"), h.load_adamw(&stages[s], reader, None))?);
+                }
+                optim = optim.load_record(record);
+            }
             false => {
-                for (z, s) in zeros.iter_mut().zip(&held) {
-                    *z.optimizer_mut() = z.optimizer().clone().load_record(load(&stage_record(&path, *s)));
+                for (z, &s) in zeros.iter_mut().zip(&held) {
+                    let layout = Layout::of::<B, _>(&stages[s]);
+                    let keep = layout.ids[z.shard_of(&layout, z.comm().rank())].iter().copied().collect();
+                    let record = ckpt::loaded(&format!("the optimizer state of stage {s}"), h.load_adamw(&stages[s], reader, Some(&keep)))?;
+                    *z.optimizer_mut() = z.optimizer().clone().load_record(record);
                 }
             }
         }
+        ckpt::report_load(rank, reader, load_start);
     }
-    let mut batches = batches(args, state.step, d * ep + e);
     let (start, mut speed) = (Instant::now(), Throughput::default());
     let rows = args.batch / m;
     while state.step < args.steps {
         let step_start = Instant::now();
         let lr = learning_rate(args, state.step);
-        let bytes = batches.next(args.batch, args.seq + 2);
+        let bytes = batch_rows(args, state.step, d * ep + e);
         let micro: Vec<TensorData> = bytes.chunks(bytes.len() / m).map(|c| TensorData::new(c.iter().map(|&b| i64::from(b)).collect(), [rows, c.len() / rows])).collect();
         let inputs = micro.iter().map(|t| objective.input(Tensor::<B, 2, Int>::from_data(t.clone(), device))).collect();
         // The parts of each micro-batch's loss, kept on the device and read after the step
@@ -819,19 +892,28 @@ where
             progress(&mut state, args, (mean(0), mean(1)), speed.per_second(), load, &format!(" | bubble {:.0}%", 100.0 * bubble));
         }
         if state.step % args.save_every == 0 || state.step == args.steps {
-            match zeros.is_empty() {
-                true => recorder().record(optim.to_record(), args.out.join(&optim_name)).expect("write the optimizer record"),
-                false => {
-                    for (z, s) in zeros.iter().zip(&held) {
-                        recorder().record(z.optimizer().to_record(), stage_record(&args.out.join(&optim_name), *s)).expect("write the optimizer record");
-                    }
-                }
-            }
             if let Some(whole) = gather_model(&pipeline, &held, &pp_comm, (d, e), device)? {
                 checkpoint(args, &mut state, &whole, device, start);
             }
+            // Every rank its held stages and their moments; the dp replicas' copies are
+            // written once.
+            let snapshot_start = Instant::now();
+            let h = saver.holding(ep_place);
+            let mut snapshot = Snapshot::new();
+            let record = optim.to_record();
+            for (i, &s) in held.iter().enumerate() {
+                let stage = &pipeline.stages()[s];
+                snapshot.chunks.extend(ckpt::loaded(&format!("stage {s}"), h.module_chunks(stage))?);
+                let record = match zeros.get(i) {
+                    Some(z) => z.optimizer().to_record(),
+                    None => record.clone(),
+                };
+                snapshot.chunks.extend(ckpt::loaded(&format!("the optimizer state of stage {s}"), h.adamw_chunks(stage, &record))?);
+            }
+            saver.save(args, &state, snapshot, snapshot_start.elapsed())?;
         }
     }
+    saver.finish()?;
     // What each rank sent over the run: activations and gradients to its pipeline
     // neighbours, expert rows to its expert group.
     let sent = (pp_comm.sent_bytes(), stage_comms.iter().map(Comm::sent_bytes).sum::<u64>(), dp_comm.as_ref().map_or(0, Comm::sent_bytes));
@@ -840,16 +922,9 @@ where
         let per_rank: Vec<String> = sent.iter().map(|(p, x, g)| format!("{:.1}+{:.1}+{:.1}", *p as f64 / 1e6, *x as f64 / 1e6, *g as f64 / 1e6)).collect();
         println!("MB sent per rank (pipeline + experts + data-parallel gradients, {} steps on {}): {}", state.step, world.engine_name(), per_rank.join(" | "));
         println!("tokens/s over the run: {:.0}", speed.per_second());
-        sample(args, &state, &whole.valid(), &optim_name, device);
+        sample(args, &state, &whole.valid(), device);
     }
     Ok(())
-}
-
-/// The optimizer record of held stage `s` under `--pp --zero 1` (one ZeRO-1 per stage).
-fn stage_record(path: &std::path::Path, s: usize) -> PathBuf {
-    let mut name = path.file_name().expect("a record name").to_os_string();
-    name.push(format!("-stage{s}"));
-    path.with_file_name(name)
 }
 
 /// The whole model on world rank 0 (`None` elsewhere): every rank unshards the experts of

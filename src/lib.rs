@@ -23,6 +23,9 @@
 //!   every block, MoE after the dense layers, optional FP8, multi-token prediction — with
 //!   its training loss, the balancing update, cached generation and expert parallelism
 //!   over the ranks of a `burn_moe::comm::Comm` group.
+//! - [`checkpoint`] ([`burn_dcp`]): distributed checkpoints of the model in any of its
+//!   parallel layouts — every rank saves what it holds in parallel, any world size loads
+//!   it back (resharding), asynchronously, surviving a crash mid-save.
 //! - [`hf`]: Hugging Face interop — DeepSeek-V3 / V2 `config.json` files by their real
 //!   field names, turned into the model config, and safetensors weights by their Hugging
 //!   Face key names.
@@ -31,10 +34,12 @@
 //! `guide_*` modules, whose code runs as doc tests) show each piece in use; the README's
 //! main command, `cargo run --release --example train_tiny`, trains the tiny model.
 
+pub mod checkpoint;
 pub mod hf;
 pub mod model;
 
 pub use burn_comm as comm;
+pub use burn_dcp as dcp;
 pub use burn_dp as dp;
 pub use burn_dualpipe as dualpipe;
 pub use burn_fp8 as fp8;
@@ -57,6 +62,9 @@ pub mod guide_distributed {}
 
 #[doc = include_str!("../docs/data-parallel.md")]
 pub mod guide_data_parallel {}
+
+#[doc = include_str!("../docs/checkpoints.md")]
+pub mod guide_checkpoints {}
 
 #[doc = include_str!("../docs/mla.md")]
 pub mod guide_mla {}

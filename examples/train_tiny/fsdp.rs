@@ -15,8 +15,8 @@ use burn_dp::{Fsdp, ShardGroup};
 /// reduce-scatters the gradients onto the shards; AdamW steps the shards (their moments
 /// are `1/(D·E)` of the model's). The MoE counts are summed over `dp` so every rank
 /// updates the whole balancing bias it keeps alike. Rank 0 prints, evaluates, writes the
-/// model (gathered) and samples; every rank writes its optimizer shard.
-pub(super) fn run<B>(args: &Args, model: &DeepSeekV3<B>, mut state: TrainState, world: &Comm, device: &B::Device) -> Result<(), RunError>
+/// model (gathered) and samples; every rank checkpoints its shards and their moments.
+pub(super) fn run<B>(args: &Args, model: &DeepSeekV3<B>, mut state: TrainState, (saver, reader): (&mut ckpt::Saver, Option<&Reader>), world: &Comm, device: &B::Device) -> Result<(), RunError>
 where
     B: AutodiffBackend + MoeBackend + FsdpBackend,
     B::InnerBackend: MoeBackend,
@@ -57,25 +57,27 @@ where
         println!("FSDP: {} shard groups; the largest unit gathered at once: {unit}, {:.2} MB", fsdp.num_groups(), *bytes as f64 / 1e6);
     }
     let mut optim = adamw(args).init::<B, Fsdp<B, DeepSeekV3<B>>>();
-    let optim_name = format!("optim-dp{}-zero3{}-ep{}-rank{rank}", args.dp, replicate_tag(args), args.ep);
-    if args.resume {
-        let path = args.out.join(&optim_name);
-        let record = recorder().load(path.clone(), device).unwrap_or_else(|e| panic!("--resume: {}.mpk (the optimizer shard of this layout): {e}", path.display()));
-        optim = optim.load_record(record);
+    let ep_comm = (args.ep > 1).then(|| mesh.comm("ep").cloned()).transpose().map_err(failed)?;
+    if let Some(reader) = reader {
+        // This rank's runs of each shard group, whatever sharding saved them.
+        let load_start = Instant::now();
+        let h = saver.holding(ep_comm.as_ref());
+        fsdp = ckpt::loaded("the model", h.load_fsdp(&fsdp, reader))?;
+        optim = optim.load_record(ckpt::loaded("the optimizer state", h.load_fsdp_adamw(&fsdp, reader))?);
+        ckpt::report_load(rank, reader, load_start);
     }
-    let mut batches = batches(args, state.step, rank);
     let (start, mut speed) = (Instant::now(), Throughput::default());
     let mut held = None;
     while state.step < args.steps {
         let step_start = Instant::now();
         let lr = learning_rate(args, state.step);
-        let batch = tokens::<B>(batches.next(args.batch, args.seq + 2), args.batch, device);
+        let batch = tokens::<B>(batch_rows(args, state.step, rank), args.batch, device);
         let out = match args.fsdp_per_block {
             // Each unit gathered when the forward reaches it, a block dropped after its forward.
             true => fsdp.hollow().try_loss_units(batch, &fsdp).map_err(failed)?,
             false => fsdp.gather().map_err(failed)?.try_loss(batch).map_err(failed)?,
         };
-        let losses = (rank == 0).then(|| step_losses(&out));
+        let losses = mean_losses(Some(world), &out)?;
         // The backward ends with each shard holding the mean gradient over the dp ranks.
         let grads = GradientsParams::from_grads(out.loss.backward(), &fsdp);
         let layout = held.is_none().then(|| Layout::of::<B, _>(&fsdp));
@@ -93,26 +95,31 @@ where
         if state.step % args.save_every == 0 || state.step == args.steps {
             // Every rank takes part in gathering the whole model.
             let whole = fsdp.clone().unshard().map_err(failed)?.unshard_experts().map_err(failed)?;
-            recorder().record(optim.to_record(), args.out.join(&optim_name)).expect("write the optimizer record");
             if rank == 0 {
                 checkpoint(args, &mut state, &whole, device, start);
             }
+            let snapshot_start = Instant::now();
+            let h = saver.holding(ep_comm.as_ref());
+            let mut snapshot = Snapshot::new();
+            snapshot.chunks = ckpt::loaded("the model", h.fsdp_chunks(&fsdp))?;
+            snapshot.chunks.extend(ckpt::loaded("the optimizer state", h.fsdp_adamw_chunks(&fsdp, &optim.to_record()))?);
+            saver.save(args, &state, snapshot, snapshot_start.elapsed())?;
         }
     }
+    saver.finish()?;
     if let Some(held) = held {
         // Tensor bytes this rank sent: the gathers and reduce-scatters (dp_shard × ep, and
         // dp_shard for the experts), the gradient all-reduces across groups
         // (dp_replicate), the MoE counts (dp), the experts' all-to-alls (ep).
         let mut comms = vec![&dense, &shard, &dp];
         comms.extend(replicas.as_ref());
-        let ep = (args.ep > 1).then(|| mesh.comm("ep")).transpose().map_err(failed)?;
-        comms.extend(ep);
+        comms.extend(ep_comm.as_ref());
         let sent = comms.iter().map(|c| c.sent_bytes() as usize).sum::<usize>();
         report_held(args, Some(world), held, sent, state.step)?;
     }
     let valid = fsdp.unshard().map_err(failed)?.unshard_experts().map_err(failed)?.valid();
     if rank == 0 {
-        sample(args, &state, &valid, &optim_name, device);
+        sample(args, &state, &valid, device);
     }
     Ok(())
 }

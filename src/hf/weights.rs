@@ -206,6 +206,13 @@ fn block(pre: &str, rest: &[&str], config: &DeepSeekV3Config) -> Option<Source> 
     }
 }
 
+/// The name of the parameter at `path` in a distributed checkpoint: its Hugging Face key,
+/// the routed experts' stack named without the expert index
+/// (`model.layers.3.mlp.experts.gate_proj.weight`).
+pub(crate) fn checkpoint_key(path: &[String], config: &DeepSeekV3Config) -> Option<String> {
+    source(path, config).map(|s| s.key.replace(".{e}", ""))
+}
+
 /// Column `c` of the halves layout takes column `from(c)` of the interleaved one.
 fn interleaved_column(c: usize, rope: &Rope) -> usize {
     let within = c % rope.stride;

@@ -6,6 +6,8 @@
 #[allow(dead_code)]
 #[path = "../moe/common.rs"]
 mod common;
+mod checkpoint;
+mod continuity;
 mod ep;
 mod model;
 #[cfg(feature = "mpi")]

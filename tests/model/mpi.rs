@@ -59,6 +59,52 @@ fn mpi_worker_dp_ep() {
     .unwrap();
 }
 
+#[test]
+fn a_checkpoint_saved_by_four_processes_is_one_devices_and_loads_into_two_ranks() {
+    mpirun(4, "mpi_worker_checkpoint");
+}
+
+#[test]
+#[ignore = "an MPI rank: run by a_checkpoint_saved_by_four_processes_is_one_devices_and_loads_into_two_ranks under mpirun"]
+fn mpi_worker_checkpoint() {
+    use crate::checkpoint::{assert_same, base, rank, run, tmp, Layout};
+    use std::path::PathBuf;
+    use burn_dcp::step_dir;
+    mpi::launch(Duration::from_secs(120), |world| {
+        // Every process draws the same model (one seed); each run its own directories.
+        let (config, model) = base();
+        let names = burn_deepseek::checkpoint::StateNames::of(&model, &config).map_err(|e| e.to_string())?;
+        // One directory for the job (the processes' ids differ): named by the job's seed.
+        let job = std::env::var("MOE_TEST_SEED").unwrap_or_default();
+        let saved = PathBuf::from(std::env::temp_dir()).join(format!("burn-deepseek-ckpt-mpi-job-{job}"));
+        // FSDP × EP over [dp 2, ep 2] processes: two steps, saved asynchronously (the save's
+        // collectives in a background thread, on the MPI engine), then a third.
+        rank(&world, Layout::Fsdp { replicate: 1, ep: 2 }, &model, &names, None, 2, &saved)?;
+        world.barrier("saved").map_err(|e| e.to_string())?;
+        if world.rank() == 0 {
+            // One device's checkpoints of the same steps; the MPI job's loaded by 2 threads.
+            let reference = tmp(&format!("mpi-{job}-reference"));
+            run(Layout::Single, 1, &model, &names, None, 2, &reference);
+            for s in [2, 3] {
+                assert_same(&step_dir(&reference, s), &step_dir(&saved, s), &format!("FSDP × EP on 4 processes, step {s}"));
+            }
+            let loaded = tmp(&format!("mpi-{job}-loaded"));
+            run(Layout::Zero1, 2, &model, &names, Some(&saved), 0, &loaded);
+            assert_same(&step_dir(&saved, 3), &step_dir(&loaded, 3), "loaded by ZeRO-1 on 2 threads");
+            for dir in [reference, loaded] {
+                std::fs::remove_dir_all(dir).map_err(|e| e.to_string())?;
+            }
+        }
+        world.barrier("checked").map_err(|e| e.to_string())?;
+        if world.rank() == 0 {
+            std::fs::remove_dir_all(&saved).map_err(|e| e.to_string())?;
+        }
+        done(&world);
+        Ok::<_, String>(())
+    })
+    .unwrap();
+}
+
 fn done(comm: &Comm) {
     println!("rank {} of {}: ok", comm.rank(), comm.world_size());
 }

@@ -176,7 +176,8 @@ impl<B: Backend, M: Module<B>> Fsdp<B, M> {
                 detail: format!(
                     "rank {} of {} holds an FSDP shard (group {g}) of {have} elements, but \
                      {} elements over {} ranks give it {want}: the shard comes from another \
-                     sharding (load it through a resharding checkpoint loader)",
+                     sharding (load it through a resharding checkpoint loader, e.g. \
+                     burn_deepseek::checkpoint's load_fsdp)",
                     s.comm.rank(),
                     s.comm.world_size(),
                     plan.layout.numel(),
