@@ -56,9 +56,8 @@ mod params;
 pub use optim::{AdamWRecord, EXP_AVG, EXP_AVG_SQ, STEP};
 
 use crate::model::{DeepSeekV3, DeepSeekV3Config};
-use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::module::ParamId;
 use burn::tensor::backend::Backend;
-use burn::tensor::Tensor;
 use burn_dcp::DcpError;
 use std::collections::HashMap;
 
@@ -128,47 +127,22 @@ impl StateNames {
         model: &DeepSeekV3<B>,
         config: &DeepSeekV3Config,
     ) -> Result<Self, CheckpointError> {
-        struct Visit<'a> {
-            config: &'a DeepSeekV3Config,
-            path: Vec<String>,
-            names: HashMap<ParamId, Named>,
-            unnamed: Option<String>,
-        }
-        impl<B: Backend> ModuleVisitor<B> for Visit<'_> {
-            fn enter_module(&mut self, name: &str, _container: &str) {
-                self.path.push(name.to_string());
-            }
-            fn exit_module(&mut self, _name: &str, _container: &str) {
-                self.path.pop();
-            }
-            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-                match crate::hf::weights::checkpoint_key(&self.path, self.config) {
-                    Some(name) => {
-                        self.names.insert(
-                            param.id,
-                            Named {
-                                name,
-                                shape: param.lazy_shape().dims::<D>().to_vec(),
-                            },
-                        );
-                    }
-                    None => {
-                        self.unnamed.get_or_insert_with(|| self.path.join("."));
-                    }
+        let mut by_id = HashMap::new();
+        for p in params::list(model, &Default::default(), false) {
+            let name = crate::hf::weights::checkpoint_key(&p.path, config).ok_or_else(|| {
+                CheckpointError::Unnamed {
+                    param: p.path.join("."),
                 }
-            }
+            })?;
+            by_id.insert(
+                p.id,
+                Named {
+                    name,
+                    shape: p.shape,
+                },
+            );
         }
-        let mut v = Visit {
-            config,
-            path: Vec::new(),
-            names: HashMap::new(),
-            unnamed: None,
-        };
-        model.visit(&mut v);
-        match v.unnamed {
-            Some(param) => Err(CheckpointError::Unnamed { param }),
-            None => Ok(StateNames { by_id: v.names }),
-        }
+        Ok(StateNames { by_id })
     }
 
     /// Parameter `id`'s name and whole shape.

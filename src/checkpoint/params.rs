@@ -96,48 +96,19 @@ impl<'a> Holding<'a> {
         module: &M,
         skip: &HashSet<ParamId>,
     ) -> Result<Vec<Chunk>, CheckpointError> {
-        struct Visit<'a, 'h> {
-            holding: &'a Holding<'h>,
-            skip: &'a HashSet<ParamId>,
-            path: Vec<String>,
-            out: Result<Vec<Chunk>, CheckpointError>,
-        }
-        impl<B: Backend> ModuleVisitor<B> for Visit<'_, '_> {
-            fn enter_module(&mut self, name: &str, _container: &str) {
-                self.path.push(name.to_string());
-            }
-            fn exit_module(&mut self, _name: &str, _container: &str) {
-                self.path.pop();
-            }
-            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-                let Ok(out) = &mut self.out else { return };
-                if self.skip.contains(&param.id) {
-                    return;
-                }
-                let local = param.lazy_shape().dims::<D>().to_vec();
-                match self
-                    .holding
-                    .place(&param.id, &local, || self.path.join("."))
-                {
-                    // The snapshot's device-to-host copy.
-                    Ok((named, start)) => out.push(Chunk::new(
-                        named.name.clone(),
-                        named.shape.clone(),
-                        start,
-                        param.val().into_data(),
-                    )),
-                    Err(e) => self.out = Err(e),
-                }
-            }
-        }
-        let mut v = Visit {
-            holding: self,
-            skip,
-            path: Vec::new(),
-            out: Ok(Vec::new()),
-        };
-        module.visit(&mut v);
-        v.out
+        list(module, skip, true)
+            .into_iter()
+            .map(|p| {
+                let (named, start) = self.place(&p.id, &p.shape, || p.path.join("."))?;
+                let data = p.data.expect("listed with their values");
+                Ok(Chunk::new(
+                    named.name.clone(),
+                    named.shape.clone(),
+                    start,
+                    data,
+                ))
+            })
+            .collect()
     }
 
     /// A copy of `module` with every float parameter read from `reader` (whole, or this
@@ -162,53 +133,14 @@ impl<'a> Holding<'a> {
         reader: &Reader,
         skip: &HashSet<ParamId>,
     ) -> Result<HashMap<ParamId, TensorData>, CheckpointError> {
-        struct Visit<'a, 'h> {
-            holding: &'a Holding<'h>,
-            reader: &'a Reader,
-            skip: &'a HashSet<ParamId>,
-            path: Vec<String>,
-            out: Result<HashMap<ParamId, TensorData>, CheckpointError>,
+        let mut out = HashMap::new();
+        for p in list(module, skip, false) {
+            let (named, start) = self.place(&p.id, &p.shape, || p.path.join("."))?;
+            reader.check(&named.name, &named.shape)?;
+            let flat = reader.read(&named.name, start, p.shape.iter().product())?;
+            out.insert(p.id, reshape(flat, p.shape));
         }
-        impl<B: Backend> ModuleVisitor<B> for Visit<'_, '_> {
-            fn enter_module(&mut self, name: &str, _container: &str) {
-                self.path.push(name.to_string());
-            }
-            fn exit_module(&mut self, _name: &str, _container: &str) {
-                self.path.pop();
-            }
-            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-                if self.out.is_err() || self.skip.contains(&param.id) {
-                    return;
-                }
-                let local = param.lazy_shape().dims::<D>().to_vec();
-                let read = self
-                    .holding
-                    .place(&param.id, &local, || self.path.join("."))
-                    .and_then(|(named, start)| {
-                        self.reader.check(&named.name, &named.shape)?;
-                        let flat = self
-                            .reader
-                            .read(&named.name, start, local.iter().product())?;
-                        Ok(reshape(flat, local))
-                    });
-                match (read, &mut self.out) {
-                    (Ok(data), Ok(out)) => {
-                        out.insert(param.id, data);
-                    }
-                    (Err(e), _) => self.out = Err(e),
-                    _ => {}
-                }
-            }
-        }
-        let mut v = Visit {
-            holding: self,
-            reader,
-            skip,
-            path: Vec::new(),
-            out: Ok(HashMap::new()),
-        };
-        module.visit(&mut v);
-        v.out
+        Ok(out)
     }
 
     /// The chunks of an FSDP module: each flat shard cut into the runs of its
@@ -293,6 +225,59 @@ impl<'a> Holding<'a> {
             dtype,
         ))
     }
+}
+
+/// A float parameter of a module, in visiting order.
+pub(crate) struct Listed {
+    pub id: ParamId,
+    /// Its path in the module tree (enum variants included).
+    pub path: Vec<String>,
+    /// Its shape here.
+    pub shape: Vec<usize>,
+    /// Its value on the host, when listed with values.
+    pub data: Option<TensorData>,
+}
+
+/// Every float parameter of `module` but those in `skip`; with `values`, each one's value
+/// copied to the host (the snapshot of a save: the device-to-host copy it needs).
+pub(crate) fn list<B: Backend, M: Module<B>>(
+    module: &M,
+    skip: &HashSet<ParamId>,
+    values: bool,
+) -> Vec<Listed> {
+    struct Visit<'a> {
+        skip: &'a HashSet<ParamId>,
+        values: bool,
+        path: Vec<String>,
+        out: Vec<Listed>,
+    }
+    impl<B: Backend> ModuleVisitor<B> for Visit<'_> {
+        fn enter_module(&mut self, name: &str, _container: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _name: &str, _container: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if !self.skip.contains(&param.id) {
+                let data = self.values.then(|| param.val().into_data());
+                self.out.push(Listed {
+                    id: param.id,
+                    path: self.path.clone(),
+                    shape: param.lazy_shape().dims::<D>().to_vec(),
+                    data,
+                });
+            }
+        }
+    }
+    let mut v = Visit {
+        skip,
+        values,
+        path: Vec::new(),
+        out: Vec::new(),
+    };
+    module.visit(&mut v);
+    v.out
 }
 
 /// `len` elements of `data` from element `at`, as a 1-D tensor.
