@@ -6,7 +6,8 @@
 //! (`quantization_config`, `torch_dtype`, ...) are ignored. [`HfDeepSeekConfig::mla`] and
 //! [`HfDeepSeekConfig::moe`] give the attention and MoE configs of its layers,
 //! [`HfDeepSeekConfig::model`] the whole model's; [`weights`] loads (and writes) the
-//! weights from safetensors files under their Hugging Face key names.
+//! weights from safetensors files under their Hugging Face key names, [`tokenizer`] reads
+//! the `tokenizer.json` beside them, [`HfModel`] all three from a checkpoint folder.
 //!
 //! # Example
 //! ```
@@ -27,14 +28,18 @@
 //!   "num_nextn_predict_layers": 1, "model_type": "deepseek_v3"
 //! }"#;
 //! let hf = HfDeepSeekConfig::from_json(json).unwrap();
-//! let mla = hf.mla();
+//! let mla = hf.mla().unwrap();
 //! assert_eq!((mla.n_heads, mla.kv_lora_rank, mla.qk_head_dim()), (128, 512, 192));
 //! let moe = hf.moe().unwrap();
 //! assert_eq!(moe.router, MoeConfig::deepseek_v3().router);
 //! assert_eq!(hf.dense_layers(), 0..3);
 //! ```
 
+mod folder;
+pub mod tokenizer;
 pub mod weights;
+
+pub use folder::{FolderError, HfModel};
 
 use burn::config::{Config, ConfigError};
 use burn_moe::mla::YarnConfig;
@@ -42,13 +47,23 @@ use burn_moe::router::{GroupScore, RouterConfig, RouterError, ScoreFn};
 use burn_moe::{MlaConfig, MoeConfig};
 use crate::model::DeepSeekV3Config;
 
-/// `rope_scaling` of a DeepSeek `config.json` (YaRN).
-#[derive(Config, Debug, PartialEq)]
+/// The rotary settings of a DeepSeek `config.json`: `rope_scaling` as DeepSeek's files
+/// write it (`"type": "yarn"`), or `rope_parameters` as transformers ≥ 5 writes it
+/// (`"rope_type": "yarn"` or `"default"`, with `rope_theta` inside).
+#[derive(Clone, Debug, PartialEq, burn::serde::Serialize, burn::serde::Deserialize)]
+#[serde(crate = "burn::serde")]
 pub struct HfRopeScaling {
-    /// Context extension factor.
-    pub factor: f64,
-    /// Context the rotary frequencies were trained on.
-    pub original_max_position_embeddings: usize,
+    /// `"yarn"` (DeepSeek's `rope_scaling`, field `type`).
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    /// `"yarn"` or `"default"` (transformers' `rope_parameters`).
+    pub rope_type: Option<String>,
+    /// Rotary base (transformers' `rope_parameters`).
+    pub rope_theta: Option<f64>,
+    /// Context extension factor (YaRN).
+    pub factor: Option<f64>,
+    /// Context the rotary frequencies were trained on (YaRN).
+    pub original_max_position_embeddings: Option<usize>,
     /// YaRN's fast boundary (rotations).
     pub beta_fast: Option<f64>,
     /// YaRN's slow boundary (rotations).
@@ -64,9 +79,13 @@ pub struct HfRopeScaling {
 /// below apply Hugging Face's defaults (`n_group` 1, `topk_method` "greedy",
 /// `scoring_func` "softmax", `norm_topk_prob` false, `routed_scaling_factor` 1,
 /// `first_k_dense_replace` 0, `rope_theta` 10,000, `rms_norm_eps` 1e-6, no
-/// multi-token prediction, untied embeddings).
+/// multi-token prediction, untied embeddings), except that `deepseek_v3` files
+/// (`model_type`) default to V3's routing (`"sigmoid"`, `"noaux_tc"`), as transformers'
+/// `DeepseekV3Config` writes them without `scoring_func`.
 #[derive(Config, Debug, PartialEq)]
 pub struct HfDeepSeekConfig {
+    /// `"deepseek_v3"` or `"deepseek_v2"`.
+    pub model_type: Option<String>,
     /// Model width.
     pub hidden_size: usize,
     /// Hidden width of the dense layers' MLP.
@@ -112,8 +131,13 @@ pub struct HfDeepSeekConfig {
     pub v_head_dim: usize,
     /// Rotary base.
     pub rope_theta: Option<f64>,
-    /// YaRN scaling, if any.
+    /// YaRN scaling, if any (DeepSeek's files).
     pub rope_scaling: Option<HfRopeScaling>,
+    /// The rotary settings as transformers ≥ 5 writes them (read before `rope_scaling`).
+    pub rope_parameters: Option<HfRopeScaling>,
+    /// Whether the rotary columns of the query and key projections are stored interleaved
+    /// in pairs (DeepSeek's layout, transformers' default `true`); `false` is not read.
+    pub rope_interleave: Option<bool>,
     /// Longest context.
     pub max_position_embeddings: usize,
     /// RMSNorm epsilon.
@@ -130,18 +154,48 @@ impl HfDeepSeekConfig {
         Self::load_binary(json.as_bytes())
     }
 
+    fn is_v3(&self) -> bool {
+        self.model_type.as_deref() == Some("deepseek_v3")
+    }
+
+    /// The rotary base and the YaRN scaling (`None`: plain rotary embedding).
+    fn rope(&self) -> Result<(f64, Option<YarnConfig>), HfError> {
+        let (field, rope) = match (&self.rope_parameters, &self.rope_scaling) {
+            (Some(p), _) => ("rope_parameters", p),
+            (None, Some(s)) => ("rope_scaling", s),
+            (None, None) => return Ok((self.rope_theta.unwrap_or(10000.0), None)),
+        };
+        let theta = rope.rope_theta.or(self.rope_theta).unwrap_or(10000.0);
+        let kind = rope.rope_type.as_deref().or(rope.kind.as_deref()).unwrap_or("yarn");
+        match kind {
+            "default" => return Ok((theta, None)),
+            "yarn" => {}
+            other => return Err(HfError::Unsupported { field, value: format!("rope type {other}") }),
+        }
+        let missing = |name: &str| HfError::Unsupported { field, value: format!("yarn without {name}") };
+        let yarn = YarnConfig {
+            factor: rope.factor.ok_or_else(|| missing("factor"))?,
+            original_max_position: rope.original_max_position_embeddings.ok_or_else(|| missing("original_max_position_embeddings"))?,
+            beta_fast: rope.beta_fast.unwrap_or(32.0),
+            beta_slow: rope.beta_slow.unwrap_or(1.0),
+            mscale: rope.mscale.unwrap_or(1.0),
+            mscale_all_dim: rope.mscale_all_dim.unwrap_or(0.0),
+        };
+        Ok((theta, Some(yarn)))
+    }
+
     /// The attention config of every layer, the rotary table covering
     /// `max_position_embeddings`.
-    pub fn mla(&self) -> MlaConfig {
-        let yarn = self.rope_scaling.as_ref().map(|r| YarnConfig {
-            factor: r.factor,
-            original_max_position: r.original_max_position_embeddings,
-            beta_fast: r.beta_fast.unwrap_or(32.0),
-            beta_slow: r.beta_slow.unwrap_or(1.0),
-            mscale: r.mscale.unwrap_or(1.0),
-            mscale_all_dim: r.mscale_all_dim.unwrap_or(0.0),
-        });
-        MlaConfig::new()
+    ///
+    /// # Errors
+    /// A rotary type other than YaRN or the plain one, YaRN without its factor or original
+    /// context, or `rope_interleave: false` ([`HfError::Unsupported`]).
+    pub fn mla(&self) -> Result<MlaConfig, HfError> {
+        if self.rope_interleave == Some(false) {
+            return Err(HfError::Unsupported { field: "rope_interleave", value: "false".into() });
+        }
+        let (theta, yarn) = self.rope()?;
+        Ok(MlaConfig::new()
             .with_d_model(self.hidden_size)
             .with_n_heads(self.num_attention_heads)
             .with_q_lora_rank(self.q_lora_rank)
@@ -149,10 +203,10 @@ impl HfDeepSeekConfig {
             .with_qk_nope_head_dim(self.qk_nope_head_dim)
             .with_qk_rope_head_dim(self.qk_rope_head_dim)
             .with_v_head_dim(self.v_head_dim)
-            .with_rope_theta(self.rope_theta.unwrap_or(10000.0))
+            .with_rope_theta(theta)
             .with_rope_scaling(yarn)
             .with_max_seq_len(self.max_position_embeddings)
-            .with_norm_eps(self.rms_norm_eps.unwrap_or(1e-6))
+            .with_norm_eps(self.rms_norm_eps.unwrap_or(1e-6)))
     }
 
     /// The routing rules, checked.
@@ -161,12 +215,13 @@ impl HfDeepSeekConfig {
     /// An unknown `scoring_func` or `topk_method` ([`HfError::Unsupported`]), or rules
     /// that contradict each other ([`HfError::Router`]).
     pub fn router(&self) -> Result<RouterConfig, HfError> {
-        let score_fn = match self.scoring_func.as_deref().unwrap_or("softmax") {
+        let (default_score, default_method) = if self.is_v3() { ("sigmoid", "noaux_tc") } else { ("softmax", "greedy") };
+        let score_fn = match self.scoring_func.as_deref().unwrap_or(default_score) {
             "sigmoid" => ScoreFn::Sigmoid,
             "softmax" => ScoreFn::Softmax,
             other => return Err(HfError::Unsupported { field: "scoring_func", value: other.to_string() }),
         };
-        let method = self.topk_method.as_deref().unwrap_or("greedy");
+        let method = self.topk_method.as_deref().unwrap_or(default_method);
         let group_score = match method {
             "noaux_tc" => GroupScore::TopTwoSum,
             "group_limited_greedy" | "greedy" => GroupScore::Max,
@@ -189,8 +244,15 @@ impl HfDeepSeekConfig {
     }
 
     /// The config of the MoE layers (after the first `first_k_dense_replace`).
+    ///
+    /// DeepSeek-V3's routers (`topk_method` `"noaux_tc"`) carry the auxiliary-loss-free
+    /// balancing bias (`e_score_correction_bias`); DeepSeek-V2's do not, so for every other
+    /// method the bias update speed is 0 and the bias stays zero (the loader then accepts
+    /// checkpoints without it).
     pub fn moe(&self) -> Result<MoeConfig, HfError> {
-        Ok(MoeConfig::new(self.hidden_size, self.moe_intermediate_size, self.n_shared_experts, self.router()?))
+        let moe = MoeConfig::new(self.hidden_size, self.moe_intermediate_size, self.n_shared_experts, self.router()?);
+        let method = self.topk_method.as_deref().unwrap_or(if self.is_v3() { "noaux_tc" } else { "greedy" });
+        Ok(if method == "noaux_tc" { moe } else { moe.with_bias_update_speed(0.0) })
     }
 
     /// The layers with a dense MLP (`intermediate_size` wide).
@@ -208,12 +270,13 @@ impl HfDeepSeekConfig {
     /// [`DeepSeekV3Config::param_count`]).
     ///
     /// # Errors
-    /// As [`HfDeepSeekConfig::router`]; tied embeddings ([`HfError::Unsupported`]).
+    /// As [`HfDeepSeekConfig::mla`] and [`HfDeepSeekConfig::router`]; tied embeddings
+    /// ([`HfError::Unsupported`]).
     pub fn model(&self) -> Result<DeepSeekV3Config, HfError> {
         if self.tie_word_embeddings == Some(true) {
             return Err(HfError::Unsupported { field: "tie_word_embeddings", value: "true".into() });
         }
-        Ok(DeepSeekV3Config::new(self.vocab_size, self.num_hidden_layers, self.dense_layers().end, self.intermediate_size, self.mla(), self.moe()?)
+        Ok(DeepSeekV3Config::new(self.vocab_size, self.num_hidden_layers, self.dense_layers().end, self.intermediate_size, self.mla()?, self.moe()?)
             .with_mtp_depth(self.mtp_depth())
             .with_norm_eps(self.rms_norm_eps.unwrap_or(1e-6)))
     }
@@ -288,7 +351,7 @@ mod tests {
     #[test]
     fn v3_config_json_gives_the_v3_presets() {
         let hf = HfDeepSeekConfig::from_json(V3).unwrap();
-        let (mla, preset) = (hf.mla(), MlaConfig::deepseek_v3());
+        let (mla, preset) = (hf.mla().unwrap(), MlaConfig::deepseek_v3());
         assert_eq!(
             (mla.d_model, mla.n_heads, mla.q_lora_rank, mla.kv_lora_rank, mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.v_head_dim),
             (preset.d_model, preset.n_heads, preset.q_lora_rank, preset.kv_lora_rank, preset.qk_nope_head_dim, preset.qk_rope_head_dim, preset.v_head_dim)
@@ -304,7 +367,7 @@ mod tests {
     #[test]
     fn v2_lite_config_json() {
         let hf = HfDeepSeekConfig::from_json(V2_LITE).unwrap();
-        let mla = hf.mla();
+        let mla = hf.mla().unwrap();
         let preset = MlaConfig::deepseek_v2_lite();
         assert_eq!((mla.d_model, mla.n_heads, mla.q_lora_rank, mla.kv_lora_rank), (preset.d_model, preset.n_heads, None, 512));
         assert_eq!(mla.rope_scaling.as_ref().map(|y| (y.mscale, y.mscale_all_dim)), Some((0.707, 0.707)));
@@ -321,6 +384,9 @@ mod tests {
         };
         assert_eq!(router, want);
         assert_eq!((hf.moe().unwrap().d_expert, hf.moe().unwrap().n_shared_experts), (1408, 2));
+        // V2 has no balancing bias; V3's is updated at DeepSeek-V3's speed.
+        assert_eq!(hf.moe().unwrap().bias_update_speed, 0.0);
+        assert_eq!(HfDeepSeekConfig::from_json(V3).unwrap().moe().unwrap().bias_update_speed, MoeConfig::deepseek_v3().bias_update_speed);
         assert_eq!((hf.dense_layers(), hf.mtp_depth()), (0..1, 0));
     }
 
@@ -334,5 +400,30 @@ mod tests {
         // A file without a required field fails to parse, naming it.
         let err = HfDeepSeekConfig::from_json(&V3.replace("\"kv_lora_rank\": 512,", "")).unwrap_err();
         assert!(format!("{err:?}").contains("kv_lora_rank"), "{err:?}");
+        // Rotary settings that are not read.
+        let linear = V3.replace("\"type\": \"yarn\"", "\"type\": \"linear\"");
+        assert_eq!(HfDeepSeekConfig::from_json(&linear).unwrap().mla().unwrap_err(), HfError::Unsupported { field: "rope_scaling", value: "rope type linear".into() });
+        let halves = V3.replace("\"use_cache\": true", "\"use_cache\": true, \"rope_interleave\": false");
+        assert_eq!(HfDeepSeekConfig::from_json(&halves).unwrap().model().unwrap_err(), HfError::Unsupported { field: "rope_interleave", value: "false".into() });
+    }
+
+    /// What transformers ≥ 5 writes: `rope_parameters` (with `rope_theta` inside) instead
+    /// of `rope_scaling`, and no `scoring_func` for V3.
+    #[test]
+    fn transformers_5_config_json() {
+        let v5 = V3
+            .replace("\"rope_scaling\": {\"beta_fast\": 32, \"beta_slow\": 1, \"factor\": 40, \"mscale\": 1.0, \"mscale_all_dim\": 1.0, \"original_max_position_embeddings\": 4096, \"type\": \"yarn\"},", "\"rope_parameters\": {\"beta_fast\": 32, \"beta_slow\": 1, \"factor\": 40, \"mscale\": 1.0, \"mscale_all_dim\": 1.0, \"original_max_position_embeddings\": 4096, \"rope_type\": \"yarn\", \"rope_theta\": 50000},")
+            .replace("\"scoring_func\": \"sigmoid\", ", "")
+            .replace("\"rope_theta\": 10000, ", "");
+        assert!(!v5.contains("scoring_func") && !v5.contains("rope_scaling"), "the replacements matched");
+        let hf = HfDeepSeekConfig::from_json(&v5).unwrap();
+        let mla = hf.mla().unwrap();
+        assert_eq!((mla.rope_theta, mla.rope_scaling), (50000.0, MlaConfig::deepseek_v3().rope_scaling));
+        assert_eq!(hf.router().unwrap(), MoeConfig::deepseek_v3().router);
+        let plain = v5.replace("\"rope_type\": \"yarn\"", "\"rope_type\": \"default\"");
+        assert_eq!(HfDeepSeekConfig::from_json(&plain).unwrap().mla().unwrap().rope_scaling, None);
+        // A V2 file keeps V2's defaults.
+        let v2 = HfDeepSeekConfig::from_json(&V2_LITE.replace("\"scoring_func\": \"softmax\", ", "").replace("\"topk_method\": \"greedy\", ", "")).unwrap();
+        assert_eq!(v2.router().unwrap().score_fn, ScoreFn::Softmax);
     }
 }

@@ -17,6 +17,11 @@
 //!   `weight_scale_inv` (one f32 per 128×128 block, DeepSeek-V3's released format).
 //! - The MTP module's copies of the embedding and head (`model.layers.{L}.embed_tokens`,
 //!   `shared_head.head`) are not read: the model shares its own.
+//! - The routers' balancing bias (`mlp.gate.e_score_correction_bias`) exists in
+//!   DeepSeek-V3 checkpoints only: for a model without one (`bias_update_speed` 0, as
+//!   [`HfDeepSeekConfig::moe`](super::HfDeepSeekConfig::moe) sets for DeepSeek-V2) a file
+//!   without it sets the bias to zero, which routes as V2 does; the key is then listed in
+//!   [`LoadReport::defaulted`].
 //!
 //! [`save_safetensors`] writes the inverse (f32, the MTP copies omitted), so a checkpoint
 //! written here loads back into the model bit for bit.
@@ -109,6 +114,9 @@ pub struct LoadReport {
     /// Keys in the files that no parameter used (scales of read FP8 weights and the MTP
     /// modules' embedding/head copies excluded), sorted.
     pub unused: Vec<String>,
+    /// Keys the files do not hold that the model may do without, set to their default:
+    /// the routers' balancing bias of a model without one (zero), in load order.
+    pub defaulted: Vec<String>,
 }
 
 /// How a parameter sits in the file.
@@ -137,14 +145,16 @@ struct Source {
     key: String,
     layout: Layout,
     rope: Option<Rope>,
+    /// A file may lack the key; the parameter is then zero.
+    optional: bool,
 }
 
 fn same(key: String) -> Option<Source> {
-    Some(Source { key, layout: Layout::Same, rope: None })
+    Some(Source { key, layout: Layout::Same, rope: None, optional: false })
 }
 
 fn transposed(key: String) -> Option<Source> {
-    Some(Source { key, layout: Layout::Transposed, rope: None })
+    Some(Source { key, layout: Layout::Transposed, rope: None, optional: false })
 }
 
 /// The file's source of the parameter at `path` (segments of the module tree, enum
@@ -185,22 +195,23 @@ fn block(pre: &str, rest: &[&str], config: &DeepSeekV3Config) -> Option<Source> 
         ["attn", "wq_b", "weight"] => {
             let name = if m.q_lora_rank.is_some() { "q_b_proj" } else { "q_proj" };
             let rope = Rope { heads: m.n_heads, stride: m.qk_head_dim(), start: m.qk_nope_head_dim, rope: m.qk_rope_head_dim };
-            Some(Source { key: format!("{pre}.self_attn.{name}.weight"), layout: Layout::Transposed, rope: Some(rope) })
+            Some(Source { key: format!("{pre}.self_attn.{name}.weight"), layout: Layout::Transposed, rope: Some(rope), optional: false })
         }
         ["attn", "wkv_a", "weight"] => {
             let rope = Rope { heads: 1, stride: m.cache_width(), start: m.kv_lora_rank, rope: m.qk_rope_head_dim };
-            Some(Source { key: format!("{pre}.self_attn.kv_a_proj_with_mqa.weight"), layout: Layout::Transposed, rope: Some(rope) })
+            Some(Source { key: format!("{pre}.self_attn.kv_a_proj_with_mqa.weight"), layout: Layout::Transposed, rope: Some(rope), optional: false })
         }
         ["attn", "kv_norm", "gamma"] => same(format!("{pre}.self_attn.kv_a_layernorm.weight")),
         ["attn", "wkv_b", "weight"] => transposed(format!("{pre}.self_attn.kv_b_proj.weight")),
         ["attn", "wo", "weight"] => transposed(format!("{pre}.self_attn.o_proj.weight")),
         ["ffn", "Dense", name, _variant, "weight"] => transposed(format!("{pre}.mlp.{}.weight", proj(name)?)),
         ["ffn", "Moe", "gate", "weight"] => transposed(format!("{pre}.mlp.gate.weight")),
-        ["ffn", "Moe", "bias"] => same(format!("{pre}.mlp.gate.e_score_correction_bias")),
+        // DeepSeek-V2 has no balancing bias: optional where the model does not update one.
+        ["ffn", "Moe", "bias"] => Some(Source { optional: config.moe.bias_update_speed == 0.0, ..same(format!("{pre}.mlp.gate.e_score_correction_bias"))? }),
         ["ffn", "Moe", "shared", name, "weight"] => transposed(format!("{pre}.mlp.shared_experts.{}.weight", proj(name)?)),
         ["ffn", "Moe", "experts", w] => {
             let name = proj(w.strip_prefix("w_")?)?;
-            Some(Source { key: format!("{pre}.mlp.experts.{{e}}.{name}.weight"), layout: Layout::Experts(config.moe.router.n_experts), rope: None })
+            Some(Source { key: format!("{pre}.mlp.experts.{{e}}.{name}.weight"), layout: Layout::Experts(config.moe.router.n_experts), rope: None, optional: false })
         }
         _ => None,
     }
@@ -311,6 +322,7 @@ struct Loader<'a> {
     config: &'a DeepSeekV3Config,
     path: Vec<String>,
     used: BTreeSet<String>,
+    defaulted: Vec<String>,
     errors: Vec<WeightsError>,
 }
 
@@ -360,6 +372,12 @@ impl<B: Backend> ModuleMapper<B> for Loader<'_> {
             return param;
         };
         let shape = param.lazy_shape().dims::<D>().to_vec();
+        if source.optional && !self.files.index.contains_key(&source.key) {
+            self.defaulted.push(source.key);
+            let id = param.id;
+            let zeros = Tensor::zeros(shape.as_slice(), &param.lazy_device());
+            return param.transform_for_load(zeros, id);
+        }
         match self.value(&source, &shape, &name) {
             Ok(values) => {
                 let id = param.id;
@@ -382,13 +400,13 @@ impl<B: Backend> ModuleMapper<B> for Loader<'_> {
 /// or dtype (each naming the key), or a parameter without a Hugging Face name.
 pub fn load_safetensors<B: Backend>(model: DeepSeekV3<B>, config: &DeepSeekV3Config, files: &[impl AsRef<Path>]) -> Result<(DeepSeekV3<B>, LoadReport), WeightsError> {
     let files = Files::open(files)?;
-    let mut loader = Loader { files: &files, config, path: Vec::new(), used: BTreeSet::new(), errors: Vec::new() };
+    let mut loader = Loader { files: &files, config, path: Vec::new(), used: BTreeSet::new(), defaulted: Vec::new(), errors: Vec::new() };
     let model = model.map(&mut loader);
     if let Some(e) = loader.errors.into_iter().next() {
         return Err(e);
     }
     let unused = files.index.keys().filter(|k| !loader.used.contains(*k) && !ignored(k, config)).cloned().collect::<BTreeSet<_>>().into_iter().collect();
-    Ok((model, LoadReport { keys_read: loader.used.len(), unused }))
+    Ok((model, LoadReport { keys_read: loader.used.len(), unused, defaulted: loader.defaulted }))
 }
 
 struct Saver<'a> {

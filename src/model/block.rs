@@ -153,12 +153,13 @@ impl<B: MoeBackend> Block<B> {
         self.mlp(h)
     }
 
-    /// The cached path: `x [n, d_model]`, the next `n` tokens of sequence `id`, appended
-    /// to `cache` (a prompt, or one token per decode step). Runs on models whose experts
-    /// are not sharded ([`Session::new`](super::Session::new) checks).
-    pub(crate) fn forward_cached(&self, x: Tensor<B, 2>, id: SeqId, cache: &mut LatentCache<B>) -> Result<Tensor<B, 2>, CacheError> {
+    /// The cached path: `x [n, d_model]`, row `i` the next token of sequence `ids[i]`,
+    /// appended to `cache` (a prompt: one id `n` times; a decode step of a batch: one row
+    /// per sequence). Runs on models whose experts are not sharded
+    /// ([`Session::new`](super::Session::new) checks).
+    pub(crate) fn forward_cached(&self, x: Tensor<B, 2>, ids: &[SeqId], cache: &mut LatentCache<B>) -> Result<Tensor<B, 2>, CacheError> {
         let normed = self.attn_norm.forward(x.clone());
-        let attn = self.attn.prefill(normed, id, cache)?;
+        let attn = self.attn.decode(normed, ids, cache)?;
         let (h, _) = self.mlp((x + attn).unsqueeze_dim(0)).expect("sessions run on models with unsharded experts");
         Ok(h.squeeze_dim(0))
     }

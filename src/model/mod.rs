@@ -16,7 +16,9 @@
 //!   `burn_dualpipe`'s executor (DualPipe, DualPipeV, 1F1B, ZB1P over several devices);
 //!   [`StageObjective`] feeds the first and scores the last.
 //! - [`Session`] generates with a [`LatentCache`](burn_moe::mla::LatentCache) per layer
-//!   (the prompt in one pass, then one token per step through MLA's absorbed decode).
+//!   (the prompt in one pass, then one token per step through MLA's absorbed decode);
+//!   [`Batch`] serves several sequences at once over shared paged caches (continuous
+//!   batching: sequences join and leave between steps).
 //! - [`crate::hf::weights`] loads and saves the weights under Hugging Face's key names.
 //!
 //! # Example
@@ -42,6 +44,7 @@
 //! # let _ = model;
 //! ```
 
+mod batch;
 mod block;
 mod config;
 mod ep;
@@ -53,6 +56,7 @@ mod units;
 pub use block::{Block, DenseMlp, Ffn, Projection};
 pub use ep::ExpertShard;
 pub use config::DeepSeekV3Config;
+pub use batch::{Batch, Drawn, Request};
 pub use generate::{Sampling, Session};
 pub use mtp::MtpModule;
 pub use pipeline::{ModelStage, SplitError, StageLoss, StageObjective, StageTail, StagedModel};
@@ -88,8 +92,9 @@ pub struct DeepSeekV3<B: Backend> {
 pub struct ModelOutput<B: Backend> {
     /// Next-token logits, `[B, S, vocab]`.
     pub logits: Tensor<B, 3>,
-    /// The last block's output before the final norm, `[B, S, d_model]` (the first MTP
-    /// depth's input).
+    /// The final hidden state, after the model's final norm, `[B, S, d_model]`: what the
+    /// head reads and the first MTP depth's input (transformers' `last_hidden_state`; the
+    /// MTP module reads `hnorm(norm(h))`, as DeepSeek's released MTP weights expect).
     pub hidden: Tensor<B, 3>,
     /// Tokens per routed expert, `[E]`, one per MoE layer in layer order.
     pub counts: Vec<Tensor<B, 1, Int>>,
@@ -231,6 +236,26 @@ impl<B: MoeBackend> DeepSeekV3<B> {
         Ok(self.forward_units(tokens, &Held)?.out)
     }
 
+    /// The forward with the logits of every MTP depth: depth `k` reads the first `S − k`
+    /// positions of the previous depth (the main model's final hidden state for depth 1)
+    /// and the embeddings of tokens `k..S`, and predicts token `i + k + 1` at position `i`
+    /// (the drafts of speculative decoding; what a released MTP module computes).
+    ///
+    /// # Shapes
+    /// `tokens [B, S]` → the forward's output and depth `k`'s logits `[B, S − k, vocab]`,
+    /// depth 1 first.
+    ///
+    /// # Panics
+    /// When `S` is not above the MTP depth, or exceeds the attention's `max_seq_len`.
+    pub fn try_forward_mtp(&self, tokens: Tensor<B, 2, Int>) -> Result<(ModelOutput<B>, Vec<Tensor<B, 3>>), EpError> {
+        let [b, s] = tokens.dims();
+        let depth = self.mtp.len();
+        assert!(s > depth, "DeepSeekV3::try_forward_mtp: tokens [{b}, {s}] are too short for MTP depth {depth}");
+        let UnitsForward { out, embed, head } = self.forward_units(tokens.clone(), &Held)?;
+        let mtp = mtp::run_depths(&self.mtp, &head, out.hidden.clone(), |k| embed.forward(tokens.clone().slice([0..b, k..s])), &Held)?;
+        Ok((out, mtp.logits))
+    }
+
     /// The forward with each unit taken from `units` just before its first use (the
     /// embedding, each block, the norm, then the head), and the embedding and head it
     /// took, which the MTP depths use again.
@@ -239,8 +264,9 @@ impl<B: MoeBackend> DeepSeekV3<B> {
         let out = block::run_blocks(&self.layers, embed.forward(tokens), units)?;
         let norm = units.unit(&self.norm)?;
         let head = units.unit(&self.head)?;
-        let logits = head.forward(norm.forward(out.hidden.clone()));
-        let out = ModelOutput { logits, hidden: out.hidden, counts: out.counts, balance_loss: out.balance_loss };
+        let hidden = norm.forward(out.hidden);
+        let logits = head.forward(hidden.clone());
+        let out = ModelOutput { logits, hidden, counts: out.counts, balance_loss: out.balance_loss };
         Ok(UnitsForward { out, embed, head })
     }
 

@@ -54,7 +54,9 @@ pub(crate) struct MtpOutput<B: Backend> {
 }
 
 /// Runs the MTP depths after the main model: depth `k` reads the previous depth's first
-/// `S − k` positions (`hidden [B, S, d]`, the main model's last block output, for depth 1)
+/// `S − k` positions (`hidden [B, S, d]`, the main model's final hidden state after its
+/// final norm, for depth 1; depth `k > 1` the previous depth's block output before its
+/// `shared_head.norm`, as vLLM chains its MTP steps)
 /// and `embedded(k)`, the embeddings of tokens `k..S` (`[B, S − k, d]`), and its logits
 /// come from the shared `head`.
 pub(crate) fn run_depths<B: MoeBackend, U: Units<B>>(modules: &[MtpModule<B>], head: &Linear<B>, hidden: Tensor<B, 3>, embedded: impl Fn(usize) -> Tensor<B, 3>, units: &U) -> Result<MtpOutput<B>, U::Error> {

@@ -466,10 +466,12 @@ impl<B: MoeBackend> ModelStage<B> {
             self.log.record(counts);
             return carry.pack();
         };
-        let logits = tail.head.forward(tail.norm.forward(carry.hidden.clone()));
+        // The MTP depths read the final hidden state after the norm, as in `DeepSeekV3`.
+        let hidden = tail.norm.forward(carry.hidden);
+        let logits = tail.head.forward(hidden.clone());
         let [b, _, vocab] = logits.dims();
         let embedded = carry.embedded;
-        let depths = run_depths(&tail.mtp, &tail.head, carry.hidden, |k| {
+        let depths = run_depths(&tail.mtp, &tail.head, hidden, |k| {
             let e = embedded.clone().expect("the MTP embeddings are carried when the depth is positive");
             let [b, s, d] = e.dims();
             e.slice([0..b, k..s, 0..d])

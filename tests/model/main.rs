@@ -13,5 +13,7 @@ mod model;
 #[cfg(feature = "mpi")]
 mod mpi;
 mod parallel;
+mod parity;
 mod pipeline;
+mod serve;
 mod weights;

@@ -1,0 +1,278 @@
+//! Continuous batching: several sequences generated at once over one paged latent cache
+//! per layer. Sequences join between steps (their prompt in one pass), every step feeds
+//! the last token of each running sequence as one batch — MLA's decode reads each
+//! sequence's own cached rows, the MLPs and the MoE layers run all the rows together —
+//! and a sequence leaves when it has its tokens or draws a stop token, freeing its pages
+//! for the next.
+
+use super::generate::{Sampler, Sampling};
+use super::DeepSeekV3;
+use burn_moe::mla::{CacheError, LatentCache, MlaConfig, SeqId, PAGE_SIZE};
+use burn_moe::MoeBackend;
+use std::collections::BTreeMap;
+
+/// What a sequence asks for.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Request {
+    /// The prompt's tokens (at least one).
+    pub prompt: Vec<u32>,
+    /// Tokens to draw at most (at least one).
+    pub max_tokens: usize,
+    /// Tokens that end the sequence (drawn, then it leaves): end-of-sequence ids.
+    pub stop: Vec<u32>,
+    /// How its tokens are drawn.
+    pub sampling: Sampling,
+}
+
+impl Request {
+    /// Greedy decoding of `max_tokens` tokens after `prompt`, without stop tokens.
+    pub fn greedy(prompt: Vec<u32>, max_tokens: usize) -> Self {
+        Self {
+            prompt,
+            max_tokens,
+            stop: Vec::new(),
+            sampling: Sampling::greedy(),
+        }
+    }
+}
+
+/// A token drawn for a sequence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Drawn {
+    /// The sequence.
+    pub seq: SeqId,
+    /// The token.
+    pub token: u32,
+    /// Whether it was the sequence's last (it has left the batch).
+    pub finished: bool,
+}
+
+struct Running {
+    /// The drawn token the next step feeds.
+    pending: u32,
+    sampler: Sampler,
+    /// Tokens still to draw.
+    left: usize,
+    stop: Vec<u32>,
+}
+
+/// Sequences generated together. See the [module docs](self).
+///
+/// ```
+/// use burn::backend::NdArray;
+/// use burn_deepseek::model::{Batch, DeepSeekV3Config, Request};
+///
+/// let config = DeepSeekV3Config::tiny();
+/// let model = config.init::<NdArray>(&Default::default());
+/// let mut batch = Batch::new(&model, &config.mla, 8, &Default::default());
+/// batch.join(1, Request::greedy(b"Phileas".iter().map(|&b| b as u32).collect(), 4)).unwrap();
+/// batch.step().unwrap();
+/// batch.join(2, Request::greedy(b"Fogg".iter().map(|&b| b as u32).collect(), 2)).unwrap();
+/// while !batch.is_empty() {
+///     for drawn in batch.step().unwrap() {
+///         println!("sequence {}: token {}{}", drawn.seq, drawn.token, if drawn.finished { " (done)" } else { "" });
+///     }
+/// }
+/// ```
+pub struct Batch<'a, B: MoeBackend> {
+    model: &'a DeepSeekV3<B>,
+    caches: Vec<LatentCache<B>>,
+    running: BTreeMap<SeqId, Running>,
+    device: B::Device,
+    max_len: usize,
+}
+
+impl<'a, B: MoeBackend> Batch<'a, B> {
+    /// A batch whose sequences share `pages` pages of `PAGE_SIZE` tokens in every layer's
+    /// cache. `mla` is the config the model was built with.
+    ///
+    /// # Panics
+    /// When the model's experts are sharded, as [`Session::new`](super::Session::new).
+    pub fn new(
+        model: &'a DeepSeekV3<B>,
+        mla: &MlaConfig,
+        pages: usize,
+        device: &B::Device,
+    ) -> Self {
+        Self {
+            model,
+            caches: model.caches(mla, pages, device),
+            running: BTreeMap::new(),
+            device: device.clone(),
+            max_len: mla.max_seq_len,
+        }
+    }
+
+    /// Running sequences.
+    pub fn len(&self) -> usize {
+        self.running.len()
+    }
+
+    /// Whether no sequence is running.
+    pub fn is_empty(&self) -> bool {
+        self.running.is_empty()
+    }
+
+    /// Pages not held by a running sequence.
+    pub fn free_pages(&self) -> usize {
+        self.caches.first().map_or(0, |c| c.free_pages())
+    }
+
+    /// Adds sequence `id`: feeds its prompt in one pass and draws its first token (the
+    /// sequence has left again when that token finishes it).
+    ///
+    /// # Errors
+    /// Checked before anything is fed, the batch unchanged then:
+    /// [`CacheError::DuplicateSequence`] for a running id, [`CacheError::TooLong`] when the
+    /// prompt and `max_tokens` exceed `max_seq_len`, [`CacheError::Full`] when the prompt
+    /// needs more pages than are free.
+    ///
+    /// # Panics
+    /// When the prompt is empty or `max_tokens` is 0.
+    pub fn join(&mut self, id: SeqId, request: Request) -> Result<Drawn, CacheError> {
+        let Request {
+            prompt,
+            max_tokens,
+            stop,
+            sampling,
+        } = request;
+        assert!(
+            !prompt.is_empty() && max_tokens > 0,
+            "Batch::join: sequence {id} has an empty prompt or max_tokens 0"
+        );
+        if self.running.contains_key(&id) {
+            return Err(CacheError::DuplicateSequence { id });
+        }
+        let len = prompt.len() + max_tokens - 1;
+        if len > self.max_len {
+            return Err(CacheError::TooLong {
+                id,
+                len,
+                max: self.max_len,
+            });
+        }
+        let needed = prompt.len().div_ceil(PAGE_SIZE);
+        if needed > self.free_pages() {
+            return Err(CacheError::Full {
+                needed,
+                free: self.free_pages(),
+            });
+        }
+        for cache in &mut self.caches {
+            cache.add_sequence(id)?;
+        }
+        let logits = match self.model.cached_logits(
+            &prompt,
+            &vec![id; prompt.len()],
+            &mut self.caches,
+            &self.device,
+        ) {
+            Ok(logits) => logits,
+            Err(e) => {
+                self.remove(id);
+                return Err(e);
+            }
+        };
+        let mut running = Running {
+            pending: 0,
+            sampler: Sampler::new(sampling),
+            left: max_tokens,
+            stop,
+        };
+        // Host read the algorithm needs: the sampler draws on the host.
+        let last = super::generate::last_row(&logits, prompt.len() - 1);
+        Ok(match self.record(id, &mut running, &last) {
+            Ok(drawn) => {
+                self.running.insert(id, running);
+                drawn
+            }
+            Err(drawn) => drawn,
+        })
+    }
+
+    /// One decode step: the last drawn token of every running sequence, fed as one batch;
+    /// returns each sequence's next token, in id order. Finished sequences leave the batch
+    /// and free their pages.
+    ///
+    /// # Errors
+    /// [`CacheError::Full`] when the step needs more new pages (one per sequence whose
+    /// length fills its last page) than are free, checked before anything is fed: let a
+    /// sequence [`Batch::leave`] and step again.
+    pub fn step(&mut self) -> Result<Vec<Drawn>, CacheError> {
+        if self.running.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<SeqId> = self.running.keys().copied().collect();
+        let cache = &self.caches[0];
+        let needed = ids
+            .iter()
+            .filter(|&&id| cache.len(id).is_ok_and(|l| l % PAGE_SIZE == 0))
+            .count();
+        if needed > self.free_pages() {
+            return Err(CacheError::Full {
+                needed,
+                free: self.free_pages(),
+            });
+        }
+        let tokens: Vec<u32> = self.running.values().map(|r| r.pending).collect();
+        let logits = self
+            .model
+            .cached_logits(&tokens, &ids, &mut self.caches, &self.device)?;
+        let vocab = logits.dims()[1];
+        // Host read the algorithm needs: the samplers draw on the host (one read per step).
+        let rows: Vec<f32> = logits
+            .into_data()
+            .convert::<f32>()
+            .into_vec()
+            .expect("f32 logits");
+        let mut out = Vec::with_capacity(ids.len());
+        for (i, id) in ids.into_iter().enumerate() {
+            let mut running = self.running.remove(&id).expect("a running sequence");
+            match self.record(id, &mut running, &rows[i * vocab..(i + 1) * vocab]) {
+                Ok(drawn) => {
+                    self.running.insert(id, running);
+                    out.push(drawn);
+                }
+                Err(drawn) => out.push(drawn),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes sequence `id` (cancelled), freeing its pages.
+    ///
+    /// # Errors
+    /// [`CacheError::UnknownSequence`] when it is not running.
+    pub fn leave(&mut self, id: SeqId) -> Result<(), CacheError> {
+        if self.running.remove(&id).is_none() {
+            return Err(CacheError::UnknownSequence { id });
+        }
+        self.remove(id);
+        Ok(())
+    }
+
+    /// Draws `id`'s next token from `logits`: `Ok` while it runs on, `Err` when the token
+    /// finished it (its pages freed).
+    fn record(&mut self, id: SeqId, running: &mut Running, logits: &[f32]) -> Result<Drawn, Drawn> {
+        let token = running.sampler.draw(logits);
+        running.left -= 1;
+        running.pending = token;
+        let finished = running.left == 0 || running.stop.contains(&token);
+        let drawn = Drawn {
+            seq: id,
+            token,
+            finished,
+        };
+        if finished {
+            self.remove(id);
+            return Err(drawn);
+        }
+        Ok(drawn)
+    }
+
+    fn remove(&mut self, id: SeqId) {
+        for cache in &mut self.caches {
+            cache.remove_sequence(id).ok();
+        }
+    }
+}
