@@ -56,7 +56,9 @@ struct Running {
     stop: Vec<u32>,
 }
 
-/// Sequences generated together. See the [module docs](self).
+/// Sequences generated together (continuous batching): they join between steps, each
+/// step feeds the last token of every running sequence as one batch, and a sequence
+/// leaves when it has its tokens or draws a stop token, freeing its pages.
 ///
 /// ```
 /// use burn::backend::NdArray;
