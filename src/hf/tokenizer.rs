@@ -129,43 +129,31 @@ impl HfTokenizer {
     /// Incremental decoding of generated ids (special tokens skipped).
     pub fn stream(&self) -> TextStream<'_> {
         TextStream {
-            tokenizer: self,
-            ids: Vec::new(),
-            emitted: 0,
+            inner: self.inner.decode_stream(true),
         }
     }
 }
 
-/// Text of ids as they are generated: [`TextStream::next`] returns what the new id adds.
+/// Text of ids as they are generated: [`TextStream::next`] returns what the new id adds
+/// (the `tokenizers` crate's `DecodeStream`, which re-decodes only a window of recent
+/// ids, so decoders that join tokens give the text [`HfTokenizer::decode`] gives).
 pub struct TextStream<'a> {
-    tokenizer: &'a HfTokenizer,
-    ids: Vec<u32>,
-    /// Bytes of the decoded text already returned.
-    emitted: usize,
+    inner: tokenizers::DecodeStream<
+        'a,
+        tokenizers::ModelWrapper,
+        tokenizers::NormalizerWrapper,
+        tokenizers::PreTokenizerWrapper,
+        tokenizers::PostProcessorWrapper,
+        tokenizers::DecoderWrapper,
+    >,
 }
 
 impl TextStream<'_> {
     /// Appends `id`; returns the text it completes (`None` while it ends inside a
     /// character that the next ids finish).
-    ///
-    /// The whole sequence is decoded again and the new suffix returned, so decoders that
-    /// join tokens (spaces, byte fallback) give the same text as [`HfTokenizer::decode`].
     pub fn next(&mut self, id: u32) -> Result<Option<String>, TokenizerError> {
-        self.ids.push(id);
-        let text = self.tokenizer.decode(&self.ids)?;
-        if text.ends_with('\u{FFFD}')
-            || text.len() <= self.emitted
-            || !text.is_char_boundary(self.emitted)
-        {
-            return Ok(None);
-        }
-        let new = text[self.emitted..].to_string();
-        self.emitted = text.len();
-        Ok(Some(new))
-    }
-
-    /// All the text so far.
-    pub fn text(&self) -> Result<String, TokenizerError> {
-        self.tokenizer.decode(&self.ids)
+        self.inner
+            .step(id)
+            .map_err(|e| TokenizerError::Codec(e.to_string()))
     }
 }

@@ -56,6 +56,20 @@ struct Running {
     stop: Vec<u32>,
 }
 
+impl Running {
+    /// Draws sequence `seq`'s next token from `logits`.
+    fn draw(&mut self, seq: SeqId, logits: &[f32]) -> Drawn {
+        let token = self.sampler.draw(logits);
+        self.left -= 1;
+        self.pending = token;
+        Drawn {
+            seq,
+            token,
+            finished: self.left == 0 || self.stop.contains(&token),
+        }
+    }
+}
+
 /// Sequences generated together (continuous batching): they join between steps, each
 /// step feeds the last token of every running sequence as one batch, and a sequence
 /// leaves when it has its tokens or draws a stop token, freeing its pages.
@@ -182,14 +196,13 @@ impl<'a, B: MoeBackend> Batch<'a, B> {
             stop,
         };
         // Host read the algorithm needs: the sampler draws on the host.
-        let last = super::generate::last_row(&logits, prompt.len() - 1);
-        Ok(match self.record(id, &mut running, &last) {
-            Ok(drawn) => {
-                self.running.insert(id, running);
-                drawn
-            }
-            Err(drawn) => drawn,
-        })
+        let drawn = running.draw(id, &super::generate::last_row(&logits, prompt.len() - 1));
+        if drawn.finished {
+            self.remove(id);
+        } else {
+            self.running.insert(id, running);
+        }
+        Ok(drawn)
     }
 
     /// One decode step: the last drawn token of every running sequence, fed as one batch;
@@ -227,16 +240,15 @@ impl<'a, B: MoeBackend> Batch<'a, B> {
             .convert::<f32>()
             .into_vec()
             .expect("f32 logits");
-        let mut out = Vec::with_capacity(ids.len());
-        for (i, id) in ids.into_iter().enumerate() {
-            let mut running = self.running.remove(&id).expect("a running sequence");
-            match self.record(id, &mut running, &rows[i * vocab..(i + 1) * vocab]) {
-                Ok(drawn) => {
-                    self.running.insert(id, running);
-                    out.push(drawn);
-                }
-                Err(drawn) => out.push(drawn),
-            }
+        let out: Vec<Drawn> = self
+            .running
+            .iter_mut()
+            .zip(rows.chunks(vocab))
+            .map(|((&id, running), logits)| running.draw(id, logits))
+            .collect();
+        for drawn in out.iter().filter(|d| d.finished) {
+            self.running.remove(&drawn.seq);
+            self.remove(drawn.seq);
         }
         Ok(out)
     }
@@ -253,25 +265,7 @@ impl<'a, B: MoeBackend> Batch<'a, B> {
         Ok(())
     }
 
-    /// Draws `id`'s next token from `logits`: `Ok` while it runs on, `Err` when the token
-    /// finished it (its pages freed).
-    fn record(&mut self, id: SeqId, running: &mut Running, logits: &[f32]) -> Result<Drawn, Drawn> {
-        let token = running.sampler.draw(logits);
-        running.left -= 1;
-        running.pending = token;
-        let finished = running.left == 0 || running.stop.contains(&token);
-        let drawn = Drawn {
-            seq: id,
-            token,
-            finished,
-        };
-        if finished {
-            self.remove(id);
-            return Err(drawn);
-        }
-        Ok(drawn)
-    }
-
+    /// Frees `id`'s pages in every layer's cache.
     fn remove(&mut self, id: SeqId) {
         for cache in &mut self.caches {
             cache.remove_sequence(id).ok();
