@@ -8,12 +8,7 @@
 #   BATCH=1,4 TOKENS=32 bash benches/decode.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV="${HF_VENV:-$HOME/.cache/burn-deepseek/hf-venv}"
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import torch, transformers" 2>/dev/null; then
-    python3 -m venv "$VENV"
-    "$VENV/bin/pip" install -q torch==2.15.0 transformers==5.20.2
-fi
-TARGET="${CARGO_TARGET_DIR:-target}"
+source benches/venv.sh
 DIR="$TARGET/decode-bench-model"
 ARGS=(--batch "${BATCH:-1,8,32}" --prompt "${PROMPT:-16}" --tokens "${TOKENS:-64}")
 "$VENV/bin/python" benches/decode_transformers.py --write "$DIR"

@@ -4,6 +4,7 @@
 //! ```text
 //! cargo run --release --example moe_layer                          # wgpu (GPU or lavapipe)
 //! cargo run --release --example moe_layer -- --config tiny --tokens 256,2048
+//! cargo run --release --example moe_layer -- --backend flex --config tiny --tokens 512   # Burn's CPU backend
 //! cargo run --release --features cuda --example moe_layer -- --backend cuda --config v3
 //! ```
 //!
@@ -53,7 +54,7 @@ fn parse_args() -> Args {
             "--min-time-ms" => args.min_time = Duration::from_millis(value().parse().expect("milliseconds")),
             "--tables" => args.tables = value().split(',').map(String::from).collect(),
             "--help" | "-h" => {
-                println!("moe_layer [--backend wgpu|cuda|ndarray] [--config tiny|v3-slim|v3] [--tokens T,...] [--min-time-ms N] [--tables layer,gemm,movement]");
+                println!("moe_layer [--backend wgpu|cuda|ndarray|flex] [--config tiny|v3-slim|v3] [--tokens T,...] [--min-time-ms N] [--tables layer,gemm,movement]");
                 std::process::exit(0);
             }
             other => panic!("unknown flag {other}; see --help"),
@@ -225,6 +226,8 @@ fn main() {
         "cuda" => bench::<burn::backend::Cuda>(Default::default(), "cuda", &args, "v3-slim", &[512, 4096, 16384]),
         #[cfg(feature = "ndarray")]
         "ndarray" => bench::<burn::backend::NdArray>(Default::default(), "ndarray (reference ops)", &args, "v3-slim", &[64, 512]),
+        #[cfg(feature = "flex")]
+        "flex" => bench::<burn::backend::Flex>(Default::default(), "flex (burn-moe's host loops)", &args, "v3-slim", &[64, 512]),
         other => panic!("backend {other:?} is not compiled in; build with --features {other}"),
     }
 }

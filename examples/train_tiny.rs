@@ -2,7 +2,7 @@
 //! command.
 //!
 //! ```text
-//! cargo run --release --example train_tiny                           # reference CPU backend, a few minutes
+//! cargo run --release --example train_tiny                           # Burn's Flex CPU backend, a few minutes
 //! cargo run --release --example train_tiny -- --resume --steps 1200  # continue from the latest checkpoint
 //! cargo run --release --example train_tiny -- --backend wgpu --fp8   # CubeCL kernels, FP8 MLPs and experts
 //! cargo run --release --example train_tiny -- --ep 2                 # experts over 2 ranks (threads, one device each)
@@ -10,7 +10,7 @@
 //! cargo run --release --example train_tiny -- --pp 2 --ep 2          # and each stage's experts over 2 ranks: 4 threads
 //! cargo run --release --example train_tiny -- --dp 2 --zero 1        # data parallel, optimizer state sharded (ZeRO-1)
 //! cargo run --release --example train_tiny -- --dp 4 --zero 3 --dp-replicate 2  # parameters sharded too (FSDP), HSDP [2, 2]
-//! cargo run --release --example train_tiny -- --backend flex --moments bf16  # AdamW moments in BF16
+//! cargo run --release --example train_tiny -- --moments bf16 --mtp 0  # AdamW moments in BF16, no MTP module
 //! cargo build --release --features mpi --example train_tiny && mpirun -np 4 target/release/examples/train_tiny --pp 2 --ep 2
 //! cargo run --release --features cuda --example train_tiny -- --backend cuda --d-model 256 --steps 3000
 //! ```
@@ -19,7 +19,7 @@
 //! 64 by default, `--d-model` to widen): byte tokens, MLA attention in every block, a
 //! dense first block then DeepSeekMoE blocks (16 routed experts, top-4 of 2/4 groups, one
 //! shared, the balancing bias updated after every step), and a depth-1 multi-token
-//! prediction module (λ = 0.3). The corpus is `data/around-the-world-in-80-days.txt`
+//! prediction module (λ = 0.3; `--mtp D` for depth D, `--mtp 0` for none). The corpus is `data/around-the-world-in-80-days.txt`
 //! (Project Gutenberg eBook #103, public domain) without Project Gutenberg's header and license;
 //! the last 10% of the novel is held out.
 //!
@@ -39,7 +39,7 @@
 //! the same batches; another global batch is refused naming the flags that keep it.
 //!
 //! `--ep N` trains with expert parallelism: N ranks (threads), each with its own device
-//! (ndarray: N CPU devices; wgpu: the default adapter and the CPU adapter, N ≤ 2; cuda: GPUs
+//! (flex, ndarray: N CPU devices; wgpu: the default adapter and the CPU adapter, N ≤ 2; cuda: GPUs
 //! 0..N), its own batch, and `16 / N` of every MoE layer's experts; the MoE layers
 //! exchange rows with all-to-alls and the replicated gradients are all-reduced
 //! (`DeepSeekV3::shard_experts`, `sync_grads`).
@@ -116,6 +116,8 @@ struct Args {
     seq: usize,
     d_model: usize,
     layers: usize,
+    /// MTP depth (0: next-token prediction only).
+    mtp: usize,
     lr: f64,
     fp8: bool,
     resume: bool,
@@ -138,12 +140,13 @@ struct Args {
 
 fn parse_args() -> Args {
     let mut a = Args {
-        backend: "ndarray".into(),
+        backend: "flex".into(),
         steps: 1000,
         batch: 8,
         seq: 64,
         d_model: 64,
         layers: 3,
+        mtp: 1,
         lr: 3e-3,
         fp8: false,
         resume: false,
@@ -171,6 +174,7 @@ fn parse_args() -> Args {
             "--seq" => a.seq = value().parse().expect("--seq N"),
             "--d-model" => a.d_model = value().parse().expect("--d-model N"),
             "--layers" => a.layers = value().parse().expect("--layers N"),
+            "--mtp" => a.mtp = value().parse().unwrap_or_else(|_| panic!("--mtp D: a multi-token-prediction depth (0 turns MTP off)")),
             "--lr" => a.lr = value().parse().expect("--lr X"),
             "--fp8" => a.fp8 = true,
             "--resume" => a.resume = true,
@@ -206,7 +210,7 @@ fn parse_args() -> Args {
             "--sample" => a.sample = value().parse().expect("--sample N"),
             "--seed" => a.seed = value().parse().expect("--seed N"),
             "--help" | "-h" => {
-                println!("train_tiny [--backend ndarray|flex|wgpu|cuda] [--steps N] [--batch N] [--seq N] [--d-model N] [--layers N] [--lr X] [--fp8] [--resume] [--ep E] [--dp D [--zero 0|1|3] [--dp-replicate R] [--fsdp-unit block|model]] [--moments f32|bf16] [--pp N [--micro-batches M]] [--out DIR] [--save-every N] [--save-mode async|sync] [--sample N] [--seed N]");
+                println!("train_tiny [--backend flex|ndarray|wgpu|cuda] [--steps N] [--batch N] [--seq N] [--d-model N] [--layers N] [--mtp D] [--lr X] [--fp8] [--resume] [--ep E] [--dp D [--zero 0|1|3] [--dp-replicate R] [--fsdp-unit block|model]] [--moments f32|bf16] [--pp N [--micro-batches M]] [--out DIR] [--save-every N] [--save-mode async|sync] [--sample N] [--seed N]");
                 std::process::exit(0);
             }
             other => panic!("unknown flag {other}; see --help"),
@@ -279,9 +283,9 @@ fn load_ratio<B: burn::tensor::backend::Backend>(counts: &[Tensor<B, 1, Int>]) -
     ratios.iter().sum::<f64>() / ratios.len().max(1) as f64
 }
 
-/// Next-token loss on `text` in windows of `seq + 2` (inference, no gradients).
+/// Next-token loss on `text` in windows of the training rows' `seq + 1 + mtp` bytes (inference, no gradients).
 fn held_out_loss<B: MoeBackend>(model: &DeepSeekV3<B>, text: &[u8], args: &Args, device: &B::Device) -> f32 {
-    let n = args.seq + 2;
+    let n = args.seq + 1 + args.mtp;
     let windows: Vec<u8> = text.chunks_exact(n).take(16).flatten().copied().collect();
     let b = windows.len() / n;
     let out = model.loss(tokens::<B>(windows, b, device));
@@ -306,6 +310,7 @@ where
     let (model, state, reader) = if args.resume {
         let (reader, state) = ckpt::resume(args).unwrap_or_else(|e| panic!("--resume: {e}"));
         assert_eq!(state.step as u64, reader.step(), "--resume: {}: the run state is of another step", reader.dir().display());
+        assert_eq!(state.model.mtp_depth, args.mtp, "--resume with --mtp {}: the saved run has MTP depth {}", args.mtp, state.model.mtp_depth);
         // A fresh model of the saved config; every rank loads the part it holds below.
         let model = state.model.init::<B>(device);
         materialize(&model);
@@ -313,7 +318,7 @@ where
         (model, state, Some(reader))
     } else {
         assert!(args.layers >= 2, "--layers {}: the tiny model has a dense block and at least one MoE block", args.layers);
-        let config = DeepSeekV3Config { n_layers: args.layers, ..DeepSeekV3Config::tiny() }.with_width(args.d_model).with_fp8_everywhere(args.fp8.then(Default::default));
+        let config = DeepSeekV3Config { n_layers: args.layers, mtp_depth: args.mtp, ..DeepSeekV3Config::tiny() }.with_width(args.d_model).with_fp8_everywhere(args.fp8.then(Default::default));
         let state = TrainState { step: 0, lm: Vec::new(), mtp: Vec::new(), load: Vec::new(), held_out: Vec::new(), model: config.clone() };
         let model = config.init::<B>(device);
         // The initial weights drawn now, in module order: the same model for every mode.
@@ -463,10 +468,11 @@ impl Throughput {
 }
 
 /// Records the step's losses and redraws the progress line (`extra` after the load).
-/// The next-token and first MTP losses of a step for the progress line: two host reads
-/// (each waits for the step's forward), so only the printing rank makes them.
+/// The next-token and first MTP losses of a step for the progress line (0 for the MTP
+/// loss without MTP): host reads (each waits for the step's forward) for the display.
 fn step_losses<B: burn::tensor::backend::Backend>(out: &LossOutput<B>) -> (f32, f32) {
-    (out.lm_loss.clone().into_scalar().elem::<f32>(), out.mtp_losses[0].clone().into_scalar().elem::<f32>())
+    let mtp = out.mtp_losses.first().map_or(0.0, |l| l.clone().into_scalar().elem::<f32>());
+    (out.lm_loss.clone().into_scalar().elem::<f32>(), mtp)
 }
 
 /// The step's next-token and MTP losses averaged over every rank's batch (equal rows per
@@ -484,10 +490,15 @@ fn mean_losses<B: burn::tensor::backend::Backend>(world: Option<&Comm>, out: &Lo
 
 fn progress(state: &mut TrainState, args: &Args, (lm, mtp): (f32, f32), tok_s: f64, load: f64, extra: &str) {
     state.lm.push(lm);
-    state.mtp.push(mtp);
+    let mtp = if args.mtp > 0 {
+        state.mtp.push(mtp);
+        format!(" mtp {mtp:.3}")
+    } else {
+        String::new()
+    };
     state.load.push(load as f32);
     let filled = 24 * state.step / args.steps;
-    print!("\r[{}{}] {:>5}/{} loss {lm:.3} mtp {mtp:.3} | {tok_s:>6.0} tok/s | load max/mean {load:.2}{extra}  ", "#".repeat(filled), "-".repeat(24 - filled), state.step, args.steps);
+    print!("\r[{}{}] {:>5}/{} loss {lm:.3}{mtp} | {tok_s:>6.0} tok/s | load max/mean {load:.2}{extra}  ", "#".repeat(filled), "-".repeat(24 - filled), state.step, args.steps);
     std::io::stdout().flush().ok();
 }
 
@@ -521,7 +532,7 @@ fn sample<B: MoeBackend>(args: &Args, state: &TrainState, model: &DeepSeekV3<B>,
 /// another number of ranks reads the same rows).
 fn batch_rows(args: &Args, step: usize, replica: usize) -> Vec<u8> {
     let (train_text, _) = corpus();
-    global_rows(train_text, args.seed, step, replica * args.batch, args.batch, args.seq + 2)
+    global_rows(train_text, args.seed, step, replica * args.batch, args.batch, args.seq + 1 + args.mtp)
 }
 
 /// The optimizer of every mode: burn-dp's AdamW with Burn's AdamW defaults (β₂ 0.999,
@@ -841,7 +852,8 @@ where
         let out = pipeline
             .step_rank(&pp_comm, inputs, |y, i| {
                 let loss = objective.loss(y.clone(), Tensor::from_data(micro[i].clone(), &y.device()));
-                parts.lock().unwrap().push(Tensor::cat(vec![loss.lm_loss.detach(), loss.mtp_losses[0].clone().detach()], 0));
+                let mtp = loss.mtp_losses.first().map_or_else(|| loss.lm_loss.zeros_like(), |l| l.clone());
+                parts.lock().unwrap().push(Tensor::cat(vec![loss.lm_loss.detach(), mtp.detach()], 0));
                 loss.loss
             })
             .map_err(|e| failed(format!("pipeline step {}: {e}", state.step + 1)))?;
@@ -984,7 +996,9 @@ fn loss_svg(state: &TrainState) -> String {
     }
     svg += &format!("<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">step (of {})</text>\n", w / 2.0, h - 12.0, state.step);
     svg += &line(&lm, "#1f77b4");
-    svg += &line(&mtp, "#ff7f0e");
+    if !mtp.is_empty() {
+        svg += &line(&mtp, "#ff7f0e");
+    }
     for &(s, l) in &state.held_out {
         svg += &format!("<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"4\" fill=\"#2ca02c\"/>\n", x(s as f64), y(l as f64));
     }

@@ -13,7 +13,8 @@
 //!   baseline.
 //!
 //! The backend trait [`MoeBackend`] is implemented for `CubeBackend`, `Fusion` (Burn's
-//! `Wgpu` and `Cuda`), `Autodiff` and `NdArray`.
+//! `Wgpu` and `Cuda`), `Autodiff`, `NdArray` (the plain-Burn reference) and `Flex` (host
+//! loops and one `gemm` call per expert, feature `flex`).
 //!
 //! - [`mla`]: Multi-head Latent Attention — training forward, the absorbed form, a paged
 //!   latent cache and the absorbed decode kernel.

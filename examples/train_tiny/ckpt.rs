@@ -24,7 +24,7 @@ impl DataStream {
         DataStream {
             seed: args.seed,
             rows: global_rows_per_step(args),
-            row_bytes: args.seq + 2,
+            row_bytes: args.seq + 1 + args.mtp,
         }
     }
 }

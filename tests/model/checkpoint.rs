@@ -20,14 +20,13 @@ use burn::backend::Autodiff;
 use burn::module::{AutodiffModule, Module, ModuleVisitor, Param, ParamId};
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{GradientsParams, Optimizer};
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::Tensor;
 use burn_comm::{launch, Comm, CommError, DeviceMesh, Transport};
 use burn_dcp::{step_dir, Checkpointer, DcpError, Reader, Snapshot};
 use burn_deepseek::checkpoint::{CheckpointError, Holding, StateNames};
 use burn_deepseek::model::{DeepSeekV3, DeepSeekV3Config, ModelStage};
 use burn_dp::{AdamW, AdamWConfig, Fsdp, MomentDType, ShardGroup, Zero1};
-use burn_dualpipe::executor::materialize;
 use burn_dualpipe::schedule::{Schedule, ScheduleKind};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -452,9 +451,7 @@ pub(crate) fn tmp(name: &str) -> PathBuf {
 pub(crate) fn base() -> (DeepSeekV3Config, DeepSeekV3<B>) {
     let config = DeepSeekV3Config::tiny();
     let device = Default::default();
-    B::seed(&device, 7);
-    let model = config.init::<B>(&device);
-    materialize(&model);
+    let model = crate::seeded::<B>(&config, 7, &device);
     (config, model)
 }
 

@@ -11,14 +11,12 @@
 use burn::backend::{Autodiff, Flex};
 use burn::module::Module;
 use burn::optim::{GradientsParams, Optimizer};
-use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use burn_comm::{launch, Comm, CommError, Transport};
 use burn_dcp::{Checkpointer, Reader, Snapshot};
 use burn_deepseek::checkpoint::{Holding, StateNames};
 use burn_deepseek::model::{DeepSeekV3, DeepSeekV3Config};
 use burn_dp::{AdamWConfig, Fsdp, MomentDType};
-use burn_dualpipe::executor::materialize;
 use std::path::{Path, PathBuf};
 
 type B = Autodiff<Flex>;
@@ -143,9 +141,7 @@ fn tmp(name: &str) -> PathBuf {
 fn resuming_from_a_checkpoint_continues_the_training_trajectory_on_any_world_size() {
     let config = DeepSeekV3Config::tiny();
     let device = Default::default();
-    B::seed(&device, 7);
-    let base = config.init::<B>(&device);
-    materialize(&base);
+    let base = crate::seeded::<B>(&config, 7, &device);
     let names = StateNames::of(&base, &config).unwrap();
     let k = 2;
     // One device, 2K steps, and two ranks, 2K steps.

@@ -74,8 +74,9 @@ fn mpi_worker_checkpoint() {
         // Every process draws the same model (one seed); each run its own directories.
         let (config, model) = base();
         let names = burn_deepseek::checkpoint::StateNames::of(&model, &config).map_err(|e| e.to_string())?;
-        // One directory for the job (the processes' ids differ): named by the job's seed.
-        let job = std::env::var("MOE_TEST_SEED").unwrap_or_default();
+        // One directory for the job (the processes' ids differ): named by the id the driver
+        // passes in `MOE_TEST_JOB`.
+        let job = std::env::var("MOE_TEST_JOB").unwrap_or_default();
         let saved = PathBuf::from(std::env::temp_dir()).join(format!("burn-deepseek-ckpt-mpi-job-{job}"));
         // FSDP × EP over [dp 2, ep 2] processes: two steps, saved asynchronously (the save's
         // collectives in a background thread, on the MPI engine), then a third.

@@ -16,12 +16,11 @@ use crate::ep::{host_grads, rel_diff};
 use burn::backend::Autodiff;
 use burn::module::{Module, ParamId};
 use burn::optim::GradientsParams;
-use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use burn_comm::{launch, Comm, CommError, DeviceMesh, Transport};
 use burn_deepseek::model::{DeepSeekV3, DeepSeekV3Config, ModelStage, UnitError};
 use burn_dp::ShardGroup;
-use burn_dualpipe::executor::{materialize, Pipeline};
+use burn_dualpipe::executor::Pipeline;
 use burn_dualpipe::schedule::{Schedule, ScheduleKind};
 use std::collections::HashMap;
 
@@ -318,11 +317,9 @@ pub(crate) struct Reference {
 pub(crate) fn reference(seed: u64, rows: usize) -> Reference {
     let mut rng = Rng::from_seed(seed);
     let device = Default::default();
-    B::seed(&device, rng.next());
     let mut config = DeepSeekV3Config::tiny();
     config.moe.balance_loss_weight = 0.05;
-    let model = config.init::<B>(&device);
-    materialize(&model);
+    let model = crate::seeded::<B>(&config, rng.next(), &device);
     let n = 13;
     let ids: Vec<i64> = (0..rows * n).map(|_| rng.below(256) as i64).collect();
     let out = model.loss(Tensor::from_data(

@@ -8,19 +8,27 @@ pub type Cube = burn_cubecl::CubeBackend<burn::backend::wgpu::WgpuRuntime, f32, 
 pub type Wgpu = burn::backend::Wgpu;
 /// The reference backend.
 pub type Ref = burn::backend::NdArray<f32>;
+/// Burn's Flex CPU backend (burn-moe's host loops).
+#[allow(dead_code)] // used by tests/moe, not by every file that shares this one
+pub type Flex = burn::backend::Flex;
 
 pub fn wgpu_device() -> burn::backend::wgpu::WgpuDevice {
     burn::backend::wgpu::WgpuDevice::DefaultDevice
 }
 
-/// Seeded xorshift; the seed comes from `MOE_TEST_SEED` or the clock.
+/// `MOE_TEST_SEED`, or else the FNV-1a hash of `test`'s name.
+pub fn seed(test: &str) -> u64 {
+    std::env::var("MOE_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| test.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)))
+}
+
+/// Seeded xorshift. The seed comes from `MOE_TEST_SEED` or, by default, from the test's
+/// name (FNV-1a): every run draws the same inputs, and a failure printed with its seed
+/// reproduces with `MOE_TEST_SEED=<seed>`. Other seeds are for exploring the inputs.
 pub struct Rng(u64);
 
 impl Rng {
     pub fn new(test: &str) -> Self {
-        let seed = std::env::var("MOE_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
-        });
+        let seed = seed(test);
         eprintln!("{test}: MOE_TEST_SEED={seed}");
         Rng(seed | 1)
     }
@@ -80,16 +88,17 @@ pub fn assert_close(what: &str, got: &[f32], exact: &[f64], bound: &[f64], tol: 
 
 /// Runs the `#[ignore]`d worker test `mpi::{worker}` of this test binary as `ranks` MPI
 /// processes on this machine, every process with the same `MOE_TEST_SEED` (this
-/// process's, or a fresh one, printed). `Err` when the job was still running after
+/// process's, or the worker's default, printed) and the job's id in `MOE_TEST_JOB`. `Err` when the job was still running after
 /// `limit` (a hang); fails when `mpirun` is missing (tests/run.sh installs it).
 #[allow(dead_code)] // each test binary uses what its mpi.rs needs
 pub fn mpi_workers(ranks: usize, worker: &str, limit: std::time::Duration) -> Result<burn_comm::mpirun::Job, burn_comm::mpirun::Job> {
     assert!(burn_comm::mpirun::available(), "mpirun not found: tests/run.sh installs OpenMPI (openmpi-bin)");
-    let seed = std::env::var("MOE_TEST_SEED")
-        .ok()
-        .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos().to_string());
+    // The ranks' inputs: the seed of `MOE_TEST_SEED` or, as in `Rng::new`, of the worker's
+    // name. The job's own id (for its scratch directories) is the driver's pid and clock.
+    let seed = seed(worker);
+    let job = format!("{}-{}", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
     eprintln!("{worker} on {ranks} processes: MOE_TEST_SEED={seed}");
     let test = format!("mpi::{worker}");
     let args = ["--ignored", "--exact", test.as_str(), "--nocapture", "--test-threads=1"];
-    burn_comm::mpirun::run(ranks, &std::env::current_exe().unwrap(), &args, &[("MOE_TEST_SEED", &seed)], limit)
+    burn_comm::mpirun::run(ranks, &std::env::current_exe().unwrap(), &args, &[("MOE_TEST_SEED", &seed.to_string()), ("MOE_TEST_JOB", &job)], limit)
 }

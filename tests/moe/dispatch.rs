@@ -1,6 +1,6 @@
 //! Dispatch plan, dispatch, grouped matmul and combine — and their autodiff gradients —
 //! against f64 host loops over the slots, on the kernels (wgpu, with and without fusion)
-//! and on the reference backend.
+//! on the reference backend and on Flex (burn-moe's host loops).
 //!
 //! Tolerances: the plan and dispatch are exact (integers and copies). Every other output
 //! is a sum of products; its f32 error is at most about (terms) · 2⁻²⁴ · Σ|products|, so
@@ -14,7 +14,7 @@ use burn_moe::backend::PlanPrimitive;
 use burn_moe::dispatch::{combine, dispatch, grouped_matmul, DispatchPlan};
 use burn_moe::MoeBackend;
 
-use crate::common::{assert_close, host, host_int, wgpu_device, Cube, Ref, Rng, Wgpu};
+use crate::common::{assert_close, host, host_int, wgpu_device, Cube, Flex, Ref, Rng, Wgpu};
 
 const TOL: f64 = 1e-5;
 
@@ -225,6 +225,11 @@ fn dispatch_ops_match_host_on_reference_backend() {
 }
 
 #[test]
+fn dispatch_ops_match_host_on_flex() {
+    check_forward::<Flex>("flex", &Default::default());
+}
+
+#[test]
 fn dispatch_gradients_match_host_on_wgpu() {
     check_grads::<burn::backend::Autodiff<Cube>>("wgpu kernels", &wgpu_device());
     check_grads::<burn::backend::Autodiff<Wgpu>>("fused wgpu", &wgpu_device());
@@ -233,6 +238,11 @@ fn dispatch_gradients_match_host_on_wgpu() {
 #[test]
 fn dispatch_gradients_match_host_on_reference_backend() {
     check_grads::<burn::backend::Autodiff<Ref>>("reference", &Default::default());
+}
+
+#[test]
+fn dispatch_gradients_match_host_on_flex() {
+    check_grads::<burn::backend::Autodiff<Flex>>("flex", &Default::default());
 }
 
 #[test]

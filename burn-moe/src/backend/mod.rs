@@ -2,7 +2,7 @@
 //!
 //! [`MoeBackend`]'s default methods are the plain-Burn reference ([`crate::reference`]),
 //! so any backend gains the ops with an empty impl (as [`burn::backend::NdArray`] does
-//! here). CubeCL backends override them with the kernels of [`crate::kernel`]; `Fusion`
+//! here). Burn's Flex CPU backend runs them as host loops (`flex.rs`). CubeCL backends override them with the kernels of [`crate::kernel`]; `Fusion`
 //! registers them as custom operations; `Autodiff` records backwards for the three
 //! differentiable ops (gather, combine, grouped matmul), each expressed with the others.
 //!
@@ -37,6 +37,8 @@
 
 mod autodiff;
 mod cube;
+#[cfg(feature = "flex")]
+mod flex;
 mod fusion;
 
 use crate::comm::{ops::Splits, Comm, CommError};
@@ -205,5 +207,3 @@ pub trait MoeBackend: Fp8Backend {
 #[cfg(feature = "ndarray")]
 impl MoeBackend for burn::backend::NdArray {}
 
-#[cfg(feature = "flex")]
-impl MoeBackend for burn::backend::Flex {}

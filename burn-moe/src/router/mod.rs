@@ -46,7 +46,7 @@ pub use balance::sequence_balance_loss;
 pub use reference::route_host;
 
 use burn::tensor::activation::{sigmoid, softmax};
-use burn::tensor::{backend::Backend, ElementConversion, Int, Tensor};
+use burn::tensor::{backend::Backend, ElementConversion, IndexingUpdateOp, Int, Tensor};
 use serde::{Deserialize, Serialize};
 
 /// How scores are computed from router logits.
@@ -328,10 +328,13 @@ pub fn top_k<B: Backend>(x: Tensor<B, 2>, k: usize) -> (Tensor<B, 2>, Tensor<B, 
 }
 
 /// `[rows, k]` indices below `n` → `[rows, n]`: how often each row holds each index.
+///
+/// A scatter-add of ones along each row (O(rows·k) work; Burn's scatter walks the indexed
+/// dimension in order, so repeated indices add up), not an `[rows, k, n]` one-hot.
 pub(crate) fn index_counts<B: Backend>(indices: Tensor<B, 2, Int>, n: usize) -> Tensor<B, 2, Int> {
-    let [rows, k] = indices.dims();
-    let index = Tensor::<B, 1, Int>::arange(0..n as i64, &indices.device()).reshape([1, 1, n]).expand([rows, k, n]);
-    indices.reshape([rows, k, 1]).expand([rows, k, n]).equal(index).int().sum_dim(1).reshape([rows, n])
+    let [rows, _] = indices.dims();
+    let ones = indices.ones_like();
+    Tensor::zeros([rows, n], &indices.device()).scatter(1, indices, ones, IndexingUpdateOp::Add)
 }
 
 /// `[rows, k]` indices below `n` → `[rows, n]`, true where a row holds the index.
@@ -345,7 +348,7 @@ pub fn expert_counts<B: Backend>(indices: Tensor<B, 2, Int>, n_experts: usize) -
     if t * k == 0 {
         return Tensor::zeros([n_experts], &indices.device());
     }
-    index_counts(indices.reshape([1, t * k]), n_experts).reshape([n_experts])
+    index_counts(indices, n_experts).sum_dim(0).reshape([n_experts])
 }
 
 /// The auxiliary-loss-free balancing update (DeepSeek-V3 §2.1.2), run after the optimizer
