@@ -67,12 +67,14 @@ def bench(args):
         burn = {}
         for line in open(args.burn):
             parts = line.split()
-            if len(parts) == 3 and parts[0].isdigit():
-                burn[int(parts[0])] = (float(parts[1]), float(parts[2]))
-        print(f"\n{'batch':>6} {'burn decode':>12} {'transformers':>13} {'ratio':>7}")
-        for b, (_, hf) in rows.items():
+            # batch, prefill one prompt per pass (join), all prompts in one pass (join_all), decode
+            if len(parts) == 4 and parts[0].isdigit():
+                burn[int(parts[0])] = (float(parts[2]), float(parts[3]))
+        print(f"\n{'batch':>6} {'burn prefill':>13} {'transformers':>13} {'ratio':>7} {'burn decode':>12} {'transformers':>13} {'ratio':>7}")
+        for b, (hf_prefill, hf) in rows.items():
             if b in burn:
-                print(f"{b:>6} {burn[b][1]:>12.0f} {hf:>13.0f} {burn[b][1] / hf:>6.2f}x")
+                (prefill, decode) = burn[b]
+                print(f"{b:>6} {prefill:>13.0f} {hf_prefill:>13.0f} {prefill / hf_prefill:>6.2f}x {decode:>12.0f} {hf:>13.0f} {decode / hf:>6.2f}x")
 
 
 def main():

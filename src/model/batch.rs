@@ -135,74 +135,102 @@ impl<'a, B: MoeBackend> Batch<'a, B> {
     }
 
     /// Adds sequence `id`: feeds its prompt in one pass and draws its first token (the
-    /// sequence has left again when that token finishes it).
+    /// sequence has left again when that token finishes it). [`Batch::join_all`] for one.
     ///
     /// # Errors
-    /// Checked before anything is fed, the batch unchanged then:
-    /// [`CacheError::DuplicateSequence`] for a running id, [`CacheError::TooLong`] when the
-    /// prompt and `max_tokens` exceed `max_seq_len`, [`CacheError::Full`] when the prompt
-    /// needs more pages than are free.
+    /// As [`Batch::join_all`].
     ///
     /// # Panics
     /// When the prompt is empty or `max_tokens` is 0.
     pub fn join(&mut self, id: SeqId, request: Request) -> Result<Drawn, CacheError> {
-        let Request {
-            prompt,
-            max_tokens,
-            stop,
-            sampling,
-        } = request;
-        assert!(
-            !prompt.is_empty() && max_tokens > 0,
-            "Batch::join: sequence {id} has an empty prompt or max_tokens 0"
-        );
-        if self.running.contains_key(&id) {
-            return Err(CacheError::DuplicateSequence { id });
+        let drawn = self.join_all(vec![(id, request)])?;
+        Ok(drawn[0])
+    }
+
+    /// Adds several sequences at once: their prompts are fed together in one pass (a
+    /// batched prefill: the MLPs and MoE layers run every prompt's rows together, MLA
+    /// attends each row over its own sequence), and each draws its first token; returns
+    /// them in the order given (a sequence has left again when that token finishes it).
+    ///
+    /// # Errors
+    /// Checked before anything is fed, the batch unchanged then:
+    /// [`CacheError::DuplicateSequence`] for an id running or given twice,
+    /// [`CacheError::TooLong`] when a prompt and its `max_tokens` exceed `max_seq_len`,
+    /// [`CacheError::Full`] when the prompts need more pages than are free.
+    ///
+    /// # Panics
+    /// When a prompt is empty or a `max_tokens` is 0.
+    pub fn join_all(&mut self, requests: Vec<(SeqId, Request)>) -> Result<Vec<Drawn>, CacheError> {
+        let mut needed = 0;
+        for (i, (id, request)) in requests.iter().enumerate() {
+            let id = *id;
+            assert!(
+                !request.prompt.is_empty() && request.max_tokens > 0,
+                "Batch::join: sequence {id} has an empty prompt or max_tokens 0"
+            );
+            if self.running.contains_key(&id) || requests[..i].iter().any(|(other, _)| *other == id) {
+                return Err(CacheError::DuplicateSequence { id });
+            }
+            let len = request.prompt.len() + request.max_tokens - 1;
+            if len > self.max_len {
+                return Err(CacheError::TooLong {
+                    id,
+                    len,
+                    max: self.max_len,
+                });
+            }
+            needed += request.prompt.len().div_ceil(PAGE_SIZE);
         }
-        let len = prompt.len() + max_tokens - 1;
-        if len > self.max_len {
-            return Err(CacheError::TooLong {
-                id,
-                len,
-                max: self.max_len,
-            });
-        }
-        let needed = prompt.len().div_ceil(PAGE_SIZE);
         if needed > self.free_pages() {
             return Err(CacheError::Full {
                 needed,
                 free: self.free_pages(),
             });
         }
-        for cache in &mut self.caches {
-            cache.add_sequence(id)?;
+        let mut tokens = Vec::new();
+        let mut ids = Vec::new();
+        let mut last_rows = Vec::with_capacity(requests.len());
+        for (id, request) in &requests {
+            for cache in &mut self.caches {
+                cache.add_sequence(*id)?;
+            }
+            tokens.extend(&request.prompt);
+            ids.extend(std::iter::repeat_n(*id, request.prompt.len()));
+            last_rows.push(tokens.len() - 1);
         }
-        let logits = match self.model.cached_logits(
-            &prompt,
-            &vec![id; prompt.len()],
-            &mut self.caches,
-            &self.device,
-        ) {
+        let logits = match self
+            .model
+            .cached_logits(&tokens, &ids, &mut self.caches, &self.device)
+        {
             Ok(logits) => logits,
             Err(e) => {
-                self.remove(id);
+                for (id, _) in &requests {
+                    self.remove(*id);
+                }
                 return Err(e);
             }
         };
-        let mut running = Running {
-            pending: 0,
-            sampler: Sampler::new(sampling),
-            left: max_tokens,
-            stop,
-        };
-        // Host read the algorithm needs: the sampler draws on the host.
-        let drawn = running.draw(id, &super::generate::last_row(&logits, prompt.len() - 1));
-        if drawn.finished {
-            self.remove(id);
-        } else {
-            self.running.insert(id, running);
+        // Host read the algorithm needs: the samplers draw on the host (one read of each
+        // prompt's last row).
+        let rows = super::generate::host_rows(logits, &last_rows);
+        let vocab = rows.len() / requests.len();
+        let mut out = Vec::with_capacity(requests.len());
+        for ((id, request), logits) in requests.into_iter().zip(rows.chunks(vocab)) {
+            let mut running = Running {
+                pending: 0,
+                sampler: Sampler::new(request.sampling),
+                left: request.max_tokens,
+                stop: request.stop,
+            };
+            let drawn = running.draw(id, logits);
+            if drawn.finished {
+                self.remove(id);
+            } else {
+                self.running.insert(id, running);
+            }
+            out.push(drawn);
         }
-        Ok(drawn)
+        Ok(out)
     }
 
     /// One decode step: the last drawn token of every running sequence, fed as one batch;

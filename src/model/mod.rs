@@ -18,7 +18,8 @@
 //! - [`Session`] generates with a [`LatentCache`](burn_moe::mla::LatentCache) per layer
 //!   (the prompt in one pass, then one token per step through MLA's absorbed decode);
 //!   [`Batch`] serves several sequences at once over shared paged caches (continuous
-//!   batching: sequences join and leave between steps).
+//!   batching: sequences join and leave between steps); [`Speculative`] decodes greedily
+//!   with the first MTP module drafting the token after next (speculative decoding).
 //! - [`crate::hf::weights`] loads and saves the weights under Hugging Face's key names.
 //!
 //! # Example
@@ -51,6 +52,7 @@ mod ep;
 mod generate;
 mod mtp;
 pub mod pipeline;
+mod speculative;
 mod units;
 
 pub use block::{Block, DenseMlp, Ffn, Projection};
@@ -60,6 +62,7 @@ pub use batch::{Batch, Drawn, Request};
 pub use generate::{Sampling, Session};
 pub use mtp::MtpModule;
 pub use pipeline::{ModelStage, SplitError, StageLoss, StageObjective, StageTail, StagedModel};
+pub use speculative::{Speculative, SpeculativeError, SpeculativeStats};
 pub use units::{Held, Unit, UnitError, Units};
 
 use burn::module::{Module, ModuleVisitor, Param};

@@ -10,6 +10,7 @@ use super::add;
 use burn::tensor::{backend::Backend, Tensor};
 use burn_moe::ep::EpError;
 use super::units::Units;
+use burn_moe::mla::{CacheError, LatentCache, SeqId};
 use burn_moe::MoeBackend;
 
 /// One MTP depth: `h'ᵢ = M [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}ᵢ)]`, then a block, then
@@ -40,6 +41,18 @@ impl<B: MoeBackend> MtpModule<B> {
     pub(crate) fn forward(&self, previous: Tensor<B, 3>, embedded: Tensor<B, 3>) -> Result<(Tensor<B, 3>, FfnStats<B>), EpError> {
         let joined = Tensor::cat(vec![self.enorm.forward(embedded), self.hnorm.forward(previous)], 2);
         self.block.forward(self.eh_proj.forward(joined))
+    }
+
+    /// The cached path of [`MtpModule::forward`]: row `i` pairs the previous depth's
+    /// representation of a position with the embedding of the token after it, for
+    /// sequence `ids[i]`, appended to the block's `cache`. Returns the block output,
+    /// before `norm`.
+    ///
+    /// # Shapes
+    /// `previous [n, d]`, `embedded [n, d]` → `[n, d]`.
+    pub(crate) fn forward_cached(&self, previous: Tensor<B, 2>, embedded: Tensor<B, 2>, ids: &[SeqId], cache: &mut LatentCache<B>) -> Result<Tensor<B, 2>, CacheError> {
+        let joined = Tensor::cat(vec![self.enorm.forward(embedded), self.hnorm.forward(previous)], 1);
+        self.block.forward_cached(self.eh_proj.forward(joined), ids, cache)
     }
 }
 

@@ -17,6 +17,7 @@ mod parallel;
 mod parity;
 mod pipeline;
 mod serve;
+mod speculative;
 mod weights;
 
 use burn::tensor::backend::Backend;

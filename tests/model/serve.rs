@@ -150,3 +150,45 @@ fn bad_requests_are_refused_before_anything_is_fed() {
     let drawn = batch.step().unwrap();
     assert_eq!(drawn.iter().map(|d| d.seq).collect::<Vec<_>>(), [4]);
 }
+
+/// Prompts joined in one pass (`Batch::join_all`, a batched prefill) draw the tokens
+/// each draws alone, then decode together as before; an id given twice is refused before
+/// anything is fed.
+fn joined_together_equals_alone<B: MoeBackend>(device: &B::Device) {
+    let hf = HfModel::<B>::open(fixture(), device).unwrap();
+    let requests = requests(hf.eos[0]);
+    let alone: Vec<Vec<u32>> = requests
+        .iter()
+        .map(|r| {
+            Session::new(&hf.model, &hf.config.mla, r.prompt.len() + r.max_tokens, r.sampling, device)
+                .generate_until(&r.prompt, r.max_tokens, &r.stop, |_| {})
+                .unwrap()
+        })
+        .collect();
+    let mut batch = Batch::new(&hf.model, &hf.config.mla, 8, device);
+    let twice = vec![(1, requests[0].clone()), (1, requests[1].clone())];
+    assert_eq!(batch.join_all(twice).unwrap_err(), CacheError::DuplicateSequence { id: 1 });
+    assert_eq!((batch.len(), batch.free_pages()), (0, 8), "the refused call changed nothing");
+    let all = requests.iter().cloned().enumerate().map(|(i, r)| (i as u64, r)).collect();
+    let mut got: BTreeMap<u64, Vec<u32>> = BTreeMap::new();
+    let first = batch.join_all(all).unwrap();
+    assert_eq!(first.iter().map(|d| d.seq).collect::<Vec<_>>(), [0, 1, 2, 3, 4], "in the order given");
+    for d in first {
+        got.entry(d.seq).or_default().push(d.token);
+    }
+    while !batch.is_empty() {
+        for d in batch.step().unwrap() {
+            got.entry(d.seq).or_default().push(d.token);
+        }
+    }
+    for (i, want) in alone.iter().enumerate() {
+        assert_eq!(&got[&(i as u64)], want, "sequence {i}: joined together against alone");
+    }
+    assert_eq!(batch.free_pages(), 8);
+}
+
+#[test]
+fn prompts_prefilled_together_get_the_tokens_they_get_alone() {
+    joined_together_equals_alone::<Ref>(&Default::default());
+    joined_together_equals_alone::<Wgpu>(&wgpu_device());
+}

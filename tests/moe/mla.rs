@@ -275,6 +275,45 @@ fn training_gradients_match_an_f64_run() {
     let _ = mla.valid();
 }
 
+/// Junk tokens appended past a page boundary and truncated away leave the cache as if
+/// they had never been there (bit for bit: the rows are zero again and the page free), so
+/// the decode after it equals the full forward.
+fn truncated_equals_never_appended<B: MoeBackend>(config: &MlaConfig, device: &B::Device, rng: &mut Rng, what: &str) {
+    let mla = config.init::<B>(device);
+    let (len, split, junk) = (70, 50, 20);
+    let x = random::<B, 2>(rng, [len, config.d_model], device);
+    let full = host(mla.forward(x.clone().unsqueeze_dim(0)));
+    let prefix = x.clone().slice([0..split, 0..config.d_model]);
+    let mut clean = LatentCache::new(config, 3, device);
+    clean.add_sequence(1).unwrap();
+    mla.prefill(prefix.clone(), 1, &mut clean).unwrap();
+    let mut cache = LatentCache::new(config, 3, device);
+    cache.add_sequence(1).unwrap();
+    mla.prefill(prefix, 1, &mut cache).unwrap();
+    mla.prefill(random::<B, 2>(rng, [junk, config.d_model], device), 1, &mut cache).unwrap();
+    assert_eq!((cache.len(1).unwrap(), cache.free_pages()), (split + junk, 1), "{what}: the junk took a second page");
+    cache.truncate(1, split + junk + 5).unwrap();
+    assert_eq!(cache.len(1).unwrap(), split + junk, "{what}: a longer length changes nothing");
+    cache.truncate(1, split).unwrap();
+    assert_eq!((cache.len(1).unwrap(), cache.free_pages()), (split, 2), "{what}: the emptied page is free");
+    assert_eq!(host(cache.rows()), host(clean.rows()), "{what}: the truncated rows are zero again");
+    let mut rows = Vec::new();
+    for t in split..len {
+        rows.extend(host(mla.decode(x.clone().slice([t..t + 1, 0..config.d_model]), &[1], &mut cache).unwrap()));
+    }
+    let err = max_rel(&rows, &full[split * config.d_model..]);
+    assert!(err <= 1e-4, "{what}: decode after truncation vs full forward {err:e}");
+    assert_eq!(cache.truncate(9, 0).unwrap_err(), CacheError::UnknownSequence { id: 9 });
+}
+
+#[test]
+fn a_truncated_cache_is_one_that_never_held_the_tokens() {
+    let mut rng = Rng::new("a_truncated_cache_is_one_that_never_held_the_tokens");
+    let config = tiny(Some(48), true);
+    truncated_equals_never_appended::<Ref>(&config, &Default::default(), &mut rng, "reference");
+    truncated_equals_never_appended::<Wgpu>(&config, &wgpu_device(), &mut rng, "wgpu kernel");
+}
+
 #[test]
 fn bad_cache_use_is_named() {
     let device = Default::default();

@@ -150,6 +150,34 @@ impl<B: Backend> LatentCache<B> {
         Ok(())
     }
 
+    /// Drops `id`'s tokens from position `len` on (the rejected drafts of speculative
+    /// decoding): their rows are zeroed, as a fresh append expects, and pages left empty
+    /// are freed. A `len` at or beyond the sequence's length changes nothing.
+    ///
+    /// # Errors
+    /// [`CacheError::UnknownSequence`].
+    pub fn truncate(&mut self, id: SeqId, len: usize) -> Result<(), CacheError> {
+        let seq = self.sequences.get_mut(&id).ok_or(CacheError::UnknownSequence { id })?;
+        if len >= seq.len {
+            return Ok(());
+        }
+        let device = self.rows.device();
+        let (from, to) = (len, seq.len);
+        // Zero the dropped rows page by page: one slice assignment per page touched.
+        let mut t = from;
+        while t < to {
+            let page = seq.pages[t / PAGE_SIZE] as usize;
+            let end = to.min((t / PAGE_SIZE + 1) * PAGE_SIZE);
+            let (a, b) = (page * PAGE_SIZE + t % PAGE_SIZE, page * PAGE_SIZE + (end - 1) % PAGE_SIZE + 1);
+            self.rows = self.rows.clone().slice_assign([a..b, 0..self.width], Tensor::zeros([b - a, self.width], &device));
+            t = end;
+        }
+        seq.len = len;
+        let keep = len.div_ceil(PAGE_SIZE);
+        self.free.extend(seq.pages.drain(keep..));
+        Ok(())
+    }
+
     /// Tokens cached for `id`.
     ///
     /// # Errors
