@@ -74,7 +74,7 @@ fn parse_args() -> Args {
             other => panic!("unknown flag {other}; see --help"),
         }
     }
-    assert!(a.d_model % a.heads == 0, "--d-model {} is not a multiple of --heads {}", a.d_model, a.heads);
+    assert!(a.d_model.is_multiple_of(a.heads), "--d-model {} is not a multiple of --heads {}", a.d_model, a.heads);
     a
 }
 

@@ -222,7 +222,7 @@ fn parse_args() -> Args {
     assert!(a.dp >= 1, "--dp {}: at least one rank", a.dp);
     assert!(a.zero != 3 || a.pp == 0, "--zero 3 with --pp {}: FSDP inside the pipeline is not built yet (--pp takes --dp with --zero 0 or 1)", a.pp);
     assert!(a.dp_replicate == 1 || a.pp == 0, "--dp-replicate {} with --pp {}: hybrid sharding inside the pipeline is not built yet", a.dp_replicate, a.pp);
-    assert!(a.dp % a.dp_replicate == 0, "--dp-replicate {} does not divide --dp {}", a.dp_replicate, a.dp);
+    assert!(a.dp.is_multiple_of(a.dp_replicate), "--dp-replicate {} does not divide --dp {}", a.dp_replicate, a.dp);
     assert!(a.dp_replicate == 1 || a.zero > 0, "--dp-replicate {} with --zero 0: replicas are for sharded state (--zero 1 or 3)", a.dp_replicate);
     assert!(a.micro_batches.is_none() || a.pp > 0, "--micro-batches goes with --pp");
     assert!(a.fsdp_per_block || a.zero == 3, "--fsdp-unit goes with --zero 3");
@@ -241,12 +241,12 @@ fn check_layout(args: &Args, config: &DeepSeekV3Config, world: usize) {
     let layout = format!("--pp {} --dp {} --ep {}", args.pp.max(1), args.dp, args.ep);
     DeviceMesh::validate(&[("pp", args.pp.max(1)), ("dp", args.dp), ("ep", args.ep)], world).unwrap_or_else(|e| panic!("{layout}: {e} (start {} processes, or as many threads without mpirun)", world_size(args)));
     let experts = config.moe.router.n_experts;
-    assert!(experts % args.ep == 0, "--ep {}: does not divide the {experts} experts of each MoE layer", args.ep);
+    assert!(experts.is_multiple_of(args.ep), "--ep {}: does not divide the {experts} experts of each MoE layer", args.ep);
     if args.pp > 0 {
         let stages = 2 * args.pp;
         assert!(stages <= config.n_layers + 1, "--pp {}: DualPipeV cuts {stages} stages, the model has {} blocks and the tail ({} stages at most; --layers N gives it N blocks)", args.pp, config.n_layers, config.n_layers + 1);
         let m = args.micro_batches.unwrap_or(2 * args.pp);
-        assert!(m > 0 && args.batch % m == 0, "--batch {} does not split into {m} equal micro-batches", args.batch);
+        assert!(m > 0 && args.batch.is_multiple_of(m), "--batch {} does not split into {m} equal micro-batches", args.batch);
         Schedule::new(ScheduleKind::DualPipeV, args.pp, m).unwrap_or_else(|e| panic!("--pp {} --micro-batches {m}: {e}", args.pp));
     }
 }
@@ -332,7 +332,7 @@ where
     let reader = reader.as_ref();
     let config = &state.model;
     let max = config.mla.max_seq_len;
-    assert!(args.seq + 1 <= max, "--seq {}: the model covers {max} positions", args.seq);
+    assert!(args.seq < max, "--seq {}: the model covers {max} positions", args.seq);
     assert!(PROMPT.len() + args.sample <= max, "--sample {}: the prompt ({} bytes) and the sample must fit the model's {max} positions", args.sample, PROMPT.len());
     println!(
         "tiny DeepSeek-V3 on {name}: {} parameters, width {}, {} layers ({} dense), {} experts top-{}, MTP depth {}, FP8 {}",
@@ -755,7 +755,7 @@ where
         if let Some(losses) = losses {
             progress(&mut state, args, losses, speed.per_second(), load_ratio(&counts), "");
         }
-        if state.step % args.save_every == 0 || state.step == args.steps {
+        if state.step.is_multiple_of(args.save_every) || state.step == args.steps {
             let whole = model.unshard_experts().map_err(failed)?;
             if rank == 0 {
                 checkpoint(args, &mut state, &whole, device, start);
@@ -945,7 +945,7 @@ where
             let load = load_ratio(&held.iter().flat_map(|&s| counts[s].clone()).collect::<Vec<_>>());
             progress(&mut state, args, (mean(0), mean(1)), speed.per_second(), load, &format!(" | bubble {:.0}%", 100.0 * bubble));
         }
-        if state.step % args.save_every == 0 || state.step == args.steps {
+        if state.step.is_multiple_of(args.save_every) || state.step == args.steps {
             if let Some(whole) = gather_model(&pipeline, &held, &pp_comm, (d, e), device)? {
                 checkpoint(args, &mut state, &whole, device, start);
             }

@@ -26,8 +26,14 @@ fi
 # only on NVIDIA) and MPI (its tests run ranks as processes under mpirun on this machine).
 FEATURES="cuda,mpi,nccl"
 
+echo "== cargo fmt --all --check (rustfmt.toml)"
+cargo fmt --all -- --check
+
 echo "== cargo check --workspace --all-targets --features $FEATURES (every target compiles)"
 cargo check --workspace --all-targets --features "$FEATURES"
+
+echo "== cargo clippy --workspace --all-targets --features $FEATURES -D warnings"
+cargo clippy --workspace --all-targets --features "$FEATURES" -- -D warnings
 
 echo "== cargo test --workspace --features $FEATURES --lib --tests (unit and integration tests)"
 cargo test --workspace --features "$FEATURES" --lib --tests --no-fail-fast -- --test-threads=2

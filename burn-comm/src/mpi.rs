@@ -404,6 +404,8 @@ impl Engine {
         let mut backoff = Backoff::arrival();
         loop {
             let mut missing = Vec::new();
+            // `src` is a rank (the probe's source) as well as an index.
+            #[allow(clippy::needless_range_loop)]
             for src in 0..n {
                 if recv_len[src].is_some() {
                     continue;

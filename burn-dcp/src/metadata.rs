@@ -153,7 +153,7 @@ pub(crate) fn steps(root: &Path) -> Result<Vec<(u64, PathBuf, bool)>, DcpError> 
         let complete = Metadata::read(&dir).is_ok_and(|m| m.step == step);
         steps.push((step, dir, complete));
     }
-    steps.sort_by(|a, b| b.0.cmp(&a.0));
+    steps.sort_by_key(|s| std::cmp::Reverse(s.0));
     Ok(steps)
 }
 

@@ -24,6 +24,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+/// What a rank wrote: its shard file's name, the file's size in bytes, and each chunk's
+/// tensor name with its entry in the metadata.
+type WrittenShard = (String, u64, Vec<(String, ChunkMeta)>);
+
 /// What a save did, on this rank.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SaveReport {
@@ -148,7 +152,7 @@ impl Save {
         snapshot: &Snapshot,
         specs: &[ChunkSpec],
         owners: &BTreeMap<(String, usize), usize>,
-    ) -> Result<Option<(String, u64, Vec<(String, ChunkMeta)>)>, DcpError> {
+    ) -> Result<Option<WrittenShard>, DcpError> {
         self.fault(FaultPoint::BeforeShard)
             .map_err(|reason| DcpError::Io {
                 path: dir.to_path_buf(),
@@ -228,7 +232,7 @@ impl Save {
         dir: &Path,
         step: u64,
         specs: &[Vec<ChunkSpec>],
-        written: &[Option<(String, u64, Vec<(String, ChunkMeta)>)>],
+        written: &[Option<WrittenShard>],
         extra: BTreeMap<String, String>,
     ) -> Result<(), DcpError> {
         let mut tensors: BTreeMap<String, TensorMeta> = BTreeMap::new();

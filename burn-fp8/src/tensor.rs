@@ -282,7 +282,7 @@ pub fn fp8_grouped_gemm<B: Fp8Backend>(a: &Fp8Tensor<B>, b: &Fp8Tensor<B>, offse
     let [groups_plus_one] = offsets.dims();
     let groups = groups_plus_one.saturating_sub(1);
     assert!(
-        a.layout.shape[1] == b.layout.shape[1] && groups > 0 && b.layout.shape[0] % groups == 0,
+        a.layout.shape[1] == b.layout.shape[1] && groups > 0 && b.layout.shape[0].is_multiple_of(groups),
         "fp8_grouped_gemm needs A [R, K], B [G·N, K] with the same K and offsets [G + 1] with G > 0; got A {:?}, B {:?}, offsets [{groups_plus_one}]",
         a.layout.shape,
         b.layout.shape

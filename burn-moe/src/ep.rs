@@ -48,7 +48,7 @@ use crate::backend::MoeBackend;
 use crate::comm::{all_reduce, all_to_all, Comm, CommError, RankError, Splits};
 use crate::dispatch::{combine, dispatch, DispatchPlan};
 use crate::eplb::Placement;
-use crate::moe::{Moe, MoeOutput, RoutedExperts, SwiGluMlp};
+use crate::moe::{Moe, MoeOutput, Routed, RoutedExperts, SwiGluMlp};
 use crate::router::{expert_counts, index_counts, RouterError, Routing};
 use burn::module::{Module, Param, ParamId};
 use burn::nn::Linear;
@@ -223,7 +223,7 @@ impl<B: MoeBackend> ExpertParallelMoe<B> {
             _ => Some(self.moe.route(x.clone())?),
         };
         let slots = match &routed {
-            Some((_, _, routing)) => self.slots(routing.indices.clone()),
+            Some(input) => self.slots(input.routing.indices.clone()),
             None => Tensor::zeros([0, k], &device),
         };
         let counts = expert_counts(slots.clone(), self.placement.phys_to_log.len());
@@ -239,7 +239,7 @@ impl<B: MoeBackend> ExpertParallelMoe<B> {
 
         let plan = DispatchPlan::new(slots, counts);
         let rows = match &routed {
-            Some((x, _, _)) => dispatch(x.clone(), &plan),
+            Some(input) => dispatch(input.x.clone(), &plan),
             None => Tensor::zeros([0, d], &device),
         };
         // Below, every rank's output depends on both all-to-alls, whatever it sends or
@@ -271,9 +271,10 @@ impl<B: MoeBackend> ExpertParallelMoe<B> {
         }
         let counts = Tensor::from_data(TensorData::new(global, [self.moe.router.n_experts]), &device);
         let mut out = match routed {
-            Some((x, logits, routing)) => {
-                let output = combine(returned, routing.weights.clone(), &plan);
-                self.moe.finish(x, output, logits, Routing { counts, ..routing }, [b, s])
+            Some(input) => {
+                let output = combine(returned, input.routing.weights.clone(), &plan);
+                let routing = Routing { counts, ..input.routing };
+                self.moe.finish(Routed { routing, ..input }, output, [b, s])
             }
             None => MoeOutput { output: returned.reshape([b, s, d]), counts, ..self.moe.empty(&x) },
         };
@@ -355,7 +356,7 @@ fn local_layout(all: &[(usize, Vec<usize>)], mine: std::ops::Range<usize>) -> (V
     let mut counts = vec![0i64; mine.len()];
     for (_, c) in all {
         for (e, &n) in c[mine.clone()].iter().enumerate() {
-            experts.extend(std::iter::repeat(e as i64).take(n));
+            experts.extend(std::iter::repeat_n(e as i64, n));
             counts[e] += n as i64;
         }
     }

@@ -197,7 +197,7 @@ fn replicate(weights: &[f64], slots: usize) -> Vec<usize> {
 }
 
 fn divides(what: &'static str, value: usize, by: &'static str, divisor: usize) -> Result<(), EplbError> {
-    if divisor == 0 || value % divisor != 0 {
+    if divisor == 0 || !value.is_multiple_of(divisor) {
         return Err(EplbError::NotDivisible { what, value, by, divisor });
     }
     Ok(())
@@ -221,7 +221,7 @@ pub fn rebalance(load: &[f64], config: &EplbConfig) -> Result<Placement, EplbErr
     // Hierarchical when the nodes divide the groups; else one node holding everything.
     // (`physical` ≥ `logical` and the divisibilities above give every node as many slots
     // as experts at least.)
-    let (nodes, groups) = if config.groups % config.nodes == 0 { (config.nodes, config.groups) } else { (1, 1) };
+    let (nodes, groups) = if config.groups.is_multiple_of(config.nodes) { (config.nodes, config.groups) } else { (1, 1) };
     let per_group = logical / groups;
     let slots_per_node = config.physical_experts / nodes;
     let gpus_per_node = config.gpus / nodes;

@@ -8,7 +8,7 @@ const CORPUS: &str = include_str!("../../data/around-the-world-in-80-days.txt");
 pub fn corpus() -> (&'static [u8], &'static [u8]) {
     let start = CORPUS.find("*** START OF").and_then(|i| CORPUS[i..].find('\n').map(|j| i + j + 1)).unwrap_or(0);
     let end = CORPUS.find("End of Project Gutenberg").unwrap_or(CORPUS.len());
-    let text = CORPUS[start..end].as_bytes();
+    let text = &CORPUS.as_bytes()[start..end];
     text.split_at(text.len() * 9 / 10)
 }
 

@@ -92,7 +92,7 @@ where
         if let Some(losses) = losses {
             progress(&mut state, args, losses, speed.per_second(), load_ratio(&counts), "");
         }
-        if state.step % args.save_every == 0 || state.step == args.steps {
+        if state.step.is_multiple_of(args.save_every) || state.step == args.steps {
             // Every rank takes part in gathering the whole model.
             let whole = fsdp.clone().unshard().map_err(failed)?.unshard_experts().map_err(failed)?;
             if rank == 0 {

@@ -151,10 +151,10 @@ fn check_against_f64(what: &str, d: &Data, outs: &Outs, floor: f64, bound: f64) 
     }
     if let (Some(db), Some(_)) = (&outs.db, &d.bias) {
         // The bias gradient is Σ_tokens g in f32 on both paths.
-        for j in 0..n {
+        for (j, &got) in db.iter().enumerate().take(n) {
             let exact: f64 = (0..m).map(|i| d.g[i * n + j] as f64).sum();
             let scale: f64 = (0..m).map(|i| (d.g[i * n + j] as f64).abs()).sum();
-            assert!((db[j] as f64 - exact).abs() <= 1e-5 * scale, "{what} db[{j}] = {}, expected {exact}", db[j]);
+            assert!((got as f64 - exact).abs() <= 1e-5 * scale, "{what} db[{j}] = {got}, expected {exact}");
         }
     }
     eprintln!("{what}: calc_diff forward {:.2e} dgrad {:.2e} wgrad {:.2e}", diffs[0], diffs[1], diffs[2]);

@@ -60,7 +60,7 @@ fn loss_is_the_cross_entropies_of_main_and_mtp() {
     }
     // Counts: 2 MoE layers + 2 MTP modules, each summing to the tokens it saw · k.
     let k = config.moe.router.top_k as i64;
-    let sums: Vec<i64> = out.counts.iter().map(|c| c.clone().sum().into_scalar() as i64).collect();
+    let sums: Vec<i64> = out.counts.iter().map(|c| c.clone().sum().into_scalar()).collect();
     assert_eq!(sums, vec![(b * s) as i64 * k, (b * s) as i64 * k, (b * (s - 1)) as i64 * k, (b * (s - 2)) as i64 * k]);
 }
 

@@ -68,7 +68,6 @@ fn a_checkpoint_saved_by_four_processes_is_one_devices_and_loads_into_two_ranks(
 #[ignore = "an MPI rank: run by a_checkpoint_saved_by_four_processes_is_one_devices_and_loads_into_two_ranks under mpirun"]
 fn mpi_worker_checkpoint() {
     use crate::checkpoint::{assert_same, base, rank, run, tmp, Layout};
-    use std::path::PathBuf;
     use burn_dcp::step_dir;
     mpi::launch(Duration::from_secs(120), |world| {
         // Every process draws the same model (one seed); each run its own directories.
@@ -77,7 +76,7 @@ fn mpi_worker_checkpoint() {
         // One directory for the job (the processes' ids differ): named by the id the driver
         // passes in `MOE_TEST_JOB`.
         let job = std::env::var("MOE_TEST_JOB").unwrap_or_default();
-        let saved = PathBuf::from(std::env::temp_dir()).join(format!("burn-deepseek-ckpt-mpi-job-{job}"));
+        let saved = std::env::temp_dir().join(format!("burn-deepseek-ckpt-mpi-job-{job}"));
         // FSDP × EP over [dp 2, ep 2] processes: two steps, saved asynchronously (the save's
         // collectives in a background thread, on the MPI engine), then a third.
         rank(&world, Layout::Fsdp { replicate: 1, ep: 2 }, &model, &names, None, 2, &saved)?;

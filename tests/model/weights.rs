@@ -57,7 +57,7 @@ fn a_written_checkpoint_loads_back_exactly() {
     assert_eq!(host(model.loss(t.clone()).loss), host(loaded.loss(t).loss));
 }
 
-fn write(path: &PathBuf, tensors: &[(String, Dtype, Vec<usize>, Vec<u8>)]) {
+fn write(path: &std::path::Path, tensors: &[(String, Dtype, Vec<usize>, Vec<u8>)]) {
     let views: Vec<(String, TensorView)> = tensors.iter().map(|(k, d, s, b)| (k.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
     safetensors::serialize_to_file(views, None, path).unwrap();
 }

@@ -187,10 +187,7 @@ fn check_forward<B: MoeBackend>(backend: &str, device: &B::Device) {
     }
 }
 
-fn check_grads<B: AutodiffBackend>(backend: &str, device: &B::Device)
-where
-    B: MoeBackend,
-{
+fn check_grads<B: AutodiffBackend + MoeBackend>(backend: &str, device: &B::Device) {
     let mut rng = Rng::new(backend);
     for c in CASES {
         let what = format!("{backend} {} backward", c.name);

@@ -64,7 +64,7 @@ fn replicas_balance_skewed_loads_globally_and_hierarchically() {
 fn routing_spreads_tokens_over_replicas() {
     let load = [90.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0];
     let p = rebalance(&load, &EplbConfig { physical_experts: 12, groups: 1, nodes: 1, gpus: 4 }).unwrap();
-    let mut hits = vec![0usize; 12];
+    let mut hits = [0usize; 12];
     for token in 0..100 {
         let slot = p.route(0, token);
         assert_eq!(p.phys_to_log[slot], 0);

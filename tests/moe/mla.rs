@@ -74,7 +74,7 @@ impl Paged {
         (out, bound)
     }
 
-    fn tensors<B: Backend>(&self, device: &B::Device) -> (Tensor<B, 3>, Tensor<B, 2>, Tensor<B, 2, Int>, Tensor<B, 1, Int>) {
+    fn tensors<B: Backend>(&self, device: &B::Device) -> DecodeInputs<B> {
         let width = self.pages.iter().map(Vec::len).max().unwrap().max(1);
         let mut pages = vec![0i64; self.n * width];
         for (s, p) in self.pages.iter().enumerate() {
@@ -82,26 +82,35 @@ impl Paged {
                 pages[s * width + j] = x as i64;
             }
         }
-        (
-            Tensor::from_data(TensorData::new(self.q.clone(), [self.n, self.heads, self.width]), device),
-            Tensor::from_data(TensorData::new(self.rows.clone(), [self.rows.len() / self.width, self.width]), device),
-            Tensor::from_data(TensorData::new(pages, [self.n, width]), device),
-            Tensor::from_data(TensorData::new(self.lens.iter().map(|&l| l as i64).collect::<Vec<_>>(), [self.n]), device),
-        )
+        DecodeInputs {
+            q: Tensor::from_data(TensorData::new(self.q.clone(), [self.n, self.heads, self.width]), device),
+            rows: Tensor::from_data(TensorData::new(self.rows.clone(), [self.rows.len() / self.width, self.width]), device),
+            pages: Tensor::from_data(TensorData::new(pages, [self.n, width]), device),
+            lens: Tensor::from_data(TensorData::new(self.lens.iter().map(|&l| l as i64).collect::<Vec<_>>(), [self.n]), device),
+        }
     }
 
     fn run<B: MoeBackend>(&self, device: &B::Device) -> Vec<f32> {
-        let (q, rows, pages, lens) = self.tensors::<B>(device);
+        let DecodeInputs { q, rows, pages, lens } = self.tensors::<B>(device);
         let out = B::mla_decode(q.into_primitive().tensor(), rows.into_primitive().tensor(), pages.into_primitive(), lens.into_primitive(), self.kv_lora);
         host(Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(out)))
     }
+}
+
+/// The decode op's operands: queries `[n, H, C]`, cache rows `[rows, C]`, page tables
+/// `[n, P]` and lengths `[n]`.
+struct DecodeInputs<B: Backend> {
+    q: Tensor<B, 3>,
+    rows: Tensor<B, 2>,
+    pages: Tensor<B, 2, Int>,
+    lens: Tensor<B, 1, Int>,
 }
 
 /// The kernel launched into a NaN-filled output: every element must be written.
 fn run_poisoned(p: &Paged) -> Vec<f32> {
     use burn_cubecl::kernel::cast;
     let device = wgpu_device();
-    let (q, rows, pages, lens) = p.tensors::<Cube>(&device);
+    let DecodeInputs { q, rows, pages, lens } = p.tensors::<Cube>(&device);
     let out = Tensor::<Cube, 3>::full([p.n, p.heads, p.kv_lora], f32::NAN, &device);
     let prim = |t: Tensor<Cube, 3>| t.into_primitive().tensor();
     burn_moe::kernel::mla::launch_mla_decode(

@@ -108,6 +108,8 @@ fn open(
         let id = if make_id {
             let id =
                 result::get_uniqueid().map_err(|e| format!("ncclGetUniqueId failed: {e:?}"))?;
+            // `c_char` is `i8` here and `u8` on other targets: the cast is no-op only here.
+            #[allow(clippy::unnecessary_cast)]
             Some(id.internal.iter().map(|&c| c as i8).collect())
         } else {
             None

@@ -138,11 +138,11 @@ pub(super) fn program(schedule: &Schedule, rank: usize) -> Vec<Instr> {
     }
     let mut zero_bubble = false;
     for i in 0..h + 1 {
-        if i == (h + 1) / 2 && h % 2 == 1 {
+        if i == h.div_ceil(2) && h % 2 == 1 {
             zero_bubble = true;
         }
         r.b(1, zero_bubble);
-        if i == (h + 1) / 2 && h % 2 == 0 {
+        if i == h.div_ceil(2) && h % 2 == 0 {
             zero_bubble = true;
         }
         r.b(0, zero_bubble);

@@ -87,7 +87,7 @@ pub fn validate(schedule: &Schedule) -> Result<(), ScheduleError> {
                             Pass::Weight => (Some(Pass::Input), None),
                         };
                         if let Some(p) = own {
-                            if !done.contains(&(task, p)) && !(p == Pass::Input && passes(&compute).contains(&(task, p))) {
+                            if !(done.contains(&(task, p)) || p == Pass::Input && passes(&compute).contains(&(task, p))) {
                                 return invalid(rank, Some(i), format!("runs {pass:?} of {task:?} before its {p:?}"));
                             }
                         }

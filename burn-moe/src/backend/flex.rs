@@ -350,6 +350,8 @@ impl MoeBackend for Flex {
             (n as isize, 1)
         };
         for_experts(&offsets, s * k * n, |(e, start, end)| {
+            // Captures the whole `Send` wrapper, not its raw-pointer field.
+            #[allow(clippy::redundant_locals)]
             let c = c;
             // SAFETY: expert `e` writes only rows start..end of `out`, which no other
             // expert touches; `a`, `b` and `out` are distinct buffers of the sizes used.
@@ -397,7 +399,9 @@ impl MoeBackend for Flex {
             &offsets,
             a.layout().num_elements() * n,
             |(e, start, end)| {
-                let c = c;
+                // Captures the whole `Send` wrapper, not its raw-pointer field.
+            #[allow(clippy::redundant_locals)]
+            let c = c;
                 // a_eᵀ [K, rows]: row stride 1, column stride K. SAFETY: expert `e` writes only
                 // its own `[K, N]` block of `out`; the reads stay inside rows start..end.
                 unsafe {

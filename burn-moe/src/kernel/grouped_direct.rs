@@ -20,6 +20,10 @@
 //! `n0 + ux + 8j`; out-of-range indices are clamped for reading, and their results are
 //! not stored.
 
+// `#[cube]` expands the vector width `N` into an argument beside the kernels' own `n`
+// (the output width), which this lint reads as two arguments of one name.
+#![allow(clippy::duplicate_underscore_argument)]
+
 use super::grouped::UNITS;
 use super::vector_width;
 use burn_fp8::kernel::groups::grouped_row_tile;

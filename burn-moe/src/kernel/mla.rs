@@ -227,7 +227,7 @@ fn mla_split_kernel(
 
 #[cube(launch)]
 fn mla_combine_kernel(partial: &Array<f32>, stats: &Array<f32>, out: &mut Array<f32>, rows: usize, kv_lora: usize, splits: usize) {
-    let sh = CUBE_POS as usize;
+    let sh = CUBE_POS;
     if sh >= rows {
         terminate!();
     }

@@ -29,7 +29,7 @@ fn gather_kernel<N: Size>(
     top_k: usize,
     #[comptime] weighted: bool,
 ) {
-    let r = CUBE_POS as usize;
+    let r = CUBE_POS;
     if r >= rows {
         terminate!();
     }
@@ -62,7 +62,7 @@ fn combine_kernel<N: Size>(
     top_k: usize,
     #[comptime] weighted: bool,
 ) {
-    let t = CUBE_POS as usize;
+    let t = CUBE_POS;
     if t >= rows {
         terminate!();
     }

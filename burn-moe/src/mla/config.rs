@@ -154,7 +154,7 @@ impl MlaConfig {
         ] {
             assert!(v > 0, "MlaConfig: {name} must be positive, got 0");
         }
-        assert!(self.qk_rope_head_dim % 2 == 0, "MlaConfig: qk_rope_head_dim must be even, got {}", self.qk_rope_head_dim);
+        assert!(self.qk_rope_head_dim.is_multiple_of(2), "MlaConfig: qk_rope_head_dim must be even, got {}", self.qk_rope_head_dim);
         assert!(self.q_lora_rank != Some(0), "MlaConfig: q_lora_rank must be positive or None, got Some(0)");
         let init = Initializer::Normal { mean: 0.0, std: self.init_std };
         let linear = |i: usize, o: usize| LinearConfig::new(i, o).with_bias(false).with_initializer(init.clone()).init(device);

@@ -139,6 +139,16 @@ pub struct MoeOutput<B: Backend> {
     pub balance_loss: Option<Tensor<B, 1>>,
 }
 
+/// What [`Moe::route`] gives for `T` tokens.
+pub(crate) struct Routed<B: Backend> {
+    /// The input as rows, `[T, d_model]`.
+    pub x: Tensor<B, 2>,
+    /// Router logits, `[T, E]`.
+    pub logits: Tensor<B, 2>,
+    /// Each token's experts and weights.
+    pub routing: Routing<B>,
+}
+
 impl<B: Backend> Moe<B> {
     /// Model width.
     pub fn d_model(&self) -> usize {
@@ -152,18 +162,20 @@ impl<B: Backend> Moe<B> {
         Self { bias: self.bias.map(|b| update_bias(b, counts, gamma)), ..self }
     }
 
-    /// Router logits, routing and the flattened input of `x [batch, seq, d_model]`.
-    pub(crate) fn route(&self, x: Tensor<B, 3>) -> Result<(Tensor<B, 2>, Tensor<B, 2>, Routing<B>), RouterError> {
+    /// The flattened input of `x [batch, seq, d_model]`, its router logits and routing.
+    pub(crate) fn route(&self, x: Tensor<B, 3>) -> Result<Routed<B>, RouterError> {
         let [b, s, d] = x.dims();
         assert_eq!(d, self.d_model(), "Moe: input {:?} must have d_model = {} features", [b, s, d], self.d_model());
         let x = x.reshape([b * s, d]);
         let logits = self.gate.forward(x.clone());
         let routing = route(logits.clone(), Some(self.bias.val()), &self.router)?;
-        Ok((x, logits, routing))
+        Ok(Routed { x, logits, routing })
     }
 
-    /// Shared experts, balance loss and reshaping around the routed output `[T, d]`.
-    pub(crate) fn finish(&self, x: Tensor<B, 2>, routed: Tensor<B, 2>, logits: Tensor<B, 2>, routing: Routing<B>, [b, s]: [usize; 2]) -> MoeOutput<B> {
+    /// Shared experts, balance loss and reshaping around the routed output `[T, d]` of
+    /// the tokens `input` routed.
+    pub(crate) fn finish(&self, input: Routed<B>, routed: Tensor<B, 2>, [b, s]: [usize; 2]) -> MoeOutput<B> {
+        let Routed { x, logits, routing } = input;
         let d = x.dims()[1];
         let output = match &self.shared {
             Some(shared) => routed + shared.forward(x),
@@ -204,10 +216,10 @@ impl<B: MoeBackend> Moe<B> {
         if b * s == 0 {
             return Ok(self.empty(&x));
         }
-        let (x, logits, routing) = self.route(x)?;
-        let plan = DispatchPlan::from_routing(&routing);
-        let hidden = self.experts.forward(dispatch(x.clone(), &plan), &plan);
-        let routed = combine(hidden, routing.weights.clone(), &plan);
-        Ok(self.finish(x, routed, logits, routing, [b, s]))
+        let input = self.route(x)?;
+        let plan = DispatchPlan::from_routing(&input.routing);
+        let hidden = self.experts.forward(dispatch(input.x.clone(), &plan), &plan);
+        let routed = combine(hidden, input.routing.weights.clone(), &plan);
+        Ok(self.finish(input, routed, [b, s]))
     }
 }

@@ -19,7 +19,8 @@ pub fn forward_naive<B: Backend>(moe: &Moe<B>, x: Tensor<B, 3>) -> MoeOutput<B> 
     if b * s == 0 {
         return moe.empty(&x);
     }
-    let (x, logits, routing) = moe.route(x).unwrap_or_else(|e| panic!("Moe: {e}"));
+    let input = moe.route(x).unwrap_or_else(|e| panic!("Moe: {e}"));
+    let (x, routing) = (input.x.clone(), &input.routing);
     let [t, d] = x.dims();
     let k = moe.router.top_k;
     let device = x.device();
@@ -44,5 +45,5 @@ pub fn forward_naive<B: Backend>(moe: &Moe<B>, x: Tensor<B, 3>) -> MoeOutput<B> 
         let ye = h.matmul(matrix(&moe.experts.w_down)) * weights.clone().select(0, slots).unsqueeze_dim(1);
         routed = routed.select_assign(0, tokens, ye, IndexingUpdateOp::Add);
     }
-    moe.finish(x, routed, logits, routing, [b, s])
+    moe.finish(input, routed, [b, s])
 }
