@@ -44,40 +44,18 @@ struct Args {
 
 /// The benchmark's prompt of sequence `b`.
 fn prompt(b: usize, len: usize, vocab: usize) -> Vec<u32> {
-    (0..len)
-        .map(|i| (3 + (7 * b + 13 * i) % (vocab - 3)) as u32)
-        .collect()
+    (0..len).map(|i| (3 + (7 * b + 13 * i) % (vocab - 3)) as u32).collect()
 }
 
 fn run<B: MoeBackend>(args: &Args, device: &B::Device) {
-    let hf = HfModel::<B>::open(&args.model, device)
-        .unwrap_or_else(|e| panic!("{}: {e}", args.model.display()));
+    let hf = HfModel::<B>::open(&args.model, device).unwrap_or_else(|e| panic!("{}: {e}", args.model.display()));
     let (len, n) = (args.prompt as usize, args.tokens as usize);
     let max = hf.config.mla.max_seq_len;
-    assert!(
-        len + n <= max,
-        "--prompt {len} and --tokens {n} exceed the model's context of {max}"
-    );
-    println!(
-        "decode_bench: {} on {}, prompt {len} tokens, {n} tokens per sequence, greedy",
-        args.model.display(),
-        args.backend
-    );
-    println!(
-        "{:>6} {:>22} {:>22} {:>16}",
-        "batch", "prefill tok/s (join)", "prefill (join_all)", "decode tok/s"
-    );
+    assert!(len + n <= max, "--prompt {len} and --tokens {n} exceed the model's context of {max}");
+    println!("decode_bench: {} on {}, prompt {len} tokens, {n} tokens per sequence, greedy", args.model.display(), args.backend);
+    println!("{:>6} {:>22} {:>22} {:>16}", "batch", "prefill tok/s (join)", "prefill (join_all)", "decode tok/s");
     let pages = |b: usize| b * (len + n).div_ceil(PAGE_SIZE);
-    let requests = |b: usize| {
-        (0..b)
-            .map(|s| {
-                (
-                    s as u64,
-                    Request::greedy(prompt(s, len, hf.config.vocab_size), n),
-                )
-            })
-            .collect::<Vec<_>>()
-    };
+    let requests = |b: usize| (0..b).map(|s| (s as u64, Request::greedy(prompt(s, len, hf.config.vocab_size), n))).collect::<Vec<_>>();
     for &b in &args.batch {
         let b = b as usize;
         let (mut best_join, mut best_prefill, mut best_decode) = (0f64, 0f64, 0f64);
@@ -92,9 +70,7 @@ fn run<B: MoeBackend>(args: &Args, device: &B::Device) {
             // Every prompt in one pass (`join_all`), then the decode steps.
             let mut batch = Batch::new(&hf.model, &hf.config.mla, pages(b), device);
             let start = Instant::now();
-            batch
-                .join_all(requests(b))
-                .expect("the pages hold every sequence");
+            batch.join_all(requests(b)).expect("the pages hold every sequence");
             let prefill = start.elapsed().as_secs_f64();
             let start = Instant::now();
             let mut drawn = 0;

@@ -140,7 +140,10 @@ where
     B::InnerBackend: MoeBackend,
 {
     let config = config();
-    println!("backend {name}, transport {:?}; layer d_model {}, {} experts of width {} (top-{}), 1 shared; {} tokens per rank\n", args.transport, config.d_model, config.router.n_experts, config.d_expert, config.router.top_k, args.tokens);
+    println!(
+        "backend {name}, transport {:?}; layer d_model {}, {} experts of width {} (top-{}), 1 shared; {} tokens per rank\n",
+        args.transport, config.d_model, config.router.n_experts, config.d_expert, config.router.top_k, args.tokens
+    );
     let moe: Moe<B> = config.init(&devices[0]);
     let ranks = if args.ranks.is_empty() { vec![2, 4.min(devices.len())] } else { args.ranks.clone() };
     println!("| ranks | single device, N·T tokens | expert-parallel f32 | ratio | expert-parallel FP8 dispatch | bytes/step f32 | bytes/step FP8 | dispatch+combine f32 → FP8 |");

@@ -131,21 +131,11 @@ fn main() {
             &[[1, 896, 896], [16, 896, 896], [64, 896, 896], [128, 896, 896], [128, 256, 896], [256, 1024, 1024], [512, 512, 512]],
         ),
         #[cfg(feature = "cuda")]
-        "cuda" => bench::<burn::backend::Cuda>(
-            Default::default(),
-            "cuda",
-            Unit("TFLOP/s", 1e12),
-            &args,
-            &[[4096, 7168, 16384], [128, 7168, 16384], [64, 2112, 7168], [4096, 2048, 7168]],
-        ),
+        "cuda" => {
+            bench::<burn::backend::Cuda>(Default::default(), "cuda", Unit("TFLOP/s", 1e12), &args, &[[4096, 7168, 16384], [128, 7168, 16384], [64, 2112, 7168], [4096, 2048, 7168]])
+        }
         #[cfg(feature = "ndarray")]
-        "ndarray" => bench::<burn::backend::NdArray>(
-            Default::default(),
-            "ndarray (reference ops)",
-            Unit("GFLOP/s", 1e9),
-            &args,
-            &[[128, 256, 256], [128, 896, 896]],
-        ),
+        "ndarray" => bench::<burn::backend::NdArray>(Default::default(), "ndarray (reference ops)", Unit("GFLOP/s", 1e9), &args, &[[128, 256, 256], [128, 896, 896]]),
         other => panic!("backend {other:?} is not compiled in; build with --features {other}"),
     }
 }

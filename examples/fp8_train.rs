@@ -123,12 +123,7 @@ impl<B: Backend, L: LinearLayer<B>> TinyLm<B, L> {
         let d = args.d_model;
         let block = || Block {
             norm_attn: RmsNormConfig::new(d).init(device),
-            attn: Attention {
-                qkv: L::init(&LinearConfig::new(d, 3 * d), device),
-                out: L::init(&LinearConfig::new(d, d), device),
-                heads: args.heads,
-                backend: PhantomData,
-            },
+            attn: Attention { qkv: L::init(&LinearConfig::new(d, 3 * d), device), out: L::init(&LinearConfig::new(d, d), device), heads: args.heads, backend: PhantomData },
             norm_mlp: RmsNormConfig::new(d).init(device),
             up: L::init(&LinearConfig::new(d, 4 * d), device),
             down: L::init(&LinearConfig::new(4 * d, d), device),
@@ -164,7 +159,6 @@ impl<B: Backend, L: LinearLayer<B>> TinyLm<B, L> {
         CrossEntropyLossConfig::new().init(device).forward(logits.reshape([b * t, 256]), targets)
     }
 }
-
 
 struct Run<B: AutodiffBackend, L: Module<B>> {
     name: &'static str,
@@ -210,7 +204,16 @@ fn train<B: AutodiffBackend + Fp8Backend>(args: &Args, device: &B::Device) {
     let params = f32_model.num_params();
     println!(
         "fp8_train: backend {}, {} layers, d_model {}, {} heads, {params} parameters, batch {}x{} bytes, {} steps, lr {}; corpus {} train / {} held-out bytes",
-        args.backend, args.layers, args.d_model, args.heads, args.batch, args.seq, args.steps, args.lr, train_text.len(), heldout.len()
+        args.backend,
+        args.layers,
+        args.d_model,
+        args.heads,
+        args.batch,
+        args.seq,
+        args.steps,
+        args.lr,
+        train_text.len(),
+        heldout.len()
     );
     let mut f32_run = Run { name: "f32", model: Some(f32_model), losses: Vec::new(), times: Vec::new() };
     let mut fp8_run = Run { name: "fp8", model: Some(fp8_model), losses: Vec::new(), times: Vec::new() };
@@ -241,12 +244,7 @@ fn train<B: AutodiffBackend + Fp8Backend>(args: &Args, device: &B::Device) {
     println!("|---|---|---|---|");
     println!("| f32 Linear | {train32:.4} | {eval32:.4} | {tps32:.0} |");
     println!("| Fp8Linear | {train8:.4} | {eval8:.4} | {tps8:.0} |");
-    println!(
-        "| relative difference | {:+.3}% | {:+.3}% | {:.2}x |",
-        100.0 * (train8 - train32) / train32,
-        100.0 * (eval8 - eval32) / eval32,
-        tps8 / tps32
-    );
+    println!("| relative difference | {:+.3}% | {:+.3}% | {:.2}x |", 100.0 * (train8 - train32) / train32, 100.0 * (eval8 - eval32) / eval32, tps8 / tps32);
 }
 
 fn main() {

@@ -61,46 +61,19 @@ struct Args {
 
 fn run<B: MoeBackend>(args: &Args, device: &B::Device) -> Result<(), String> {
     let start = Instant::now();
-    let hf = HfModel::<B>::open(&args.model, device)
-        .map_err(|e| format!("{}: {e}", args.model.display()))?;
-    let prompt = hf
-        .tokenizer
-        .encode(&args.prompt)
-        .map_err(|e| e.to_string())?;
+    let hf = HfModel::<B>::open(&args.model, device).map_err(|e| format!("{}: {e}", args.model.display()))?;
+    let prompt = hf.tokenizer.encode(&args.prompt).map_err(|e| e.to_string())?;
     if prompt.is_empty() {
         return Err(format!("the prompt {:?} encodes to no tokens", args.prompt));
     }
     let n = args.tokens as usize;
     let context = hf.config.mla.max_seq_len;
     if prompt.len() + n > context {
-        return Err(format!(
-            "the prompt's {} tokens and --tokens {n} exceed the model's context of {context}",
-            prompt.len()
-        ));
+        return Err(format!("the prompt's {} tokens and --tokens {n} exceed the model's context of {context}", prompt.len()));
     }
-    eprintln!(
-        "{}: {} parameters loaded in {:.1} s; prompt {} tokens",
-        args.model.display(),
-        hf.model.materialized_params(),
-        start.elapsed().as_secs_f64(),
-        prompt.len()
-    );
-    let sampling = if args.temperature <= 0.0 {
-        Sampling::greedy()
-    } else {
-        Sampling {
-            temperature: args.temperature,
-            top_k: args.top_k,
-            seed: args.seed,
-        }
-    };
-    let mut session = Session::new(
-        &hf.model,
-        &hf.config.mla,
-        prompt.len() + n,
-        sampling,
-        device,
-    );
+    eprintln!("{}: {} parameters loaded in {:.1} s; prompt {} tokens", args.model.display(), hf.model.materialized_params(), start.elapsed().as_secs_f64(), prompt.len());
+    let sampling = if args.temperature <= 0.0 { Sampling::greedy() } else { Sampling { temperature: args.temperature, top_k: args.top_k, seed: args.seed } };
+    let mut session = Session::new(&hf.model, &hf.config.mla, prompt.len() + n, sampling, device);
     let mut stream = hf.tokenizer.stream();
     let mut out = std::io::stdout();
     print!("{}", args.prompt);
@@ -142,10 +115,7 @@ fn run<B: MoeBackend>(args: &Args, device: &B::Device) -> Result<(), String> {
 fn main() {
     let args = Args::parse();
     if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
-        eprintln!(
-            "error: --temperature {} must be a finite number ≥ 0",
-            args.temperature
-        );
+        eprintln!("error: --temperature {} must be a finite number ≥ 0", args.temperature);
         std::process::exit(2);
     }
     let result = match args.backend {
@@ -158,9 +128,7 @@ fn main() {
         #[cfg(feature = "cuda")]
         Backend::Cuda => run::<burn::backend::Cuda>(&args, &Default::default()),
         #[allow(unreachable_patterns)]
-        other => Err(format!(
-            "backend {other:?} is not compiled in (features flex, ndarray, wgpu, cuda)"
-        )),
+        other => Err(format!("backend {other:?} is not compiled in (features flex, ndarray, wgpu, cuda)")),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");

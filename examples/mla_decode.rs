@@ -134,11 +134,16 @@ fn bench<B: MoeBackend>(a: &Args, device: &B::Device) {
         // cache with `l` tokens (untimed) and times the step to `l + 1`, so every run has
         // the same shapes (on wgpu a new length is a new kernel compilation).
         let seq = Tensor::<B, 3>::random([n, l + 1, d], Distribution::Normal(0.0, 1.0), device);
-        let t_mha = time_step::<B, _, _>(device, a.min_time, || {
-            let mut cache = MhaCache::autoregressive();
-            let warm = mha.forward_cache(MhaInput::self_attn(seq.clone().slice([0..n, 0..l, 0..d])), &mut cache).context;
-            (cache, warm)
-        }, |(mut cache, _)| mha.forward_cache(MhaInput::self_attn(seq.clone()), &mut cache).context);
+        let t_mha = time_step::<B, _, _>(
+            device,
+            a.min_time,
+            || {
+                let mut cache = MhaCache::autoregressive();
+                let warm = mha.forward_cache(MhaInput::self_attn(seq.clone().slice([0..n, 0..l, 0..d])), &mut cache).context;
+                (cache, warm)
+            },
+            |(mut cache, _)| mha.forward_cache(MhaInput::self_attn(seq.clone()), &mut cache).context,
+        );
 
         // Bytes read from the cache by one step: the kernel reads each sequence's rows
         // once per group of HEADS heads; MHA reads every head's keys and values.

@@ -43,7 +43,13 @@ struct Args {
 }
 
 fn parse_args() -> Args {
-    let mut args = Args { backend: "wgpu".into(), config: String::new(), tokens: Vec::new(), min_time: Duration::from_millis(1500), tables: vec!["layer".into(), "gemm".into(), "movement".into()] };
+    let mut args = Args {
+        backend: "wgpu".into(),
+        config: String::new(),
+        tokens: Vec::new(),
+        min_time: Duration::from_millis(1500),
+        tables: vec!["layer".into(), "gemm".into(), "movement".into()],
+    };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
@@ -79,7 +85,10 @@ fn layer<B: MoeBackend>(device: &B::Device, config: &MoeConfig, tokens: &[usize]
     let moe: Moe<B> = config.init(device);
     let moe_fp8: Moe<B> = MoeConfig { fp8: Some(Fp8Recipe::deepseek_v3()), ..config.clone() }.init(device);
     let train: Moe<Autodiff<B>> = config.init(device);
-    println!("\nMoe layer vs the naive loop over experts: d_model {d}, {} experts of width {}, top-{}, {} shared", config.router.n_experts, config.d_expert, config.router.top_k, config.n_shared_experts);
+    println!(
+        "\nMoe layer vs the naive loop over experts: d_model {d}, {} experts of width {}, top-{}, {} shared",
+        config.router.n_experts, config.d_expert, config.router.top_k, config.n_shared_experts
+    );
     println!(
         "{:>7} | {:>12} {:>12} {:>8} | {:>12} {:>12} {:>8} | {:>9} | {:>12} {:>8}",
         "tokens", "fwd tok/s", "naive tok/s", "speedup", "f+b tok/s", "naive tok/s", "speedup", "max diff", "fp8 fwd", "speedup"

@@ -82,32 +82,32 @@
 //! ZeRO-1 with `--zero 1`): the state sharded over each group of `D/R`, the gradients
 //! averaged across the `R` groups.
 
+use burn::backend::autodiff::grads::Gradients;
 use burn::config::Config;
 use burn::module::{AutodiffModule, Module};
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{GradientsParams, Optimizer};
-use burn_dp::{AdamW as DpAdamW, AdamWConfig, Ddp, DpError, FsdpBackend, Layout, MomentDType, Zero1};
 use burn::record::{BinBytesRecorder, FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Int, Tensor, TensorData};
-use burn_deepseek::model::{DeepSeekV3, DeepSeekV3Config, LossOutput, ModelStage, Sampling, Session, Speculative, SpeculativeStats};
-use burn::backend::autodiff::grads::Gradients;
+use burn_dcp::{Reader, Snapshot};
+use burn_deepseek::checkpoint::StateNames;
 use burn_deepseek::dualpipe::executor::{materialize, Pipeline};
 use burn_deepseek::dualpipe::schedule::{Schedule, ScheduleKind};
+use burn_deepseek::model::{DeepSeekV3, DeepSeekV3Config, LossOutput, ModelStage, Sampling, Session, Speculative, SpeculativeStats};
+use burn_dp::{AdamW as DpAdamW, AdamWConfig, Ddp, DpError, FsdpBackend, Layout, MomentDType, Zero1};
 use burn_moe::comm::{launch, Comm, DeviceMesh, Transport};
 use burn_moe::MoeBackend;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-use burn_dcp::{Reader, Snapshot};
-use burn_deepseek::checkpoint::StateNames;
 
+#[path = "train_tiny/ckpt.rs"]
+mod ckpt;
 #[path = "common/corpus.rs"]
 mod corpus;
 #[path = "train_tiny/fsdp.rs"]
 mod fsdp;
-#[path = "train_tiny/ckpt.rs"]
-mod ckpt;
 use corpus::{corpus, global_rows};
 
 #[derive(Clone, Debug)]
@@ -182,8 +182,15 @@ fn parse_args() -> Args {
             "--resume" => a.resume = true,
             "--ep" => a.ep = value().parse().expect("--ep N"),
             "--dp" => a.dp = value().parse().expect("--dp N: a number of data-parallel ranks"),
-            "--zero" => a.zero = value().parse().ok().filter(|z| [0, 1, 3].contains(z)).unwrap_or_else(|| panic!("--zero 0|1|3: 0 replicates the optimizer state (DDP), 1 shards it (ZeRO-1), 3 shards the parameters, gradients and state (FSDP)")),
-            "--dp-replicate" => a.dp_replicate = value().parse().ok().filter(|&r| r >= 1).unwrap_or_else(|| panic!("--dp-replicate R: a number (at least 1) of groups holding the same shards")),
+            "--zero" => {
+                a.zero =
+                    value().parse().ok().filter(|z| [0, 1, 3].contains(z)).unwrap_or_else(|| {
+                        panic!("--zero 0|1|3: 0 replicates the optimizer state (DDP), 1 shards it (ZeRO-1), 3 shards the parameters, gradients and state (FSDP)")
+                    })
+            }
+            "--dp-replicate" => {
+                a.dp_replicate = value().parse().ok().filter(|&r| r >= 1).unwrap_or_else(|| panic!("--dp-replicate R: a number (at least 1) of groups holding the same shards"))
+            }
             "--fsdp-unit" => {
                 a.fsdp_per_block = match value().as_str() {
                     "block" => true,
@@ -239,12 +246,19 @@ fn world_size(args: &Args) -> usize {
 /// that split the batch.
 fn check_layout(args: &Args, config: &DeepSeekV3Config, world: usize) {
     let layout = format!("--pp {} --dp {} --ep {}", args.pp.max(1), args.dp, args.ep);
-    DeviceMesh::validate(&[("pp", args.pp.max(1)), ("dp", args.dp), ("ep", args.ep)], world).unwrap_or_else(|e| panic!("{layout}: {e} (start {} processes, or as many threads without mpirun)", world_size(args)));
+    DeviceMesh::validate(&[("pp", args.pp.max(1)), ("dp", args.dp), ("ep", args.ep)], world)
+        .unwrap_or_else(|e| panic!("{layout}: {e} (start {} processes, or as many threads without mpirun)", world_size(args)));
     let experts = config.moe.router.n_experts;
     assert!(experts.is_multiple_of(args.ep), "--ep {}: does not divide the {experts} experts of each MoE layer", args.ep);
     if args.pp > 0 {
         let stages = 2 * args.pp;
-        assert!(stages <= config.n_layers + 1, "--pp {}: DualPipeV cuts {stages} stages, the model has {} blocks and the tail ({} stages at most; --layers N gives it N blocks)", args.pp, config.n_layers, config.n_layers + 1);
+        assert!(
+            stages <= config.n_layers + 1,
+            "--pp {}: DualPipeV cuts {stages} stages, the model has {} blocks and the tail ({} stages at most; --layers N gives it N blocks)",
+            args.pp,
+            config.n_layers,
+            config.n_layers + 1
+        );
         let m = args.micro_batches.unwrap_or(2 * args.pp);
         assert!(m > 0 && args.batch.is_multiple_of(m), "--batch {} does not split into {m} equal micro-batches", args.batch);
         Schedule::new(ScheduleKind::DualPipeV, args.pp, m).unwrap_or_else(|e| panic!("--pp {} --micro-batches {m}: {e}", args.pp));
@@ -320,7 +334,9 @@ where
         (model, state, Some(reader))
     } else {
         assert!(args.layers >= 2, "--layers {}: the tiny model has a dense block and at least one MoE block", args.layers);
-        let config = DeepSeekV3Config { n_layers: args.layers, mtp_depth: args.mtp, ..DeepSeekV3Config::tiny() }.with_width(args.d_model).with_fp8_everywhere(args.fp8.then(Default::default));
+        let config = DeepSeekV3Config { n_layers: args.layers, mtp_depth: args.mtp, ..DeepSeekV3Config::tiny() }
+            .with_width(args.d_model)
+            .with_fp8_everywhere(args.fp8.then(Default::default));
         let state = TrainState { step: 0, lm: Vec::new(), mtp: Vec::new(), load: Vec::new(), held_out: Vec::new(), model: config.clone() };
         let model = config.init::<B>(device);
         // The initial weights drawn now, in module order: the same model for every mode.
@@ -346,7 +362,14 @@ where
         if config.fp8.is_some() { "on" } else { "off" }
     );
     let (train_text, held_text) = corpus();
-    println!("corpus: {} bytes of the novel ({} held out); batch {} × {} tokens per rank; {} steps", train_text.len() + held_text.len(), held_text.len(), args.batch, args.seq, args.steps);
+    println!(
+        "corpus: {} bytes of the novel ({} held out); batch {} × {} tokens per rank; {} steps",
+        train_text.len() + held_text.len(),
+        held_text.len(),
+        args.batch,
+        args.seq,
+        args.steps
+    );
     #[cfg(feature = "mpi")]
     if under_mpirun() {
         // One rank per process: this process's device, the job's communicator.
@@ -521,7 +544,11 @@ where
 
 /// Continues the prompt with the trained model and the latent cache.
 fn sample<B: MoeBackend>(args: &Args, state: &TrainState, model: &DeepSeekV3<B>, device: &B::Device) {
-    println!("wrote {}/{{model.mpk, state.json, loss.svg}} and the distributed checkpoint {}", args.out.display(), burn_dcp::step_dir(&ckpt::root(args), state.step as u64).display());
+    println!(
+        "wrote {}/{{model.mpk, state.json, loss.svg}} and the distributed checkpoint {}",
+        args.out.display(),
+        burn_dcp::step_dir(&ckpt::root(args), state.step as u64).display()
+    );
     let ids: Vec<u32> = PROMPT.bytes().map(u32::from).collect();
     let mut session = Session::new(model, &state.model.mla, ids.len() + args.sample, Sampling { seed: args.seed, ..Default::default() }, device);
     let drawn = session.generate(&ids, args.sample).expect("prompt and sample fit the cache (checked at the start)");
@@ -693,7 +720,14 @@ fn counts_over<B: burn::tensor::backend::Backend>(counts: Vec<Tensor<B, 1, Int>>
 /// — the MoE layers' experts spread over the `ep` group, the gradients averaged (DDP) or
 /// the optimizer state sharded (ZeRO-1) over the `dp` group. Rank 0 prints, evaluates,
 /// writes the model and samples; every rank checkpoints what it holds.
-fn run<B: AutodiffBackend + MoeBackend + FsdpBackend>(args: &Args, model: &DeepSeekV3<B>, mut state: TrainState, (names, reader): Resume<'_>, world: Option<Comm>, device: &B::Device) -> Result<(), RunError>
+fn run<B: AutodiffBackend + MoeBackend + FsdpBackend>(
+    args: &Args,
+    model: &DeepSeekV3<B>,
+    mut state: TrainState,
+    (names, reader): Resume<'_>,
+    world: Option<Comm>,
+    device: &B::Device,
+) -> Result<(), RunError>
 where
     B::InnerBackend: MoeBackend,
 {
@@ -797,7 +831,14 @@ fn report_held(args: &Args, world: Option<&Comm>, (params, grads, moments): (usi
     if world.is_none_or(|w| w.rank() == 0) {
         let mb = |b: usize| b as f64 / 1e6;
         for (r, (p, g, m, sent)) in all.iter().enumerate() {
-            println!("rank {r} holds: parameters {:.2} MB, gradients {:.2} MB, AdamW moments ({:?}) {:.2} MB; sent {:.1} MB in {steps} steps", mb(*p), mb(*g), args.moments, mb(*m), mb(*sent));
+            println!(
+                "rank {r} holds: parameters {:.2} MB, gradients {:.2} MB, AdamW moments ({:?}) {:.2} MB; sent {:.1} MB in {steps} steps",
+                mb(*p),
+                mb(*g),
+                args.moments,
+                mb(*m),
+                mb(*sent)
+            );
         }
     }
     Ok(())
@@ -807,7 +848,14 @@ fn report_held(args: &Args, world: Option<&Comm>, (params, grads, moments): (usi
 /// mesh, the model cut into `2N` stages run by DualPipeV over the `pp` group, the stages
 /// this rank holds sharded over its `ep` group, `--micro-batches M` (default `2N`) per
 /// step. World rank 0 prints, evaluates, writes the model and samples.
-fn run_mesh<B: AutodiffBackend<Gradients = Gradients> + MoeBackend>(args: &Args, model: &DeepSeekV3<B>, mut state: TrainState, (names, reader): Resume<'_>, world: &Comm, device: &B::Device) -> Result<(), RunError>
+fn run_mesh<B: AutodiffBackend<Gradients = Gradients> + MoeBackend>(
+    args: &Args,
+    model: &DeepSeekV3<B>,
+    mut state: TrainState,
+    (names, reader): Resume<'_>,
+    world: &Comm,
+    device: &B::Device,
+) -> Result<(), RunError>
 where
     B::InnerBackend: MoeBackend,
 {
@@ -824,8 +872,18 @@ where
     let objective = staged.objective.with_expert_ranks(ep);
     let held: Vec<usize> = (0..schedule.kind.chunks_per_rank()).map(|c| schedule.stage_of_chunk(p, c)).collect();
     if rank == 0 {
-        let cut: Vec<String> = staged.stages.iter().map(|s| format!("{}{}{}", if s.embed.is_some() { "embed+" } else { "" }, s.layers.len(), if s.tail.is_some() { "+head/MTP" } else { "" })).collect();
-        println!("DualPipeV: {pp} pipeline ranks, {} stages (blocks per stage: {}), {m} micro-batches of {} rows; {ep} expert ranks per stage; {dp} data-parallel replicas ({})", schedule.stages(), cut.join(" | "), args.batch / m, if args.zero == 1 { "ZeRO-1" } else { "DDP" });
+        let cut: Vec<String> = staged
+            .stages
+            .iter()
+            .map(|s| format!("{}{}{}", if s.embed.is_some() { "embed+" } else { "" }, s.layers.len(), if s.tail.is_some() { "+head/MTP" } else { "" }))
+            .collect();
+        println!(
+            "DualPipeV: {pp} pipeline ranks, {} stages (blocks per stage: {}), {m} micro-batches of {} rows; {ep} expert ranks per stage; {dp} data-parallel replicas ({})",
+            schedule.stages(),
+            cut.join(" | "),
+            args.batch / m,
+            if args.zero == 1 { "ZeRO-1" } else { "DDP" }
+        );
     }
     let mut stages = staged.stages;
     let mut stage_comms = Vec::new();
@@ -985,7 +1043,13 @@ where
 /// the stages it holds (collective over each stage's group), the pipeline ranks of
 /// replica 0 and `ep` coordinate 0 (`(d, e)`) send theirs to pipeline rank 0 as Burn
 /// records.
-fn gather_model<B: AutodiffBackend<Gradients = Gradients> + MoeBackend>(pipeline: &Pipeline<B, ModelStage<B>, 3>, held: &[usize], pp_comm: &Comm, (d, e): (usize, usize), device: &B::Device) -> Result<Option<DeepSeekV3<B>>, RunError>
+fn gather_model<B: AutodiffBackend<Gradients = Gradients> + MoeBackend>(
+    pipeline: &Pipeline<B, ModelStage<B>, 3>,
+    held: &[usize],
+    pp_comm: &Comm,
+    (d, e): (usize, usize),
+    device: &B::Device,
+) -> Result<Option<DeepSeekV3<B>>, RunError>
 where
     B::InnerBackend: MoeBackend,
 {
@@ -1032,7 +1096,13 @@ fn loss_svg(state: &TrainState) -> String {
         format!("<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>\n", d.join(" "))
     };
     let mut svg = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n");
-    svg += &format!("<line x1=\"{pad}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n<line x1=\"{pad}\" y1=\"{pad}\" x2=\"{pad}\" y2=\"{}\" stroke=\"black\"/>\n", h - pad, w - pad, h - pad, h - pad);
+    svg += &format!(
+        "<line x1=\"{pad}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n<line x1=\"{pad}\" y1=\"{pad}\" x2=\"{pad}\" y2=\"{}\" stroke=\"black\"/>\n",
+        h - pad,
+        w - pad,
+        h - pad,
+        h - pad
+    );
     for i in 0..=top as usize {
         svg += &format!("<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{i}</text>\n", pad - 6.0, y(i as f64) + 4.0);
     }

@@ -31,49 +31,20 @@ struct Case {
 
 const CASES: [Case; 3] = [
     // train_tiny: 8 × 64 tokens, top-4, d_model 64.
-    Case {
-        name: "tiny (512 tok, top-4, d 64)",
-        rows: 512 * 4,
-        width: 64,
-    },
+    Case { name: "tiny (512 tok, top-4, d 64)", rows: 512 * 4, width: 64 },
     // moe_layer's v3-slim: 512 tokens, top-8, d_model 896.
-    Case {
-        name: "v3-slim (512 tok, top-8, d 896)",
-        rows: 512 * 8,
-        width: 896,
-    },
-    Case {
-        name: "latency (1 value per pair)",
-        rows: 0,
-        width: 1,
-    },
+    Case { name: "v3-slim (512 tok, top-8, d 896)", rows: 512 * 8, width: 896 },
+    Case { name: "latency (1 value per pair)", rows: 0, width: 1 },
 ];
 
 /// Seconds per all-to-all of `case` on this rank (every rank runs the same count).
-fn measure<B: Backend>(
-    comm: &Comm,
-    case: Case,
-    device: &B::Device,
-    min_time: Duration,
-) -> Result<f64, CommError> {
+fn measure<B: Backend>(comm: &Comm, case: Case, device: &B::Device, min_time: Duration) -> Result<f64, CommError> {
     let world = comm.world_size();
     let per = if case.rows == 0 { 1 } else { case.rows / world };
-    let parts = || {
-        (0..world)
-            .map(|dst| {
-                Some(Tensor::<B, 2>::full(
-                    [per, case.width],
-                    (comm.rank() * 10 + dst) as f32,
-                    device,
-                ))
-            })
-            .collect::<Vec<_>>()
-    };
+    let parts = || (0..world).map(|dst| Some(Tensor::<B, 2>::full([per, case.width], (comm.rank() * 10 + dst) as f32, device))).collect::<Vec<_>>();
     let once = || -> Result<(), CommError> {
         let got = comm.exchange_tensors("all_to_all", parts(), device)?;
-        assert!(got
-            .iter()
-            .all(|p| p.as_ref().is_some_and(|t| t.dims() == [per, case.width])));
+        assert!(got.iter().all(|p| p.as_ref().is_some_and(|t| t.dims() == [per, case.width])));
         Ok(())
     };
     once()?; // warm up
@@ -82,10 +53,7 @@ fn measure<B: Backend>(
     once()?;
     let first = t.elapsed().as_secs_f64();
     // Rank 0's estimate decides how many runs every rank makes.
-    let iters = comm.all_gather_host(
-        "iterations",
-        ((min_time.as_secs_f64() / first.max(1e-6)).ceil() as usize).clamp(3, 10_000),
-    )?[0];
+    let iters = comm.all_gather_host("iterations", ((min_time.as_secs_f64() / first.max(1e-6)).ceil() as usize).clamp(3, 10_000))?[0];
     comm.barrier("start")?;
     let t = Instant::now();
     for _ in 0..iters {
@@ -109,20 +77,8 @@ fn parse_args(args: &[String]) -> (Vec<usize>, bool) {
     while let Some(a) = it.next() {
         match a.as_str() {
             "--ranks" => {
-                let v = it
-                    .next()
-                    .unwrap_or_else(|| fail("--ranks needs a value, e.g. 2,4"));
-                ranks = v
-                    .split(',')
-                    .map(|r| {
-                        r.parse()
-                            .ok()
-                            .filter(|&r: &usize| r >= 2)
-                            .unwrap_or_else(|| {
-                                fail(&format!("--ranks {v}: rank counts of at least 2"))
-                            })
-                    })
-                    .collect();
+                let v = it.next().unwrap_or_else(|| fail("--ranks needs a value, e.g. 2,4"));
+                ranks = v.split(',').map(|r| r.parse().ok().filter(|&r: &usize| r >= 2).unwrap_or_else(|| fail(&format!("--ranks {v}: rank counts of at least 2")))).collect();
             }
             "--nccl" if cfg!(feature = "nccl") => nccl = true,
             "--nccl" => fail("--nccl: build with --features nccl"),
@@ -164,11 +120,7 @@ fn run_child(nccl: bool) {
                 let gpu = CudaDevice::new(burn_comm::mpi::local_rank().unwrap_or(comm.rank()));
                 let comm = comm.with_nccl(&gpu)?;
                 for (i, case) in CASES.iter().enumerate() {
-                    report(
-                        i,
-                        measure::<burn::backend::Cuda>(&comm, *case, &gpu, MIN_TIME)?,
-                        &comm,
-                    );
+                    report(i, measure::<burn::backend::Cuda>(&comm, *case, &gpu, MIN_TIME)?, &comm);
                 }
             }
             return Ok(());
@@ -188,26 +140,16 @@ fn over_mpi(world: usize, nccl: bool) -> Option<Vec<f64>> {
     if !burn_comm::mpirun::available() {
         return None;
     }
-    let out = burn_comm::mpirun::command(world)
-        .arg(std::env::current_exe().ok()?)
-        .args(["--child", if nccl { "nccl" } else { "mpi" }])
-        .output()
-        .ok()?;
+    let out = burn_comm::mpirun::command(world).arg(std::env::current_exe().ok()?).args(["--child", if nccl { "nccl" } else { "mpi" }]).output().ok()?;
     if !out.status.success() {
-        eprintln!(
-            "mpirun -np {world} failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        eprintln!("mpirun -np {world} failed:\n{}", String::from_utf8_lossy(&out.stderr));
         return None;
     }
     let text = String::from_utf8_lossy(&out.stdout);
     let mut times = vec![f64::NAN; CASES.len()];
     for line in text.lines().filter_map(|l| l.strip_prefix("RESULT ")) {
         let mut f = line.split(' ');
-        let (i, s) = (
-            f.next()?.parse::<usize>().ok()?,
-            f.next()?.parse::<f64>().ok()?,
-        );
+        let (i, s) = (f.next()?.parse::<usize>().ok()?, f.next()?.parse::<f64>().ok()?);
         times[i] = s;
     }
     Some(times)
@@ -225,29 +167,13 @@ fn main() {
     }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (ranks, nccl) = parse_args(&args);
-    println!(
-        "all-to-all per rank, f32 rows, NdArray tensors (host), {} cores",
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    );
-    println!(
-        "{:<34} {:>5} {:>12} {:>14} {:>14} {:>10}{}",
-        "case",
-        "ranks",
-        "bytes out",
-        "threads",
-        "MPI procs",
-        "MPI/thr",
-        if nccl { "  NCCL (CUDA)" } else { "" }
-    );
+    println!("all-to-all per rank, f32 rows, NdArray tensors (host), {} cores", std::thread::available_parallelism().map_or(1, |n| n.get()));
+    println!("{:<34} {:>5} {:>12} {:>14} {:>14} {:>10}{}", "case", "ranks", "bytes out", "threads", "MPI procs", "MPI/thr", if nccl { "  NCCL (CUDA)" } else { "" });
     for &world in &ranks {
-        let threads = launch(Comm::group(world, Transport::Host), |comm| {
-            CASES
-                .iter()
-                .map(|c| measure::<NdArray>(&comm, *c, &Default::default(), MIN_TIME))
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .expect("threads")[0]
-            .clone();
+        let threads =
+            launch(Comm::group(world, Transport::Host), |comm| CASES.iter().map(|c| measure::<NdArray>(&comm, *c, &Default::default(), MIN_TIME)).collect::<Result<Vec<_>, _>>())
+                .expect("threads")[0]
+                .clone();
         let mpi = over_mpi(world, false);
         let gpus = if nccl { over_mpi(world, true) } else { None };
         for (i, case) in CASES.iter().enumerate() {
@@ -268,15 +194,7 @@ fn main() {
                 (None, true) => "  (failed)".to_string(),
                 (None, false) => String::new(),
             };
-            println!(
-                "{:<34} {:>5} {:>12} {:>14} {:>14} {:>10}{g}",
-                case.name,
-                world,
-                b as u64,
-                show(threads[i]),
-                m,
-                ratio
-            );
+            println!("{:<34} {:>5} {:>12} {:>14} {:>14} {:>10}{g}", case.name, world, b as u64, show(threads[i]), m, ratio);
         }
     }
     println!("MPI/thr: the threads' time over MPI's (above 1: MPI processes are faster)");

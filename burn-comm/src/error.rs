@@ -66,20 +66,10 @@ impl core::fmt::Display for CommError {
             CommError::RankFailed { rank, op, reason } => {
                 write!(f, "rank {rank} failed during {op}: {reason}")
             }
-            CommError::Timeout {
-                rank,
-                op,
-                missing,
-                after,
-            } => {
+            CommError::Timeout { rank, op, missing, after } => {
                 write!(f, "rank {rank} waited {after:?} in {op} for ranks {missing:?}, which did not send (stalled or dead)")
             }
-            CommError::Mismatch {
-                rank,
-                op,
-                other,
-                other_op,
-            } => {
+            CommError::Mismatch { rank, op, other, other_op } => {
                 write!(f, "rank {rank} called {op} while rank {other} called {other_op} at the same point")
             }
             CommError::Shape { rank, op, detail } => write!(f, "rank {rank}, {op}: {detail}"),

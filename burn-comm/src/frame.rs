@@ -5,8 +5,7 @@ use burn::tensor::{DType, TensorData};
 
 /// `data` as one frame.
 pub(crate) fn encode(data: TensorData) -> Vec<u8> {
-    let header =
-        rmp_serde::to_vec(&(data.shape.to_vec(), data.dtype)).expect("shapes and dtypes encode");
+    let header = rmp_serde::to_vec(&(data.shape.to_vec(), data.dtype)).expect("shapes and dtypes encode");
     let bytes = data.as_bytes();
     let mut out = Vec::with_capacity(4 + header.len() + bytes.len());
     out.extend_from_slice(&(header.len() as u32).to_le_bytes());
@@ -22,20 +21,13 @@ pub(crate) fn decode(frame: &[u8]) -> Result<TensorData, String> {
     }
     let len = u32::from_le_bytes(frame[..4].try_into().expect("4 bytes")) as usize;
     if frame.len() < 4 + len {
-        return Err(format!(
-            "a header of {len} bytes in a frame of {}",
-            frame.len()
-        ));
+        return Err(format!("a header of {len} bytes in a frame of {}", frame.len()));
     }
-    let (shape, dtype): (Vec<usize>, DType) =
-        rmp_serde::from_slice(&frame[4..4 + len]).map_err(|e| e.to_string())?;
+    let (shape, dtype): (Vec<usize>, DType) = rmp_serde::from_slice(&frame[4..4 + len]).map_err(|e| e.to_string())?;
     let values = frame[4 + len..].to_vec();
     let expected = shape.iter().product::<usize>() * dtype.size();
     if values.len() != expected {
-        return Err(format!(
-            "{} value bytes for shape {shape:?} of {dtype:?} ({expected} expected)",
-            values.len()
-        ));
+        return Err(format!("{} value bytes for shape {shape:?} of {dtype:?} ({expected} expected)", values.len()));
     }
     Ok(TensorData::from_bytes_vec(values, shape, dtype))
 }

@@ -37,10 +37,7 @@ where
                 (rank, scope.spawn(move || f(comm)))
             })
             .collect();
-        handles
-            .into_iter()
-            .map(|(rank, h)| (rank, h.join()))
-            .collect()
+        handles.into_iter().map(|(rank, h)| (rank, h.join())).collect()
     });
     let mut errors: Vec<(u8, E)> = Vec::new();
     let mut values = Vec::new();
@@ -49,15 +46,7 @@ where
             Err(panic) => match panic.downcast::<CommError>() {
                 // A collective that failed inside a backward unwinds with its error.
                 Ok(e) => errors.push((if e.is_consequence() { 2 } else { 1 }, E::from(*e))),
-                Err(panic) => errors.push((
-                    0,
-                    CommError::RankFailed {
-                        rank,
-                        op: "launch",
-                        reason: format!("panicked: {}", panic_message(&*panic)),
-                    }
-                    .into(),
-                )),
+                Err(panic) => errors.push((0, CommError::RankFailed { rank, op: "launch", reason: format!("panicked: {}", panic_message(&*panic)) }.into())),
             },
             Ok(Err(e)) => {
                 let consequence = e.is_consequence();
@@ -74,11 +63,7 @@ where
 
 /// The message of a caught panic.
 pub fn panic_message(panic: &(dyn Any + Send)) -> String {
-    match (
-        panic.downcast_ref::<String>(),
-        panic.downcast_ref::<&str>(),
-        panic.downcast_ref::<CommError>(),
-    ) {
+    match (panic.downcast_ref::<String>(), panic.downcast_ref::<&str>(), panic.downcast_ref::<CommError>()) {
         (Some(s), _, _) => s.clone(),
         (None, Some(s), _) => s.to_string(),
         (None, None, Some(e)) => e.to_string(),

@@ -78,31 +78,11 @@ mod tests {
             let out = launch(Comm::group(3, transport), |comm| {
                 let me = comm.rank();
                 // Rank `me` sends `me * 10 + dst + 1` rows of value `me * 100 + dst`, none to rank 2.
-                let parts = (0..3)
-                    .map(|dst| {
-                        (dst != 2).then(|| {
-                            Tensor::<NdArray, 2>::full(
-                                [me * 10 + dst + 1, 2],
-                                (me * 100 + dst) as f32,
-                                &device,
-                            )
-                        })
-                    })
-                    .collect();
+                let parts = (0..3).map(|dst| (dst != 2).then(|| Tensor::<NdArray, 2>::full([me * 10 + dst + 1, 2], (me * 100 + dst) as f32, &device))).collect();
                 let got = comm.exchange_tensors("rows", parts, &device)?;
-                let ints = (0..3)
-                    .map(|dst| {
-                        Some(Tensor::<NdArray, 1, Int>::from_data(
-                            [(me * 3 + dst) as u32],
-                            (&device, burn::tensor::DType::U32),
-                        ))
-                    })
-                    .collect();
+                let ints = (0..3).map(|dst| Some(Tensor::<NdArray, 1, Int>::from_data([(me * 3 + dst) as u32], (&device, burn::tensor::DType::U32)))).collect();
                 let ints = comm.exchange_tensors("ints", ints, &device)?;
-                let rows: Vec<Option<(usize, f32)>> = got
-                    .into_iter()
-                    .map(|t| t.map(|t| (t.dims()[0], t.into_data().to_vec::<f32>().unwrap()[0])))
-                    .collect();
+                let rows: Vec<Option<(usize, f32)>> = got.into_iter().map(|t| t.map(|t| (t.dims()[0], t.into_data().to_vec::<f32>().unwrap()[0]))).collect();
                 let ints: Vec<(burn::tensor::DType, u32)> = ints
                     .into_iter()
                     .map(|t| {
@@ -114,10 +94,7 @@ mod tests {
             })
             .unwrap();
             let (rows, ints, sent) = &out[1];
-            assert_eq!(
-                rows,
-                &[Some((2, 1.0)), Some((12, 101.0)), Some((22, 201.0))]
-            );
+            assert_eq!(rows, &[Some((2, 1.0)), Some((12, 101.0)), Some((22, 201.0))]);
             assert!(out[2].0.iter().all(Option::is_none));
             assert_eq!(ints.iter().map(|(_, v)| *v).collect::<Vec<_>>(), [1, 4, 7]);
             assert!(ints.iter().all(|(d, _)| *d == burn::tensor::DType::U32));
@@ -143,21 +120,15 @@ mod tests {
         .unwrap();
         assert_eq!(out[1], [1, 2]);
 
-        let err = launch(
-            Comm::group_with_timeout(2, Transport::Host, Duration::from_millis(200)),
-            |comm| {
-                if comm.rank() == 1 {
-                    std::thread::sleep(Duration::from_millis(600));
-                    return Ok(());
-                }
-                comm.recv::<u32>("msg", 0, 1).map(|_| ())
-            },
-        )
+        let err = launch(Comm::group_with_timeout(2, Transport::Host, Duration::from_millis(200)), |comm| {
+            if comm.rank() == 1 {
+                std::thread::sleep(Duration::from_millis(600));
+                return Ok(());
+            }
+            comm.recv::<u32>("msg", 0, 1).map(|_| ())
+        })
         .unwrap_err();
-        assert!(
-            matches!(&err, CommError::Timeout { rank: 0, missing, .. } if missing == &[1]),
-            "{err}"
-        );
+        assert!(matches!(&err, CommError::Timeout { rank: 0, missing, .. } if missing == &[1]), "{err}");
 
         let err = launch(Comm::group(3, Transport::Host), |comm| {
             if comm.rank() == 2 {
@@ -166,57 +137,37 @@ mod tests {
             comm.barrier("b")
         })
         .unwrap_err();
-        assert!(
-            matches!(&err, CommError::RankFailed { rank: 2, reason, .. } if reason.contains("rank 2 broke")),
-            "{err}"
-        );
+        assert!(matches!(&err, CommError::RankFailed { rank: 2, reason, .. } if reason.contains("rank 2 broke")), "{err}");
     }
 
     #[test]
     fn split_groups_run_their_own_collectives_and_report_world_ranks() {
-        let out = launch(
-            Comm::group_with_timeout(4, Transport::Host, Duration::from_millis(300)),
-            |comm| {
-                let sub = comm.split(comm.rank() % 2, 3 - comm.rank())?;
-                let all = sub.all_gather_host("ranks", comm.rank())?;
-                // In the odd group, rank 3 (sub rank 0) stalls: rank 1 names world rank 3.
-                let err = if comm.rank() == 3 {
-                    std::thread::sleep(Duration::from_millis(700));
-                    None
-                } else {
-                    sub.barrier("late").err()
-                };
-                Ok::<_, CommError>((sub.rank(), all, err))
-            },
-        )
+        let out = launch(Comm::group_with_timeout(4, Transport::Host, Duration::from_millis(300)), |comm| {
+            let sub = comm.split(comm.rank() % 2, 3 - comm.rank())?;
+            let all = sub.all_gather_host("ranks", comm.rank())?;
+            // In the odd group, rank 3 (sub rank 0) stalls: rank 1 names world rank 3.
+            let err = if comm.rank() == 3 {
+                std::thread::sleep(Duration::from_millis(700));
+                None
+            } else {
+                sub.barrier("late").err()
+            };
+            Ok::<_, CommError>((sub.rank(), all, err))
+        })
         .unwrap();
         assert_eq!(out[0].1, [2, 0]);
         assert_eq!(out[3].0, 0);
         assert_eq!(out[1].1, [3, 1]);
-        assert!(
-            matches!(&out[1].2, Some(CommError::Timeout { rank: 1, missing, .. }) if missing == &[3]),
-            "{:?}",
-            out[1].2
-        );
+        assert!(matches!(&out[1].2, Some(CommError::Timeout { rank: 1, missing, .. }) if missing == &[3]), "{:?}", out[1].2);
         // The even group's barrier had both ranks.
         assert!(out[0].2.is_none() && out[2].2.is_none());
     }
 
     #[test]
     fn mismatched_collectives_and_part_counts() {
-        let err = launch(Comm::group(2, Transport::Host), |comm| {
-            if comm.rank() == 0 {
-                comm.barrier("a")
-            } else {
-                comm.barrier("b")
-            }
-        })
-        .unwrap_err();
+        let err = launch(Comm::group(2, Transport::Host), |comm| if comm.rank() == 0 { comm.barrier("a") } else { comm.barrier("b") }).unwrap_err();
         assert!(matches!(err, CommError::Mismatch { .. }), "{err}");
-        let err = launch(Comm::group(2, Transport::Host), |comm| {
-            comm.exchange("parts", vec![1u8]).map(|_| ())
-        })
-        .unwrap_err();
+        let err = launch(Comm::group(2, Transport::Host), |comm| comm.exchange("parts", vec![1u8]).map(|_| ())).unwrap_err();
         assert_eq!(err.to_string(), "rank 0, parts: 1 parts for 2 ranks");
     }
 }

@@ -33,17 +33,9 @@ pub enum MeshError {
 impl core::fmt::Display for MeshError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
-            MeshError::WorldSize {
-                dims,
-                product,
-                world,
-            } => {
+            MeshError::WorldSize { dims, product, world } => {
                 let shape: Vec<String> = dims.iter().map(|(n, s)| format!("{n} {s}")).collect();
-                write!(
-                    f,
-                    "a mesh of {} has {product} ranks, the world has {world}",
-                    shape.join(" × ")
-                )
+                write!(f, "a mesh of {} has {product} ranks, the world has {world}", shape.join(" × "))
             }
             MeshError::EmptyDim(name) => write!(f, "mesh dimension {name} has size 0"),
             MeshError::DuplicateDim(name) => write!(f, "mesh dimension {name} is named twice"),
@@ -105,11 +97,7 @@ impl DeviceMesh {
         }
         let product: usize = dims.iter().map(|(_, s)| s).product();
         if product != world {
-            return Err(MeshError::WorldSize {
-                dims: dims.iter().map(|(n, s)| (n.to_string(), *s)).collect(),
-                product,
-                world,
-            });
+            return Err(MeshError::WorldSize { dims: dims.iter().map(|(n, s)| (n.to_string(), *s)).collect(), product, world });
         }
         Ok(())
     }
@@ -125,22 +113,12 @@ impl DeviceMesh {
             let (color, key) = color_key(&sizes, &coords, &[along]);
             comms.push(world.split(color, key)?);
         }
-        Ok(DeviceMesh {
-            names: dims.iter().map(|(n, _)| n.to_string()).collect(),
-            sizes,
-            coords,
-            world: world.clone(),
-            comms,
-        })
+        Ok(DeviceMesh { names: dims.iter().map(|(n, _)| n.to_string()).collect(), sizes, coords, world: world.clone(), comms })
     }
 
     /// The dimensions, in order, with their sizes.
     pub fn dims(&self) -> Vec<(&str, usize)> {
-        self.names
-            .iter()
-            .map(String::as_str)
-            .zip(self.sizes.iter().copied())
-            .collect()
+        self.names.iter().map(String::as_str).zip(self.sizes.iter().copied()).collect()
     }
 
     /// The communicator over the whole mesh.
@@ -159,13 +137,7 @@ impl DeviceMesh {
     }
 
     fn index(&self, name: &str) -> Result<usize, MeshError> {
-        self.names
-            .iter()
-            .position(|n| n == name)
-            .ok_or_else(|| MeshError::UnknownDim {
-                name: name.to_string(),
-                dims: self.names.clone(),
-            })
+        self.names.iter().position(|n| n == name).ok_or_else(|| MeshError::UnknownDim { name: name.to_string(), dims: self.names.clone() })
     }
 
     /// The size of dimension `name`.
@@ -188,20 +160,14 @@ impl DeviceMesh {
     /// `names` (e.g. `["dp_replicate", "dp_shard"]`: all data-parallel ranks), ranked
     /// row-major over them. Collective: every rank of the mesh calls it.
     pub fn group(&self, names: &[&str]) -> Result<Comm, MeshError> {
-        let along: Vec<usize> = names
-            .iter()
-            .map(|n| self.index(n))
-            .collect::<Result<_, _>>()?;
+        let along: Vec<usize> = names.iter().map(|n| self.index(n)).collect::<Result<_, _>>()?;
         let (color, key) = color_key(&self.sizes, &self.coords, &along);
         Ok(self.world.split(color, key)?)
     }
 
     /// The rank of the mesh at `coords`.
     pub fn rank_at(&self, coords: &[usize]) -> usize {
-        coords
-            .iter()
-            .zip(&self.sizes)
-            .fold(0, |acc, (c, s)| acc * s + c)
+        coords.iter().zip(&self.sizes).fold(0, |acc, (c, s)| acc * s + c)
     }
 }
 
@@ -238,18 +204,9 @@ mod tests {
     #[test]
     fn bad_meshes_are_named() {
         let err = DeviceMesh::validate(&[("pp", 2), ("ep", 3)], 4).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "a mesh of pp 2 × ep 3 has 6 ranks, the world has 4"
-        );
-        assert_eq!(
-            DeviceMesh::validate(&[("pp", 0)], 4).unwrap_err(),
-            MeshError::EmptyDim("pp".into())
-        );
-        assert_eq!(
-            DeviceMesh::validate(&[("dp", 2), ("dp", 2)], 4).unwrap_err(),
-            MeshError::DuplicateDim("dp".into())
-        );
+        assert_eq!(err.to_string(), "a mesh of pp 2 × ep 3 has 6 ranks, the world has 4");
+        assert_eq!(DeviceMesh::validate(&[("pp", 0)], 4).unwrap_err(), MeshError::EmptyDim("pp".into()));
+        assert_eq!(DeviceMesh::validate(&[("dp", 2), ("dp", 2)], 4).unwrap_err(), MeshError::DuplicateDim("dp".into()));
         assert!(DeviceMesh::validate(&[("pp", 2), ("dp", 1), ("ep", 2)], 4).is_ok());
     }
 
@@ -257,30 +214,13 @@ mod tests {
     fn coordinates_and_groups_of_a_three_dimensional_mesh() {
         let dims = [("pp", 2), ("dp", 3), ("ep", 2)];
         let out = launch(Comm::group(12, Transport::Host), |world| {
-            let mesh = DeviceMesh::new(&world, &dims)
-                .map_err(|e| world.shape_error("mesh", e.to_string()))?;
-            let per_dim: Vec<Vec<usize>> = ["pp", "dp", "ep"]
-                .iter()
-                .map(|n| mesh.comm(n).unwrap().global_ranks().to_vec())
-                .collect();
-            let dp_ep = mesh
-                .group(&["dp", "ep"])
-                .map_err(|e| world.shape_error("mesh", e.to_string()))?;
+            let mesh = DeviceMesh::new(&world, &dims).map_err(|e| world.shape_error("mesh", e.to_string()))?;
+            let per_dim: Vec<Vec<usize>> = ["pp", "dp", "ep"].iter().map(|n| mesh.comm(n).unwrap().global_ranks().to_vec()).collect();
+            let dp_ep = mesh.group(&["dp", "ep"]).map_err(|e| world.shape_error("mesh", e.to_string()))?;
             // Collectives on a sub-group see only its ranks.
-            let sum: usize = mesh
-                .comm("dp")
-                .unwrap()
-                .all_gather_host("sum", world.rank())?
-                .iter()
-                .sum();
+            let sum: usize = mesh.comm("dp").unwrap().all_gather_host("sum", world.rank())?.iter().sum();
             assert_eq!(mesh.rank_at(mesh.coords()), world.rank());
-            Ok::<_, CommError>((
-                mesh.coords().to_vec(),
-                per_dim,
-                dp_ep.global_ranks().to_vec(),
-                dp_ep.rank(),
-                sum,
-            ))
+            Ok::<_, CommError>((mesh.coords().to_vec(), per_dim, dp_ep.global_ranks().to_vec(), dp_ep.rank(), sum))
         })
         .unwrap();
         // Rank 7 = (1, 0, 1).

@@ -60,15 +60,8 @@ impl World {
     pub fn init() -> Result<Self, CommError> {
         let _g = lock();
         match mpi::initialize_with_threading(Threading::Multiple) {
-            Some((universe, threading)) => Ok(World {
-                universe: Some(universe),
-                threading,
-            }),
-            None => Err(CommError::Engine {
-                rank: 0,
-                op: "mpi init",
-                detail: "MPI is already initialised in this process".into(),
-            }),
+            Some((universe, threading)) => Ok(World { universe: Some(universe), threading }),
+            None => Err(CommError::Engine { rank: 0, op: "mpi init", detail: "MPI is already initialised in this process".into() }),
         }
     }
 
@@ -115,13 +108,7 @@ impl Drop for World {
 /// (OpenMPI's `OMPI_COMM_WORLD_LOCAL_RANK`, MPICH's `MPI_LOCALRANKID`, Slurm's
 /// `SLURM_LOCALID`), to pick this rank's GPU before MPI starts; `None` outside a launcher.
 pub fn local_rank() -> Option<usize> {
-    [
-        "OMPI_COMM_WORLD_LOCAL_RANK",
-        "MPI_LOCALRANKID",
-        "SLURM_LOCALID",
-    ]
-    .iter()
-    .find_map(|v| std::env::var(v).ok()?.parse().ok())
+    ["OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"].iter().find_map(|v| std::env::var(v).ok()?.parse().ok())
 }
 
 /// Runs `f` on this process's rank of the job, with a communicator over all of them:
@@ -150,10 +137,7 @@ where
             world.abort(1)
         }
         Err(panic) => {
-            eprintln!(
-                "rank {rank} failed: panicked: {}",
-                crate::launch::panic_message(&*panic)
-            );
+            eprintln!("rank {rank} failed: panicked: {}", crate::launch::panic_message(&*panic));
             world.abort(1)
         }
     }
@@ -232,12 +216,7 @@ fn leak(bytes: Vec<u8>) -> (&'static [u8], Box<dyn FnOnce() + Send>) {
     // SAFETY: the buffer lives until `reclaim` runs, which the caller does only after the
     // operation reading it completed.
     let slice: &'static [u8] = unsafe { &*raw };
-    let reclaim = Box::new(move || unsafe {
-        drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(
-            addr as *mut u8,
-            len,
-        )))
-    });
+    let reclaim = Box::new(move || unsafe { drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(addr as *mut u8, len))) });
     (slice, reclaim)
 }
 
@@ -252,18 +231,12 @@ struct Backoff {
 impl Backoff {
     /// Waiting for another rank to arrive: yields, then sleeps a little.
     fn arrival() -> Self {
-        Backoff {
-            tries: 0,
-            spin: false,
-        }
+        Backoff { tries: 0, spin: false }
     }
 
     /// Waiting for a transfer every rank has started: yields only.
     fn transfer() -> Self {
-        Backoff {
-            tries: 0,
-            spin: true,
-        }
+        Backoff { tries: 0, spin: true }
     }
 
     fn wait(&mut self) {
@@ -271,11 +244,7 @@ impl Backoff {
         if self.spin || self.tries < 64 {
             std::thread::yield_now();
         } else {
-            std::thread::sleep(Duration::from_micros(if self.tries < 1024 {
-                20
-            } else {
-                200
-            }));
+            std::thread::sleep(Duration::from_micros(if self.tries < 1024 { 20 } else { 200 }));
         }
     }
 }
@@ -334,51 +303,27 @@ impl Engine {
     /// `key` (collective: every rank of this group calls it).
     pub(crate) fn split(&self, color: usize, key: usize) -> Engine {
         let _g = lock();
-        let sub = self
-            .collectives
-            .0
-            .split_by_color_with_key(Color::with_value(color as i32), key as i32)
-            .expect("a defined color gives a communicator");
+        let sub = self.collectives.0.split_by_color_with_key(Color::with_value(color as i32), key as i32).expect("a defined color gives a communicator");
         let engine = Engine::new(&sub, self.timeout, self.multiple);
         drop(sub);
         engine
     }
 
     fn timed_out(&self, op: &'static str, missing: Vec<usize>) -> CommError {
-        CommError::Timeout {
-            rank: self.rank,
-            op,
-            missing,
-            after: self.timeout,
-        }
+        CommError::Timeout { rank: self.rank, op, missing, after: self.timeout }
     }
 
     fn engine_error(&self, op: &'static str, detail: String) -> CommError {
-        CommError::Engine {
-            rank: self.rank,
-            op,
-            detail,
-        }
+        CommError::Engine { rank: self.rank, op, detail }
     }
 
     /// `parts[r]` to rank `r`; returns what every rank sent here, by source.
-    pub(crate) fn exchange(
-        &self,
-        seq: u64,
-        op: &'static str,
-        parts: Vec<Vec<u8>>,
-    ) -> Result<Received, CommError> {
+    pub(crate) fn exchange(&self, seq: u64, op: &'static str, parts: Vec<Vec<u8>>) -> Result<Received, CommError> {
         let (me, n) = (self.rank, self.size);
         let deadline = Instant::now() + self.timeout;
         let too_big = |len: usize| len > i32::MAX as usize;
         if let Some(len) = parts.iter().map(Vec::len).find(|&l| too_big(l)) {
-            return Err(self.engine_error(
-                op,
-                format!(
-                    "a part of {len} bytes is over MPI's count limit of {} bytes",
-                    i32::MAX
-                ),
-            ));
+            return Err(self.engine_error(op, format!("a part of {len} bytes is over MPI's count limit of {} bytes", i32::MAX)));
         }
         // Phase 1: headers.
         let mut sends = Vec::with_capacity(n);
@@ -389,15 +334,8 @@ impl Engine {
             let header = rmp_serde::to_vec(&(op, seq, part.len() as u64)).expect("headers encode");
             let (buf, reclaim) = leak(header);
             let _g = lock();
-            let request = self
-                .collectives
-                .0
-                .process_at_rank(dst as i32)
-                .immediate_send_with_tag(StaticScope, buf, HEADER_TAG);
-            sends.push(Pending {
-                request: Some(request),
-                reclaim: Some(reclaim),
-            });
+            let request = self.collectives.0.process_at_rank(dst as i32).immediate_send_with_tag(StaticScope, buf, HEADER_TAG);
+            sends.push(Pending { request: Some(request), reclaim: Some(reclaim) });
         }
         let mut recv_len = vec![None::<usize>; n];
         recv_len[me] = Some(parts[me].len());
@@ -412,35 +350,18 @@ impl Engine {
                 }
                 let probed = {
                     let _g = lock();
-                    self.collectives
-                        .0
-                        .process_at_rank(src as i32)
-                        .immediate_matched_probe_with_tag(HEADER_TAG)
-                        .map(|(message, status)| {
-                            let mut buf =
-                                vec![0u8; status.count(u8::equivalent_datatype()) as usize];
-                            message.matched_receive_into(&mut buf[..]);
-                            buf
-                        })
+                    self.collectives.0.process_at_rank(src as i32).immediate_matched_probe_with_tag(HEADER_TAG).map(|(message, status)| {
+                        let mut buf = vec![0u8; status.count(u8::equivalent_datatype()) as usize];
+                        message.matched_receive_into(&mut buf[..]);
+                        buf
+                    })
                 };
                 match probed {
                     Some(buf) => {
                         let (other_op, other_seq, len): (String, u64, u64) =
-                            rmp_serde::from_slice(&buf).map_err(|e| {
-                                self.engine_error(
-                                    op,
-                                    format!("undecodable header from rank {src}: {e}"),
-                                )
-                            })?;
+                            rmp_serde::from_slice(&buf).map_err(|e| self.engine_error(op, format!("undecodable header from rank {src}: {e}")))?;
                         if other_op != op || other_seq != seq {
-                            return Err(CommError::Mismatch {
-                                rank: me,
-                                op,
-                                other: src,
-                                other_op: format!(
-                                    "{other_op} (its collective #{other_seq}, this rank's #{seq})"
-                                ),
-                            });
+                            return Err(CommError::Mismatch { rank: me, op, other: src, other_op: format!("{other_op} (its collective #{other_seq}, this rank's #{seq})") });
                         }
                         recv_len[src] = Some(len as usize);
                     }
@@ -460,10 +381,7 @@ impl Engine {
             backoff.wait();
         }
         // Phase 2: the payload.
-        let recv_counts: Vec<i32> = recv_len
-            .iter()
-            .map(|l| l.expect("all headers arrived") as i32)
-            .collect();
+        let recv_counts: Vec<i32> = recv_len.iter().map(|l| l.expect("all headers arrived") as i32).collect();
         let send_counts: Vec<i32> = parts.iter().map(|p| p.len() as i32).collect();
         let displs = |counts: &[i32]| -> Option<Vec<i32>> {
             let mut at = 0i64;
@@ -474,15 +392,10 @@ impl Engine {
             }
             i32::try_from(at).ok().map(|_| out)
         };
-        let (Some(send_displs), Some(recv_displs)) = (displs(&send_counts), displs(&recv_counts))
-        else {
+        let (Some(send_displs), Some(recv_displs)) = (displs(&send_counts), displs(&recv_counts)) else {
             return Err(self.engine_error(
                 op,
-                format!(
-                    "{} bytes to send, {} to receive: over MPI's count limit",
-                    parts.iter().map(Vec::len).sum::<usize>(),
-                    recv_counts.iter().map(|&c| c as i64).sum::<i64>()
-                ),
+                format!("{} bytes to send, {} to receive: over MPI's count limit", parts.iter().map(Vec::len).sum::<usize>(), recv_counts.iter().map(|&c| c as i64).sum::<i64>()),
             ));
         };
         let total: usize = recv_counts.iter().map(|&c| c as usize).sum();
@@ -499,17 +412,11 @@ impl Engine {
             }
             let mut recv = vec![0u8; total.max(1)];
             let send_part = mpi::datatype::Partition::new(&send[..], send_counts, send_displs);
-            let mut recv_part =
-                mpi::datatype::PartitionMut::new(&mut recv[..], recv_counts, recv_displs);
-            self.collectives
-                .0
-                .all_to_all_varcount_into(&send_part, &mut recv_part);
+            let mut recv_part = mpi::datatype::PartitionMut::new(&mut recv[..], recv_counts, recv_displs);
+            self.collectives.0.all_to_all_varcount_into(&send_part, &mut recv_part);
             drop(recv_part);
             recv.truncate(total);
-            return Ok(Received {
-                bytes: recv,
-                lengths,
-            });
+            return Ok(Received { bytes: recv, lengths });
         }
         // Buffers of at least one byte: an empty slice's dangling address is 0x1, which
         // OpenMPI reads as MPI_IN_PLACE.
@@ -520,25 +427,12 @@ impl Engine {
         let (send, free_send) = leak(concat);
         let recv: &'static mut [u8] = Box::leak(vec![0u8; total.max(1)].into_boxed_slice());
         let recv_ptr = recv.as_mut_ptr() as usize;
-        let send_part = Box::leak(Box::new(mpi::datatype::Partition::new(
-            send,
-            send_counts,
-            send_displs,
-        )));
-        let recv_part = Box::leak(Box::new(mpi::datatype::PartitionMut::new(
-            recv,
-            recv_counts.clone(),
-            recv_displs,
-        )));
-        let (send_part_addr, recv_part_addr) =
-            (send_part as *mut _ as usize, recv_part as *mut _ as usize);
+        let send_part = Box::leak(Box::new(mpi::datatype::Partition::new(send, send_counts, send_displs)));
+        let recv_part = Box::leak(Box::new(mpi::datatype::PartitionMut::new(recv, recv_counts.clone(), recv_displs)));
+        let (send_part_addr, recv_part_addr) = (send_part as *mut _ as usize, recv_part as *mut _ as usize);
         let request = {
             let _g = lock();
-            self.collectives.0.immediate_all_to_all_varcount_into(
-                StaticScope,
-                &*send_part,
-                recv_part,
-            )
+            self.collectives.0.immediate_all_to_all_varcount_into(StaticScope, &*send_part, recv_part)
         };
         let mut pending = Pending {
             request: Some(request),
@@ -558,88 +452,51 @@ impl Engine {
             backoff.wait();
         }
         // SAFETY: the all-to-all completed; its receive buffer is ours again.
-        let recv: Box<[u8]> = unsafe {
-            Box::from_raw(std::ptr::slice_from_raw_parts_mut(
-                recv_ptr as *mut u8,
-                total.max(1),
-            ))
-        };
+        let recv: Box<[u8]> = unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(recv_ptr as *mut u8, total.max(1))) };
         let mut bytes = recv.into_vec();
         bytes.truncate(total);
         Ok(Received { bytes, lengths })
     }
 
     /// Sends `payload` to `dst` under `tag` without waiting for it to arrive.
-    pub(crate) fn send(
-        &self,
-        tag: u64,
-        dst: usize,
-        op: &'static str,
-        payload: Vec<u8>,
-    ) -> Result<(), CommError> {
+    pub(crate) fn send(&self, tag: u64, dst: usize, op: &'static str, payload: Vec<u8>) -> Result<(), CommError> {
         let tag = self.tag(tag, op)?;
         let mut framed = rmp_serde::to_vec(&op).expect("names encode");
         framed.extend_from_slice(&payload);
         let (buf, reclaim) = leak(framed);
         let request = {
             let _g = lock();
-            self.messages
-                .0
-                .process_at_rank(dst as i32)
-                .immediate_send_with_tag(StaticScope, buf, tag)
+            self.messages.0.process_at_rank(dst as i32).immediate_send_with_tag(StaticScope, buf, tag)
         };
         let mut sends = self.sends.lock().unwrap_or_else(|e| e.into_inner());
         sends.retain_mut(|s| !s.test());
-        sends.push(Pending {
-            request: Some(request),
-            reclaim: Some(reclaim),
-        });
+        sends.push(Pending { request: Some(request), reclaim: Some(reclaim) });
         Ok(())
     }
 
     /// Receives what `src` sent here under `tag`, waiting at most `wait` (`None` then).
-    pub(crate) fn recv(
-        &self,
-        tag: u64,
-        src: usize,
-        op: &'static str,
-        wait: Duration,
-    ) -> Result<Option<Vec<u8>>, CommError> {
+    pub(crate) fn recv(&self, tag: u64, src: usize, op: &'static str, wait: Duration) -> Result<Option<Vec<u8>>, CommError> {
         let mpi_tag = self.tag(tag, op)?;
         let deadline = Instant::now() + wait;
         let mut backoff = Backoff::arrival();
         loop {
             let probed = {
                 let _g = lock();
-                self.messages
-                    .0
-                    .process_at_rank(src as i32)
-                    .immediate_matched_probe_with_tag(mpi_tag)
-                    .map(|(message, status)| {
-                        let mut buf = vec![0u8; status.count(u8::equivalent_datatype()) as usize];
-                        message.matched_receive_into(&mut buf[..]);
-                        buf
-                    })
+                self.messages.0.process_at_rank(src as i32).immediate_matched_probe_with_tag(mpi_tag).map(|(message, status)| {
+                    let mut buf = vec![0u8; status.count(u8::equivalent_datatype()) as usize];
+                    message.matched_receive_into(&mut buf[..]);
+                    buf
+                })
             };
             if let Some(buf) = probed {
                 let mut reader = &buf[..];
-                let other_op: String = rmp_serde::from_read(&mut reader).map_err(|e| {
-                    self.engine_error(op, format!("undecodable message from rank {src}: {e}"))
-                })?;
+                let other_op: String = rmp_serde::from_read(&mut reader).map_err(|e| self.engine_error(op, format!("undecodable message from rank {src}: {e}")))?;
                 if other_op != op {
-                    return Err(CommError::Mismatch {
-                        rank: self.rank,
-                        op,
-                        other: src,
-                        other_op,
-                    });
+                    return Err(CommError::Mismatch { rank: self.rank, op, other: src, other_op });
                 }
                 return Ok(Some(reader.to_vec()));
             }
-            self.sends
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .retain_mut(|s| !s.test());
+            self.sends.lock().unwrap_or_else(|e| e.into_inner()).retain_mut(|s| !s.test());
             if Instant::now() >= deadline {
                 return Ok(None);
             }
@@ -648,8 +505,7 @@ impl Engine {
     }
 
     fn tag(&self, tag: u64, op: &'static str) -> Result<i32, CommError> {
-        i32::try_from(tag)
-            .map_err(|_| self.engine_error(op, format!("tag {tag} is over MPI's tag limit")))
+        i32::try_from(tag).map_err(|_| self.engine_error(op, format!("tag {tag} is over MPI's tag limit")))
     }
 }
 

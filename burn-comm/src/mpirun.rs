@@ -20,8 +20,7 @@ pub fn command(ranks: usize) -> Command {
     // to create a shared one ("orte_session_dir failed: File exists", seen here).
     static JOBS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let job = JOBS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let session =
-        std::env::temp_dir().join(format!("burn-comm-mpirun-{}-{job}", std::process::id()));
+    let session = std::env::temp_dir().join(format!("burn-comm-mpirun-{}-{job}", std::process::id()));
     if std::fs::create_dir_all(&session).is_ok() {
         cmd.env("OMPI_MCA_orte_tmpdir_base", &session);
     }
@@ -36,10 +35,7 @@ pub fn command(ranks: usize) -> Command {
 
 /// Whether `mpirun` is on the `PATH`.
 pub fn available() -> bool {
-    Command::new("mpirun")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
+    Command::new("mpirun").arg("--version").output().is_ok_and(|o| o.status.success())
 }
 
 /// What a finished job left.
@@ -59,36 +55,15 @@ pub struct Job {
 ///
 /// # Errors
 /// The job hung (`Err` with what it printed), or `mpirun` could not be started.
-pub fn run(
-    ranks: usize,
-    program: &std::path::Path,
-    args: &[&str],
-    envs: &[(&str, &str)],
-    limit: std::time::Duration,
-) -> Result<Job, Job> {
+pub fn run(ranks: usize, program: &std::path::Path, args: &[&str], envs: &[(&str, &str)], limit: std::time::Duration) -> Result<Job, Job> {
     use std::process::Stdio;
     let start = std::time::Instant::now();
     let mut cmd = command(ranks);
-    let session = cmd
-        .get_envs()
-        .find(|(k, _)| *k == "OMPI_MCA_orte_tmpdir_base")
-        .and_then(|(_, v)| v.map(std::path::PathBuf::from));
-    let spawned = cmd
-        .arg(program)
-        .args(args)
-        .envs(envs.iter().copied())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn();
+    let session = cmd.get_envs().find(|(k, _)| *k == "OMPI_MCA_orte_tmpdir_base").and_then(|(_, v)| v.map(std::path::PathBuf::from));
+    let spawned = cmd.arg(program).args(args).envs(envs.iter().copied()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn();
     let mut child = match spawned {
         Ok(child) => child,
-        Err(e) => {
-            return Err(Job {
-                success: false,
-                output: format!("mpirun could not start: {e}"),
-                elapsed: start.elapsed(),
-            })
-        }
+        Err(e) => return Err(Job { success: false, output: format!("mpirun could not start: {e}"), elapsed: start.elapsed() }),
     };
     // Drain the pipes while waiting, so that a chatty job does not block on a full pipe.
     let mut stdout = child.stdout.take().expect("piped");
@@ -116,19 +91,11 @@ pub fn run(
         std::thread::sleep(std::time::Duration::from_millis(50));
     };
     let elapsed = start.elapsed();
-    let output = format!(
-        "{}{}",
-        out.join().unwrap_or_default(),
-        err.join().unwrap_or_default()
-    );
+    let output = format!("{}{}", out.join().unwrap_or_default(), err.join().unwrap_or_default());
     if let Some(dir) = session {
         std::fs::remove_dir_all(dir).ok();
     }
-    let job = Job {
-        success: !hung && status.is_some_and(|s| s.success()),
-        output,
-        elapsed,
-    };
+    let job = Job { success: !hung && status.is_some_and(|s| s.success()), output, elapsed };
     if hung {
         Err(job)
     } else {

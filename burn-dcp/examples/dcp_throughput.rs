@@ -35,15 +35,8 @@ fn snapshot(per_tensor: usize, r: usize, w: usize) -> Snapshot {
                 (b[r], b[r + 1])
             }
         };
-        let data: Vec<f32> = (lo..hi)
-            .map(|i| (i % 1000) as f32 * 0.5 + t as f32)
-            .collect();
-        s.push(Chunk::new(
-            format!("t{t}"),
-            vec![per_tensor],
-            lo,
-            TensorData::new(data, [hi - lo]),
-        ));
+        let data: Vec<f32> = (lo..hi).map(|i| (i % 1000) as f32 * 0.5 + t as f32).collect();
+        s.push(Chunk::new(format!("t{t}"), vec![per_tensor], lo, TensorData::new(data, [hi - lo])));
     }
     s
 }
@@ -70,14 +63,8 @@ fn baseline(dir: &Path, bytes: usize) -> (f64, f64) {
 
 fn main() {
     let mut args = std::env::args().skip(1);
-    let mb: usize = args
-        .next()
-        .map(|a| a.parse().expect("MB: a number"))
-        .unwrap_or(256);
-    let dir = args
-        .next()
-        .map(PathBuf::from)
-        .unwrap_or_else(|| std::env::temp_dir().join("burn-dcp-bench"));
+    let mb: usize = args.next().map(|a| a.parse().expect("MB: a number")).unwrap_or(256);
+    let dir = args.next().map(PathBuf::from).unwrap_or_else(|| std::env::temp_dir().join("burn-dcp-bench"));
     assert!(mb >= 1, "MB must be at least 1");
     let per_tensor = mb * 1_000_000 / 4 / TENSORS;
     let bytes = per_tensor * 4 * TENSORS;
@@ -95,11 +82,7 @@ fn main() {
         // Blocking save of step 1; async save of step 2 (the stall is the call's time).
         let results = launch(Comm::group(w, Transport::Host), |comm| {
             let r = comm.rank();
-            let fail = |e: burn_dcp::DcpError| CommError::Engine {
-                rank: r,
-                op: "bench",
-                detail: e.to_string(),
-            };
+            let fail = |e: burn_dcp::DcpError| CommError::Engine { rank: r, op: "bench", detail: e.to_string() };
             let mut saver = Checkpointer::new(&root, &comm).map_err(fail)?.with_keep(2);
             comm.barrier("start")?;
             let t = Instant::now();
@@ -128,11 +111,7 @@ fn main() {
                         let mut n = 0;
                         for t in 1..TENSORS {
                             let b = bounds(per_tensor, w_load);
-                            n += reader
-                                .read(&format!("t{t}"), b[r], b[r + 1] - b[r])
-                                .unwrap()
-                                .as_bytes()
-                                .len();
+                            n += reader.read(&format!("t{t}"), b[r], b[r + 1] - b[r]).unwrap().as_bytes().len();
                         }
                         n + reader.read("t0", 0, per_tensor).unwrap().as_bytes().len()
                     })

@@ -69,23 +69,10 @@ impl Checkpointer {
         let root = root.as_ref().to_path_buf();
         let made = std::fs::create_dir_all(&root).map_err(|e| format!("{}: {e}", root.display()));
         let all = comm.all_gather_host("dcp root", made)?;
-        if let Some((r, e)) = all
-            .into_iter()
-            .enumerate()
-            .find_map(|(r, m)| m.err().map(|e| (r, e)))
-        {
-            return Err(DcpError::Rank {
-                rank: comm.global_rank(r),
-                detail: e,
-            });
+        if let Some((r, e)) = all.into_iter().enumerate().find_map(|(r, m)| m.err().map(|e| (r, e))) {
+            return Err(DcpError::Rank { rank: comm.global_rank(r), detail: e });
         }
-        Ok(Checkpointer {
-            root,
-            comm: comm.split(0, comm.rank())?,
-            keep: 2,
-            fault: None,
-            pending: None,
-        })
+        Ok(Checkpointer { root, comm: comm.split(0, comm.rank())?, keep: 2, fault: None, pending: None })
     }
 
     /// Keep the newest `n` (≥ 1) complete checkpoints (default 2), removing older ones
@@ -94,10 +81,7 @@ impl Checkpointer {
     /// # Panics
     /// If `n` is 0: the newest complete checkpoint is never removed.
     pub fn with_keep(mut self, n: usize) -> Self {
-        assert!(
-            n >= 1,
-            "Checkpointer::with_keep: keep at least the newest checkpoint"
-        );
+        assert!(n >= 1, "Checkpointer::with_keep: keep at least the newest checkpoint");
         self.keep = n;
         self
     }
@@ -116,15 +100,8 @@ impl Checkpointer {
     /// The save of step `step`: this checkpointer's communicator and root, the fault
     /// to inject on this rank at this step, if any.
     fn save_of(&self, step: u64) -> Save {
-        let fault = self
-            .fault
-            .filter(|f| f.rank == self.comm.rank() && f.step.is_none_or(|s| s == step));
-        Save {
-            comm: self.comm.clone(),
-            root: self.root.clone(),
-            keep: self.keep,
-            fault,
-        }
+        let fault = self.fault.filter(|f| f.rank == self.comm.rank() && f.step.is_none_or(|s| s == step));
+        Save { comm: self.comm.clone(), root: self.root.clone(), keep: self.keep, fault }
     }
 
     /// Saves `snapshot` as step `step`, on this thread: returns once the checkpoint is
@@ -150,13 +127,8 @@ impl Checkpointer {
         let previous = self.wait()?;
         let waited = start.elapsed();
         let save = self.save_of(step);
-        let thread = std::thread::Builder::new()
-            .name(format!("burn-dcp save {step}"))
-            .spawn(move || save.run(step, snapshot));
-        self.pending = Some(thread.map_err(|e| DcpError::Io {
-            path: self.root.clone(),
-            reason: format!("cannot start the save thread: {e}"),
-        })?);
+        let thread = std::thread::Builder::new().name(format!("burn-dcp save {step}")).spawn(move || save.run(step, snapshot));
+        self.pending = Some(thread.map_err(|e| DcpError::Io { path: self.root.clone(), reason: format!("cannot start the save thread: {e}") })?);
         Ok(AsyncSave { waited, previous })
     }
 
@@ -170,13 +142,7 @@ impl Checkpointer {
         };
         match thread.join() {
             Ok(r) => r.map(Some),
-            Err(panic) => Err(DcpError::Rank {
-                rank: self.comm.global_rank(self.comm.rank()),
-                detail: format!(
-                    "the save thread panicked: {}",
-                    burn_comm::panic_message(&*panic)
-                ),
-            }),
+            Err(panic) => Err(DcpError::Rank { rank: self.comm.global_rank(self.comm.rank()), detail: format!("the save thread panicked: {}", burn_comm::panic_message(&*panic)) }),
         }
     }
 }

@@ -25,12 +25,7 @@ pub struct Chunk {
 impl Chunk {
     /// Elements `start ..` of tensor `name` of `shape`.
     pub fn new(name: impl Into<String>, shape: Vec<usize>, start: usize, data: TensorData) -> Self {
-        Chunk {
-            name: name.into(),
-            shape,
-            start,
-            data,
-        }
+        Chunk { name: name.into(), shape, start, data }
     }
 
     /// The whole tensor `name` (its shape is the data's).
@@ -53,24 +48,10 @@ impl Chunk {
     pub(crate) fn spec(&self) -> Result<ChunkSpec, DcpError> {
         let numel: usize = self.shape.iter().product();
         if self.start + self.len() > numel {
-            let detail = format!(
-                "a chunk of elements {}..{} does not fit in shape {:?} ({numel} elements)",
-                self.start,
-                self.start + self.len(),
-                self.shape
-            );
-            return Err(DcpError::Conflict {
-                tensor: self.name.clone(),
-                detail,
-            });
+            let detail = format!("a chunk of elements {}..{} does not fit in shape {:?} ({numel} elements)", self.start, self.start + self.len(), self.shape);
+            return Err(DcpError::Conflict { tensor: self.name.clone(), detail });
         }
-        Ok(ChunkSpec {
-            name: self.name.clone(),
-            shape: self.shape.clone(),
-            dtype: dtype_name(self.data.dtype, &self.name)?,
-            start: self.start,
-            len: self.len(),
-        })
+        Ok(ChunkSpec { name: self.name.clone(), shape: self.shape.clone(), dtype: dtype_name(self.data.dtype, &self.name)?, start: self.start, len: self.len() })
     }
 }
 
@@ -133,12 +114,7 @@ pub(crate) fn dtype_name(dtype: DType, tensor: &str) -> Result<String, DcpError>
         DType::U16 => "U16",
         DType::U8 => "U8",
         other => {
-            return Err(DcpError::Dtype {
-                tensor: tensor.into(),
-                detail: format!(
-                    "{other:?} is not stored (floats, signed and unsigned integers are)"
-                ),
-            });
+            return Err(DcpError::Dtype { tensor: tensor.into(), detail: format!("{other:?} is not stored (floats, signed and unsigned integers are)") });
         }
     };
     Ok(name.into())
@@ -159,12 +135,7 @@ pub(crate) fn dtype_of(name: &str, tensor: &str) -> Result<(DType, Dtype), DcpEr
         "U32" => (DType::U32, Dtype::U32),
         "U16" => (DType::U16, Dtype::U16),
         "U8" => (DType::U8, Dtype::U8),
-        other => {
-            return Err(DcpError::Dtype {
-                tensor: tensor.into(),
-                detail: format!("unknown stored dtype {other:?}"),
-            })
-        }
+        other => return Err(DcpError::Dtype { tensor: tensor.into(), detail: format!("unknown stored dtype {other:?}") }),
     })
 }
 

@@ -110,36 +110,16 @@ impl core::fmt::Display for DcpError {
             }
             Self::Conflict { tensor, detail } => write!(f, "tensor {tensor:?}: {detail}"),
             Self::Coverage { tensor, detail } => write!(f, "tensor {tensor:?}: {detail}"),
-            Self::Incomplete { dir } => write!(
-                f,
-                "{} has no metadata.json: an unfinished save",
-                dir.display()
-            ),
-            Self::Truncated {
-                file,
-                expected,
-                got,
-            } => {
-                write!(
-                    f,
-                    "{}: {got} bytes, the metadata records {expected} (truncated or replaced)",
-                    file.display()
-                )
+            Self::Incomplete { dir } => write!(f, "{} has no metadata.json: an unfinished save", dir.display()),
+            Self::Truncated { file, expected, got } => {
+                write!(f, "{}: {got} bytes, the metadata records {expected} (truncated or replaced)", file.display())
             }
             Self::Corrupt { file, detail } => write!(f, "{}: {detail}", file.display()),
-            Self::Checksum {
-                file,
-                tensor,
-                start,
-            } => {
+            Self::Checksum { file, tensor, start } => {
                 write!(f, "{}: the chunk of tensor {tensor:?} from element {start} fails its CRC-32 (corrupted bytes)", file.display())
             }
             Self::Missing { tensor, detail } => write!(f, "tensor {tensor:?}: {detail}"),
-            Self::Shape {
-                tensor,
-                checkpoint,
-                expected,
-            } => {
+            Self::Shape { tensor, checkpoint, expected } => {
                 write!(f, "tensor {tensor:?} has shape {checkpoint:?} in the checkpoint, {expected:?} here")
             }
             Self::Dtype { tensor, detail } => write!(f, "tensor {tensor:?}: {detail}"),
@@ -168,8 +148,5 @@ impl RankError for DcpError {
 /// An [`DcpError::Io`] for `path`.
 pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> DcpError {
     let path = path.into();
-    move |e| DcpError::Io {
-        path,
-        reason: e.to_string(),
-    }
+    move |e| DcpError::Io { path, reason: e.to_string() }
 }

@@ -42,15 +42,9 @@ impl Fault {
     /// `Err` with the fault's description, or the end of the process.
     pub(crate) fn trigger(&self) -> Result<(), String> {
         match self.action {
-            FaultAction::Fail => Err(format!(
-                "injected fault at {:?}: no space left on device",
-                self.point
-            )),
+            FaultAction::Fail => Err(format!("injected fault at {:?}: no space left on device", self.point)),
             FaultAction::Abort => {
-                eprintln!(
-                    "burn-dcp: injected fault at {:?} on rank {}: aborting",
-                    self.point, self.rank
-                );
+                eprintln!("burn-dcp: injected fault at {:?} on rank {}: aborting", self.point, self.rank);
                 std::process::abort()
             }
         }
@@ -74,9 +68,7 @@ impl FromStr for Fault {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || {
-            format!("BURN_DCP_FAULT={s:?}: expected point:action:rank[:step] with point before-shard|during-shard|after-shard|during-metadata, action fail|abort")
-        };
+        let bad = || format!("BURN_DCP_FAULT={s:?}: expected point:action:rank[:step] with point before-shard|during-shard|after-shard|during-metadata, action fail|abort");
         let parts: Vec<&str> = s.split(':').collect();
         let (point, action, rank, step) = match parts.as_slice() {
             [p, a, r] => (*p, *a, *r, None),
@@ -95,11 +87,6 @@ impl FromStr for Fault {
             "abort" => FaultAction::Abort,
             _ => return Err(bad()),
         };
-        Ok(Fault {
-            point,
-            action,
-            rank: rank.parse().map_err(|_| bad())?,
-            step,
-        })
+        Ok(Fault { point, action, rank: rank.parse().map_err(|_| bad())?, step })
     }
 }

@@ -38,13 +38,7 @@ impl Reader {
     pub fn open(dir: impl AsRef<Path>) -> Result<Self, DcpError> {
         let dir = dir.as_ref().to_path_buf();
         let meta = Metadata::read(&dir)?;
-        Ok(Reader {
-            dir,
-            meta,
-            files: Mutex::default(),
-            verified: Mutex::default(),
-            bytes_read: Mutex::new(0),
-        })
+        Ok(Reader { dir, meta, files: Mutex::default(), verified: Mutex::default(), bytes_read: Mutex::new(0) })
     }
 
     /// The newest complete checkpoint under `root`, opened; `None` when there is none.
@@ -52,9 +46,7 @@ impl Reader {
     /// # Errors
     /// As [`crate::latest`] and [`Reader::open`].
     pub fn latest(root: impl AsRef<Path>) -> Result<Option<Self>, DcpError> {
-        crate::latest(root)?
-            .map(|(_, dir)| Reader::open(dir))
-            .transpose()
+        crate::latest(root)?.map(|(_, dir)| Reader::open(dir)).transpose()
     }
 
     /// The checkpoint's metadata.
@@ -92,16 +84,9 @@ impl Reader {
     /// # Errors
     /// [`DcpError::Missing`] or [`DcpError::Shape`] naming the tensor (and both shapes).
     pub fn check(&self, name: &str, shape: &[usize]) -> Result<&TensorMeta, DcpError> {
-        let t = self.tensor(name).ok_or_else(|| DcpError::Missing {
-            tensor: name.into(),
-            detail: format!("not in the checkpoint {}", self.dir.display()),
-        })?;
+        let t = self.tensor(name).ok_or_else(|| DcpError::Missing { tensor: name.into(), detail: format!("not in the checkpoint {}", self.dir.display()) })?;
         if t.shape != shape {
-            return Err(DcpError::Shape {
-                tensor: name.into(),
-                checkpoint: t.shape.clone(),
-                expected: shape.to_vec(),
-            });
+            return Err(DcpError::Shape { tensor: name.into(), checkpoint: t.shape.clone(), expected: shape.to_vec() });
         }
         Ok(t)
     }
@@ -114,50 +99,28 @@ impl Reader {
     /// missing, truncated or corrupted, or a chunk fails its checksum: each naming the
     /// file and the tensor.
     pub fn read(&self, name: &str, start: usize, len: usize) -> Result<TensorData, DcpError> {
-        let t = self.tensor(name).ok_or_else(|| DcpError::Missing {
-            tensor: name.into(),
-            detail: format!("not in the checkpoint {}", self.dir.display()),
-        })?;
+        let t = self.tensor(name).ok_or_else(|| DcpError::Missing { tensor: name.into(), detail: format!("not in the checkpoint {}", self.dir.display()) })?;
         let end = start + len;
         if end > t.numel() {
-            return Err(DcpError::Missing {
-                tensor: name.into(),
-                detail: format!(
-                    "elements {start}..{end} asked for, it has {} (shape {:?})",
-                    t.numel(),
-                    t.shape
-                ),
-            });
+            return Err(DcpError::Missing { tensor: name.into(), detail: format!("elements {start}..{end} asked for, it has {} (shape {:?})", t.numel(), t.shape) });
         }
         let size = dtype_size(&t.dtype, name)?;
         let mut out = vec![0u8; len * size];
         let mut at = start;
-        for c in t
-            .chunks
-            .iter()
-            .filter(|c| c.start < end && c.start + c.len > start)
-        {
+        for c in t.chunks.iter().filter(|c| c.start < end && c.start + c.len > start) {
             if c.start > at {
                 break;
             }
             let bytes = self.chunk_bytes(name, t, c)?;
             let (lo, hi) = (at.max(c.start), end.min(c.start + c.len));
-            out[(lo - start) * size..(hi - start) * size]
-                .copy_from_slice(&bytes[(lo - c.start) * size..(hi - c.start) * size]);
+            out[(lo - start) * size..(hi - start) * size].copy_from_slice(&bytes[(lo - c.start) * size..(hi - c.start) * size]);
             at = hi;
         }
         if at != end {
-            return Err(DcpError::Missing {
-                tensor: name.into(),
-                detail: format!("elements {at}..{end} are in no chunk"),
-            });
+            return Err(DcpError::Missing { tensor: name.into(), detail: format!("elements {at}..{end} are in no chunk") });
         }
         *self.bytes_read.lock().expect("counter") += out.len() as u64;
-        Ok(TensorData::from_bytes_vec(
-            out,
-            [len],
-            dtype_of(&t.dtype, name)?.0,
-        ))
+        Ok(TensorData::from_bytes_vec(out, [len], dtype_of(&t.dtype, name)?.0))
     }
 
     /// The whole tensor `name`, checked to have `shape`.
@@ -167,50 +130,26 @@ impl Reader {
     pub fn read_whole(&self, name: &str, shape: &[usize]) -> Result<TensorData, DcpError> {
         let numel = self.check(name, shape)?.numel();
         let flat = self.read(name, 0, numel)?;
-        Ok(TensorData::from_bytes_vec(
-            flat.as_bytes().to_vec(),
-            shape.to_vec(),
-            flat.dtype,
-        ))
+        Ok(TensorData::from_bytes_vec(flat.as_bytes().to_vec(), shape.to_vec(), flat.dtype))
     }
 
     /// The mapped bytes of one chunk, checksummed the first time.
-    fn chunk_bytes(
-        &self,
-        name: &str,
-        t: &TensorMeta,
-        c: &ChunkMeta,
-    ) -> Result<ChunkBytes, DcpError> {
+    fn chunk_bytes(&self, name: &str, t: &TensorMeta, c: &ChunkMeta) -> Result<ChunkBytes, DcpError> {
         let file = self.map(&c.file)?;
         let path = self.dir.join(&c.file);
-        let info = file.header.info(&c.key).ok_or_else(|| DcpError::Corrupt {
-            file: path.clone(),
-            detail: format!("no chunk {:?} (of tensor {name:?})", c.key),
-        })?;
-        let (lo, hi) = (
-            file.data_start + info.data_offsets.0,
-            file.data_start + info.data_offsets.1,
-        );
+        let info = file.header.info(&c.key).ok_or_else(|| DcpError::Corrupt { file: path.clone(), detail: format!("no chunk {:?} (of tensor {name:?})", c.key) })?;
+        let (lo, hi) = (file.data_start + info.data_offsets.0, file.data_start + info.data_offsets.1);
         let size = dtype_size(&t.dtype, name)?;
         if hi > file.map.len() || hi - lo != c.len * size {
             return Err(DcpError::Corrupt {
                 file: path,
-                detail: format!(
-                    "chunk {:?} of tensor {name:?} has {} bytes, the metadata says {}",
-                    c.key,
-                    hi.saturating_sub(lo),
-                    c.len * size
-                ),
+                detail: format!("chunk {:?} of tensor {name:?} has {} bytes, the metadata says {}", c.key, hi.saturating_sub(lo), c.len * size),
             });
         }
         let key = (c.file.clone(), c.key.clone());
         if !self.verified.lock().expect("verified set").contains(&key) {
             if crc32fast::hash(&file.map[lo..hi]) != c.crc32 {
-                return Err(DcpError::Checksum {
-                    file: path,
-                    tensor: name.into(),
-                    start: c.start,
-                });
+                return Err(DcpError::Checksum { file: path, tensor: name.into(), start: c.start });
             }
             self.verified.lock().expect("verified set").insert(key);
         }
@@ -223,36 +162,19 @@ impl Reader {
             return Ok(m.clone());
         }
         let path = self.dir.join(name);
-        let expected = *self.meta.files.get(name).ok_or_else(|| DcpError::Corrupt {
-            file: path.clone(),
-            detail: "not listed in the metadata".into(),
-        })?;
+        let expected = *self.meta.files.get(name).ok_or_else(|| DcpError::Corrupt { file: path.clone(), detail: "not listed in the metadata".into() })?;
         let file = std::fs::File::open(&path).map_err(io(&path))?;
         let got = file.metadata().map_err(io(&path))?.len();
         if got != expected {
-            return Err(DcpError::Truncated {
-                file: path,
-                expected,
-                got,
-            });
+            return Err(DcpError::Truncated { file: path, expected, got });
         }
         // SAFETY: the map is read only; a checkpoint's files are not modified once its
         // metadata is written (saves go to new directories).
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io(&path))?;
         let (header_len, header) =
-            safetensors::SafeTensors::read_metadata(&map).map_err(|e| DcpError::Corrupt {
-                file: path.clone(),
-                detail: format!("not a safetensors file: {e}"),
-            })?;
-        let mapped = Arc::new(Mapped {
-            map,
-            data_start: 8 + header_len,
-            header,
-        });
-        self.files
-            .lock()
-            .expect("file table")
-            .insert(name.into(), mapped.clone());
+            safetensors::SafeTensors::read_metadata(&map).map_err(|e| DcpError::Corrupt { file: path.clone(), detail: format!("not a safetensors file: {e}") })?;
+        let mapped = Arc::new(Mapped { map, data_start: 8 + header_len, header });
+        self.files.lock().expect("file table").insert(name.into(), mapped.clone());
         Ok(mapped)
     }
 }

@@ -84,22 +84,12 @@ impl Metadata {
         let path = dir.join(METADATA);
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(DcpError::Incomplete {
-                    dir: dir.to_path_buf(),
-                })
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(DcpError::Incomplete { dir: dir.to_path_buf() }),
             Err(e) => return Err(io(&path)(e)),
         };
-        let meta: Metadata = serde_json::from_str(&text).map_err(|e| DcpError::Corrupt {
-            file: path.clone(),
-            detail: e.to_string(),
-        })?;
+        let meta: Metadata = serde_json::from_str(&text).map_err(|e| DcpError::Corrupt { file: path.clone(), detail: e.to_string() })?;
         if meta.format != FORMAT {
-            return Err(DcpError::Corrupt {
-                file: path,
-                detail: format!("format {:?}, this reader reads {FORMAT:?}", meta.format),
-            });
+            return Err(DcpError::Corrupt { file: path, detail: format!("format {:?}, this reader reads {FORMAT:?}", meta.format) });
         }
         Ok(meta)
     }
@@ -114,15 +104,11 @@ impl Metadata {
         let mut file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
         if let Some(fault) = torn {
             // A crash half-way through the write: half the bytes on disk, no rename.
-            file.write_all(&json[..json.len() / 2])
-                .and_then(|_| file.sync_all())
-                .map_err(io(&tmp))?;
+            file.write_all(&json[..json.len() / 2]).and_then(|_| file.sync_all()).map_err(io(&tmp))?;
             let reason = fault.trigger().err().unwrap_or_default();
             return Err(DcpError::Io { path: tmp, reason });
         }
-        file.write_all(&json)
-            .and_then(|_| file.sync_all())
-            .map_err(io(&tmp))?;
+        file.write_all(&json).and_then(|_| file.sync_all()).map_err(io(&tmp))?;
         drop(file);
         std::fs::rename(&tmp, &path).map_err(io(&path))?;
         sync_dir(dir)
@@ -131,9 +117,7 @@ impl Metadata {
 
 /// Flushes a directory's entries (a rename inside it) to disk.
 pub(crate) fn sync_dir(dir: &Path) -> Result<(), DcpError> {
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(dir))
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
 }
 
 /// The step directories under `root`, newest first, with whether each is complete.
@@ -163,8 +147,5 @@ pub(crate) fn steps(root: &Path) -> Result<Vec<(u64, PathBuf, bool)>, DcpError> 
 /// # Errors
 /// `root` exists but cannot be listed.
 pub fn latest(root: impl AsRef<Path>) -> Result<Option<(u64, PathBuf)>, DcpError> {
-    Ok(steps(root.as_ref())?
-        .into_iter()
-        .find(|s| s.2)
-        .map(|(step, dir, _)| (step, dir)))
+    Ok(steps(root.as_ref())?.into_iter().find(|s| s.2).map(|(step, dir, _)| (step, dir)))
 }

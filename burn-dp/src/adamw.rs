@@ -59,13 +59,7 @@ impl AdamWConfig {
         if B::supports_dtype(device, dtype) {
             Ok(())
         } else {
-            Err(crate::DpError::Config {
-                detail: format!(
-                    "AdamW moments in {:?}: backend {} does not store {dtype:?} on {device:?}",
-                    self.moments,
-                    B::name(device)
-                ),
-            })
+            Err(crate::DpError::Config { detail: format!("AdamW moments in {:?}: backend {} does not store {dtype:?} on {device:?}", self.moments, B::name(device)) })
         }
     }
 }
@@ -95,9 +89,7 @@ impl AdamW {
     /// The per-tensor optimizer of `config` (for use without Burn's adaptor, e.g. on a
     /// flat shard).
     pub fn from_config(config: &AdamWConfig) -> Self {
-        AdamW {
-            config: config.clone(),
-        }
+        AdamW { config: config.clone() }
     }
 }
 
@@ -115,32 +107,24 @@ pub struct AdamWState<B: Backend, const D: usize> {
 impl<B: Backend> SimpleOptimizer<B> for AdamW {
     type State<const D: usize> = AdamWState<B, D>;
 
-    fn step<const D: usize>(
-        &self,
-        lr: LearningRate,
-        tensor: Tensor<B, D>,
-        grad: Tensor<B, D>,
-        state: Option<Self::State<D>>,
-    ) -> (Tensor<B, D>, Option<Self::State<D>>) {
+    fn step<const D: usize>(&self, lr: LearningRate, tensor: Tensor<B, D>, grad: Tensor<B, D>, state: Option<Self::State<D>>) -> (Tensor<B, D>, Option<Self::State<D>>) {
         let c = &self.config;
         let stored = dtype(c.moments);
         if stored != DType::F32 {
             let device = tensor.device();
-            assert!(B::supports_dtype(&device, stored), "burn-dp AdamW: backend {} does not store {stored:?} moments on {device:?}; use MomentDType::F32 or a backend with BF16 (Flex, wgpu, CUDA)", B::name(&device));
+            assert!(
+                B::supports_dtype(&device, stored),
+                "burn-dp AdamW: backend {} does not store {stored:?} moments on {device:?}; use MomentDType::F32 or a backend with BF16 (Flex, wgpu, CUDA)",
+                B::name(&device)
+            );
         }
         let (m, v, time) = match state {
             Some(s) => (
-                s.moment_1.cast(FloatDType::F32).mul_scalar(c.beta_1)
-                    + grad.clone().mul_scalar(1.0 - c.beta_1),
-                s.moment_2.cast(FloatDType::F32).mul_scalar(c.beta_2)
-                    + grad.square().mul_scalar(1.0 - c.beta_2),
+                s.moment_1.cast(FloatDType::F32).mul_scalar(c.beta_1) + grad.clone().mul_scalar(1.0 - c.beta_1),
+                s.moment_2.cast(FloatDType::F32).mul_scalar(c.beta_2) + grad.square().mul_scalar(1.0 - c.beta_2),
                 s.time + 1,
             ),
-            None => (
-                grad.clone().mul_scalar(1.0 - c.beta_1),
-                grad.square().mul_scalar(1.0 - c.beta_2),
-                1,
-            ),
+            None => (grad.clone().mul_scalar(1.0 - c.beta_1), grad.square().mul_scalar(1.0 - c.beta_2), 1),
         };
         let t = time as i32;
         let m_hat = m.clone().div_scalar(1.0 - c.beta_1.powi(t));
@@ -149,11 +133,7 @@ impl<B: Backend> SimpleOptimizer<B> for AdamW {
         let decayed = tensor.mul_scalar(1.0 - lr * c.weight_decay as f64);
         let updated = decayed - delta.mul_scalar(lr);
         let to = float_dtype(c.moments);
-        let state = AdamWState {
-            moment_1: m.cast(to),
-            moment_2: v.cast(to),
-            time,
-        };
+        let state = AdamWState { moment_1: m.cast(to), moment_2: v.cast(to), time };
         (updated, Some(state))
     }
 

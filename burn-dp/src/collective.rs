@@ -13,22 +13,12 @@
 use burn::tensor::{backend::Backend, Tensor};
 use burn_comm::{Comm, CommError};
 
-fn check_bounds(
-    comm: &Comm,
-    op: &'static str,
-    bounds: &[usize],
-    n: Option<usize>,
-) -> Result<(), CommError> {
-    let ok = bounds.len() == comm.world_size() + 1
-        && bounds.windows(2).all(|w| w[0] <= w[1])
-        && n.is_none_or(|n| bounds[0] == 0 && bounds[bounds.len() - 1] == n);
+fn check_bounds(comm: &Comm, op: &'static str, bounds: &[usize], n: Option<usize>) -> Result<(), CommError> {
+    let ok = bounds.len() == comm.world_size() + 1 && bounds.windows(2).all(|w| w[0] <= w[1]) && n.is_none_or(|n| bounds[0] == 0 && bounds[bounds.len() - 1] == n);
     if ok {
         Ok(())
     } else {
-        let detail = format!(
-            "bounds {bounds:?} do not cut a vector of {n:?} elements into {} ranges",
-            comm.world_size()
-        );
+        let detail = format!("bounds {bounds:?} do not cut a vector of {n:?} elements into {} ranges", comm.world_size());
         Err(comm.shape_error(op, detail))
     }
 }
@@ -40,27 +30,16 @@ fn check_bounds(
 ///
 /// # Errors
 /// Bounds that do not cut `flat` into one range per rank; a failed or stalled rank.
-pub fn reduce_scatter<B: Backend>(
-    flat: Tensor<B, 1>,
-    bounds: &[usize],
-    comm: &Comm,
-) -> Result<Tensor<B, 1>, CommError> {
+pub fn reduce_scatter<B: Backend>(flat: Tensor<B, 1>, bounds: &[usize], comm: &Comm) -> Result<Tensor<B, 1>, CommError> {
     let op = "dp reduce_scatter";
     check_bounds(comm, op, bounds, Some(flat.dims()[0]))?;
     let device = flat.device();
     let me = comm.rank();
-    let parts = (0..comm.world_size())
-        .map(|r| {
-            (bounds[r + 1] > bounds[r]).then(|| flat.clone().slice([bounds[r]..bounds[r + 1]]))
-        })
-        .collect();
+    let parts = (0..comm.world_size()).map(|r| (bounds[r + 1] > bounds[r]).then(|| flat.clone().slice([bounds[r]..bounds[r + 1]]))).collect();
     let got = comm.exchange_tensors(op, parts, &device)?;
     let n = bounds[me + 1] - bounds[me];
     let parts = received(comm, op, got, |_| n)?;
-    Ok(parts
-        .into_iter()
-        .reduce(|sum, p| sum + p)
-        .unwrap_or_else(|| Tensor::zeros([0], &device)))
+    Ok(parts.into_iter().reduce(|sum, p| sum + p).unwrap_or_else(|| Tensor::zeros([0], &device)))
 }
 
 /// Every rank's `shard` concatenated in rank order: rank `r`'s holds the elements
@@ -71,26 +50,17 @@ pub fn reduce_scatter<B: Backend>(
 ///
 /// # Errors
 /// A shard of another length than its range; a failed or stalled rank.
-pub fn all_gather<B: Backend>(
-    shard: Tensor<B, 1>,
-    bounds: &[usize],
-    comm: &Comm,
-) -> Result<Tensor<B, 1>, CommError> {
+pub fn all_gather<B: Backend>(shard: Tensor<B, 1>, bounds: &[usize], comm: &Comm) -> Result<Tensor<B, 1>, CommError> {
     let op = "dp all_gather";
     check_bounds(comm, op, bounds, None)?;
     let me = comm.rank();
     let n = bounds[me + 1] - bounds[me];
     if shard.dims()[0] != n {
-        let detail = format!(
-            "a shard of {} elements for this rank's range of {n}",
-            shard.dims()[0]
-        );
+        let detail = format!("a shard of {} elements for this rank's range of {n}", shard.dims()[0]);
         return Err(comm.shape_error(op, detail));
     }
     let device = shard.device();
-    let parts = (0..comm.world_size())
-        .map(|_| (n > 0).then(|| shard.clone()))
-        .collect();
+    let parts = (0..comm.world_size()).map(|_| (n > 0).then(|| shard.clone())).collect();
     let got = comm.exchange_tensors(op, parts, &device)?;
     let pieces = received(comm, op, got, |src| bounds[src + 1] - bounds[src])?;
     Ok(crate::layout::flat(pieces, &device))
@@ -98,12 +68,7 @@ pub fn all_gather<B: Backend>(
 
 /// The non-empty parts of an exchange, each checked to hold `want(src)` elements (a rank
 /// sending nothing where elements are due, or the wrong count, is a shape error).
-fn received<B: Backend>(
-    comm: &Comm,
-    op: &'static str,
-    got: Vec<Option<Tensor<B, 1>>>,
-    want: impl Fn(usize) -> usize,
-) -> Result<Vec<Tensor<B, 1>>, CommError> {
+fn received<B: Backend>(comm: &Comm, op: &'static str, got: Vec<Option<Tensor<B, 1>>>, want: impl Fn(usize) -> usize) -> Result<Vec<Tensor<B, 1>>, CommError> {
     let mut parts = Vec::with_capacity(got.len());
     for (src, part) in got.into_iter().enumerate() {
         let want = want(src);
@@ -111,11 +76,7 @@ fn received<B: Backend>(
             Some(p) if p.dims()[0] == want => parts.push(p),
             None if want == 0 => {}
             other => {
-                let detail = format!(
-                    "rank {} sent {:?} elements where {want} are due",
-                    comm.global_rank(src),
-                    other.map(|p| p.dims()[0])
-                );
+                let detail = format!("rank {} sent {:?} elements where {want} are due", comm.global_rank(src), other.map(|p| p.dims()[0]));
                 return Err(comm.shape_error(op, detail));
             }
         }

@@ -63,11 +63,7 @@ pub struct Ddp {
 impl Ddp {
     /// DDP over the ranks of `comm` (the mesh's `dp` communicator), 25 MiB buckets.
     pub fn new(comm: Comm) -> Self {
-        Ddp {
-            comm,
-            bucket_bytes: DEFAULT_BUCKET_BYTES,
-            checked: Default::default(),
-        }
+        Ddp { comm, bucket_bytes: DEFAULT_BUCKET_BYTES, checked: Default::default() }
     }
 
     /// The same with buckets of at most `bytes` of f32 gradients (at least one parameter
@@ -110,11 +106,7 @@ impl Ddp {
     /// # Errors
     /// [`DpError::Layout`] when the ranks' modules differ (checked on the first call and
     /// whenever the module's parameters change); a failed or stalled rank.
-    pub fn sync<B: AutodiffBackend, M: AutodiffModule<B>>(
-        &self,
-        module: &M,
-        mut grads: GradientsParams,
-    ) -> Result<GradientsParams, DpError> {
+    pub fn sync<B: AutodiffBackend, M: AutodiffModule<B>>(&self, module: &M, mut grads: GradientsParams) -> Result<GradientsParams, DpError> {
         let layout = checked_layout(&self.checked, module, &self.comm)?;
         let world = self.comm.world_size() as f32;
         for bucket in self.buckets(&layout) {
@@ -128,11 +120,7 @@ impl Ddp {
 
 /// The layout of `module`, checked across the ranks of `comm` when it is new (the first
 /// call, or a module whose parameters changed).
-pub(crate) fn checked_layout<B: AutodiffBackend, M: AutodiffModule<B>>(
-    cache: &std::sync::Mutex<Option<Layout>>,
-    module: &M,
-    comm: &Comm,
-) -> Result<Layout, DpError> {
+pub(crate) fn checked_layout<B: AutodiffBackend, M: AutodiffModule<B>>(cache: &std::sync::Mutex<Option<Layout>>, module: &M, comm: &Comm) -> Result<Layout, DpError> {
     let layout = Layout::of::<B, M>(module);
     let mut cached = cache.lock().unwrap_or_else(|e| e.into_inner());
     // Parameter ids survive optimizer steps, so this is the first call on every rank (a

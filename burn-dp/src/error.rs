@@ -28,10 +28,7 @@ impl core::fmt::Display for DpError {
         match self {
             DpError::Comm(e) => write!(f, "{e}"),
             DpError::Layout { rank, detail } => {
-                write!(
-                    f,
-                    "rank {rank}: the data-parallel ranks' modules differ: {detail}"
-                )
+                write!(f, "rank {rank}: the data-parallel ranks' modules differ: {detail}")
             }
             DpError::Config { detail } => write!(f, "data parallelism: {detail}"),
         }
@@ -59,9 +56,7 @@ impl From<burn_comm::MeshError> for DpError {
     fn from(e: burn_comm::MeshError) -> Self {
         match e {
             burn_comm::MeshError::Comm(e) => DpError::Comm(e),
-            other => DpError::Config {
-                detail: other.to_string(),
-            },
+            other => DpError::Config { detail: other.to_string() },
         }
     }
 }

@@ -38,18 +38,9 @@ impl Layout {
         for (_, shape) in &params {
             offsets.push(offsets[offsets.len() - 1] + shape.iter().product::<usize>());
         }
-        let position = params
-            .iter()
-            .enumerate()
-            .map(|(i, (id, _))| (*id, i))
-            .collect();
+        let position = params.iter().enumerate().map(|(i, (id, _))| (*id, i)).collect();
         let (ids, shapes) = params.into_iter().unzip();
-        Layout {
-            ids,
-            shapes,
-            offsets,
-            position,
-        }
+        Layout { ids, shapes, offsets, position }
     }
 
     /// The same parameters but those in `skip` (e.g. parameters synchronised otherwise).
@@ -63,14 +54,7 @@ impl Layout {
     }
 
     fn filter(&self, keep: impl Fn(&ParamId) -> bool) -> Layout {
-        Layout::new(
-            self.ids
-                .iter()
-                .zip(&self.shapes)
-                .filter(|(id, _)| keep(id))
-                .map(|(id, s)| (*id, s.clone()))
-                .collect(),
-        )
+        Layout::new(self.ids.iter().zip(&self.shapes).filter(|(id, _)| keep(id)).map(|(id, s)| (*id, s.clone())).collect())
     }
 
     /// The index of parameter `id`, if it is in the layout.
@@ -105,18 +89,11 @@ impl Layout {
         for (r, other) in all.iter().enumerate() {
             let theirs = comm.global_rank(r);
             if other.len() != self.shapes.len() {
-                let detail = format!(
-                    "{} trainable parameters here, {} on rank {theirs}",
-                    self.shapes.len(),
-                    other.len()
-                );
+                let detail = format!("{} trainable parameters here, {} on rank {theirs}", self.shapes.len(), other.len());
                 return Err(DpError::Layout { rank: me, detail });
             }
             if let Some(i) = (0..other.len()).find(|&i| other[i] != self.shapes[i]) {
-                let detail = format!(
-                    "parameter {i} has shape {:?} here, {:?} on rank {theirs}",
-                    self.shapes[i], other[i]
-                );
+                let detail = format!("parameter {i} has shape {:?} here, {:?} on rank {theirs}", self.shapes[i], other[i]);
                 return Err(DpError::Layout { rank: me, detail });
             }
         }
@@ -132,12 +109,7 @@ impl Layout {
         let mut bounds = vec![0];
         for r in 1..parts {
             let target = total * r / parts;
-            let nearest = self
-                .offsets
-                .iter()
-                .copied()
-                .min_by_key(|&o| o.abs_diff(target))
-                .expect("offsets start at 0");
+            let nearest = self.offsets.iter().copied().min_by_key(|&o| o.abs_diff(target)).expect("offsets start at 0");
             bounds.push(nearest.max(*bounds.last().expect("bounds start at 0")));
         }
         bounds.push(total);
@@ -146,16 +118,8 @@ impl Layout {
 
     /// The parameters whose elements lie in `lo..hi` (a range of [`Layout::partition`]).
     pub fn params_in(&self, lo: usize, hi: usize) -> std::ops::Range<usize> {
-        let first = self
-            .offsets
-            .iter()
-            .position(|&o| o >= lo)
-            .unwrap_or(self.len());
-        let end = self
-            .offsets
-            .iter()
-            .position(|&o| o >= hi)
-            .unwrap_or(self.len());
+        let first = self.offsets.iter().position(|&o| o >= lo).unwrap_or(self.len());
+        let end = self.offsets.iter().position(|&o| o >= hi).unwrap_or(self.len());
         first.min(self.len())..end.min(self.len())
     }
 }
@@ -173,18 +137,8 @@ impl<B: Backend> ModuleVisitor<B> for Collect {
 /// The gradients of the layout's parameters `range` taken out of `grads`, flattened in
 /// order into one vector (zeros for a parameter without a gradient on this rank, so that
 /// every rank contributes the same layout).
-pub fn take_grads<B: AutodiffBackend, M: Module<B>>(
-    module: &M,
-    layout: &Layout,
-    range: std::ops::Range<usize>,
-    grads: &mut GradientsParams,
-) -> Tensor<B::InnerBackend, 1> {
-    let mut v = TakeGrads::<B> {
-        layout,
-        range,
-        grads,
-        parts: Vec::new(),
-    };
+pub fn take_grads<B: AutodiffBackend, M: Module<B>>(module: &M, layout: &Layout, range: std::ops::Range<usize>, grads: &mut GradientsParams) -> Tensor<B::InnerBackend, 1> {
+    let mut v = TakeGrads::<B> { layout, range, grads, parts: Vec::new() };
     module.visit(&mut v);
     flat(v.parts, &module_device(module))
 }
@@ -198,31 +152,18 @@ struct TakeGrads<'a, B: AutodiffBackend> {
 
 impl<B: AutodiffBackend> ModuleVisitor<B> for TakeGrads<'_, B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        if !self
-            .layout
-            .index(&param.id)
-            .is_some_and(|i| self.range.contains(&i))
-        {
+        if !self.layout.index(&param.id).is_some_and(|i| self.range.contains(&i)) {
             return;
         }
         let n = param.shape().num_elements();
-        let g = self
-            .grads
-            .remove::<B::InnerBackend, D>(param.id)
-            .map(|g| g.reshape([n]));
-        self.parts
-            .push(g.unwrap_or_else(|| Tensor::zeros([n], &param.device())));
+        let g = self.grads.remove::<B::InnerBackend, D>(param.id).map(|g| g.reshape([n]));
+        self.parts.push(g.unwrap_or_else(|| Tensor::zeros([n], &param.device())));
     }
 }
 
 /// Registers the slices of `flat` (the flattened gradients of the layout's parameters
 /// `range`, in order) as those parameters' gradients.
-pub fn put_grads<B: Backend>(
-    layout: &Layout,
-    range: std::ops::Range<usize>,
-    flat: Tensor<B, 1>,
-    grads: &mut GradientsParams,
-) {
+pub fn put_grads<B: Backend>(layout: &Layout, range: std::ops::Range<usize>, flat: Tensor<B, 1>, grads: &mut GradientsParams) {
     let base = layout.offsets[range.start];
     for i in range {
         let (lo, hi) = (layout.offsets[i] - base, layout.offsets[i + 1] - base);
@@ -243,26 +184,14 @@ pub(crate) fn dims<const D: usize>(shape: &[usize]) -> [usize; D] {
 }
 
 /// The values of the layout's parameters `range`, flattened in order (inner backend).
-pub fn take_values<B: AutodiffBackend, M: Module<B>>(
-    module: &M,
-    layout: &Layout,
-    range: std::ops::Range<usize>,
-) -> Tensor<B::InnerBackend, 1> {
+pub fn take_values<B: AutodiffBackend, M: Module<B>>(module: &M, layout: &Layout, range: std::ops::Range<usize>) -> Tensor<B::InnerBackend, 1> {
     values(module, layout, range).inner()
 }
 
 /// The values of the layout's parameters `range`, flattened in order, detached from any
 /// autodiff graph (any backend).
-pub fn values<B: Backend, M: Module<B>>(
-    module: &M,
-    layout: &Layout,
-    range: std::ops::Range<usize>,
-) -> Tensor<B, 1> {
-    let mut v = TakeValues::<B> {
-        layout,
-        range,
-        parts: Vec::new(),
-    };
+pub fn values<B: Backend, M: Module<B>>(module: &M, layout: &Layout, range: std::ops::Range<usize>) -> Tensor<B, 1> {
+    let mut v = TakeValues::<B> { layout, range, parts: Vec::new() };
     module.visit(&mut v);
     flat(v.parts, &module_device(module))
 }
@@ -275,11 +204,7 @@ struct TakeValues<'a, B: Backend> {
 
 impl<B: Backend> ModuleVisitor<B> for TakeValues<'_, B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        if self
-            .layout
-            .index(&param.id)
-            .is_some_and(|i| self.range.contains(&i))
-        {
+        if self.layout.index(&param.id).is_some_and(|i| self.range.contains(&i)) {
             let n = param.shape().num_elements();
             self.parts.push(param.val().detach().reshape([n]));
         }
@@ -288,11 +213,7 @@ impl<B: Backend> ModuleVisitor<B> for TakeValues<'_, B> {
 
 /// `module` with the value of every parameter of `layout` replaced by its slice of
 /// `flat` (the layout's whole flat vector; ids and `require_grad` kept).
-pub fn put_values<B: AutodiffBackend, M: Module<B>>(
-    module: M,
-    layout: &Layout,
-    flat: Tensor<B::InnerBackend, 1>,
-) -> M {
+pub fn put_values<B: AutodiffBackend, M: Module<B>>(module: M, layout: &Layout, flat: Tensor<B::InnerBackend, 1>) -> M {
     module.map(&mut PutValues::<B> { layout, flat })
 }
 

@@ -32,21 +32,11 @@ pub fn grad_bytes<B: AutodiffBackend>(grads: &GradientsParams, layout: &Layout) 
         .map(|(id, shape)| {
             let size = |dtype: burn::tensor::DType| shape.iter().product::<usize>() * dtype.size();
             match shape.len() {
-                1 => grads
-                    .get::<B::InnerBackend, 1>(*id)
-                    .map_or(0, |g| size(g.dtype())),
-                2 => grads
-                    .get::<B::InnerBackend, 2>(*id)
-                    .map_or(0, |g| size(g.dtype())),
-                3 => grads
-                    .get::<B::InnerBackend, 3>(*id)
-                    .map_or(0, |g| size(g.dtype())),
-                4 => grads
-                    .get::<B::InnerBackend, 4>(*id)
-                    .map_or(0, |g| size(g.dtype())),
-                _ => grads
-                    .get::<B::InnerBackend, 5>(*id)
-                    .map_or(0, |g| size(g.dtype())),
+                1 => grads.get::<B::InnerBackend, 1>(*id).map_or(0, |g| size(g.dtype())),
+                2 => grads.get::<B::InnerBackend, 2>(*id).map_or(0, |g| size(g.dtype())),
+                3 => grads.get::<B::InnerBackend, 3>(*id).map_or(0, |g| size(g.dtype())),
+                4 => grads.get::<B::InnerBackend, 4>(*id).map_or(0, |g| size(g.dtype())),
+                _ => grads.get::<B::InnerBackend, 5>(*id).map_or(0, |g| size(g.dtype())),
             }
         })
         .sum()
@@ -54,15 +44,9 @@ pub fn grad_bytes<B: AutodiffBackend>(grads: &GradientsParams, layout: &Layout) 
 
 /// Bytes of the moments `optim` holds for the parameters of `layout` (none for a
 /// parameter it has not stepped: under [`crate::Zero1`], the other ranks' shards).
-pub fn adamw_state_bytes<B: AutodiffBackend, M: AutodiffModule<B>>(
-    optim: &OptimizerAdaptor<AdamW, M, B>,
-    layout: &Layout,
-) -> usize {
+pub fn adamw_state_bytes<B: AutodiffBackend, M: AutodiffModule<B>>(optim: &OptimizerAdaptor<AdamW, M, B>, layout: &Layout) -> usize {
     fn bytes<B: Backend, const D: usize>(s: AdamWState<B, D>) -> usize {
-        [s.moment_1, s.moment_2]
-            .iter()
-            .map(|m| m.shape().num_elements() * m.dtype().size())
-            .sum()
+        [s.moment_1, s.moment_2].iter().map(|m| m.shape().num_elements() * m.dtype().size()).sum()
     }
     let mut record = optim.to_record();
     layout

@@ -64,12 +64,7 @@ pub struct Zero1<O> {
 impl<O> Zero1<O> {
     /// ZeRO-1 over the ranks of `comm` (the mesh's `dp` communicator) around `optimizer`.
     pub fn new(optimizer: O, comm: Comm) -> Self {
-        Zero1 {
-            optimizer,
-            comm,
-            replicas: None,
-            checked: Mutex::new(None),
-        }
+        Zero1 { optimizer, comm, replicas: None, checked: Mutex::new(None) }
     }
 
     /// HSDP's 2-D layout `[dp_replicate, dp_shard]`: the state sharded over this
@@ -110,12 +105,7 @@ impl<O> Zero1<O> {
     ///
     /// # Errors
     /// [`DpError::Layout`] when the ranks' modules differ; a failed or stalled rank.
-    pub fn step<B, M>(
-        &mut self,
-        lr: f64,
-        module: M,
-        mut grads: GradientsParams,
-    ) -> Result<M, DpError>
+    pub fn step<B, M>(&mut self, lr: f64, module: M, mut grads: GradientsParams) -> Result<M, DpError>
     where
         B: AutodiffBackend,
         M: AutodiffModule<B>,

@@ -78,8 +78,7 @@ pub fn simulate(schedule: &Schedule, costs: &Costs) -> Result<Timeline, Schedule
 /// # Errors
 /// As [`simulate`]; a compute instruction missing from `measured` takes no time.
 pub fn predict(schedule: &Schedule, measured: &Timeline) -> Result<Timeline, ScheduleError> {
-    let times: HashMap<(usize, Instr), f64> =
-        measured.ranks.iter().enumerate().flat_map(|(r, spans)| spans.iter().map(move |s| ((r, s.instr), s.end - s.start))).collect();
+    let times: HashMap<(usize, Instr), f64> = measured.ranks.iter().enumerate().flat_map(|(r, spans)| spans.iter().map(move |s| ((r, s.instr), s.end - s.start))).collect();
     replay(schedule, |rank, instr| times.get(&(rank, *instr)).copied().unwrap_or(0.0))
 }
 
@@ -117,11 +116,7 @@ fn replay(schedule: &Schedule, time: impl Fn(usize, &Instr) -> f64) -> Result<Ti
         }
         if !progressed {
             let r = (0..ranks).find(|&r| pc[r] < schedule.programs[r].len()).expect("a stuck rank");
-            return Err(ScheduleError::Invalid {
-                rank: r,
-                index: Some(pc[r]),
-                reason: format!("deadlock: {:?} waits for a send that never runs", schedule.programs[r][pc[r]]),
-            });
+            return Err(ScheduleError::Invalid { rank: r, index: Some(pc[r]), reason: format!("deadlock: {:?} waits for a send that never runs", schedule.programs[r][pc[r]]) });
         }
     }
 }

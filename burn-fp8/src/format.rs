@@ -133,8 +133,7 @@ impl Fp8Format {
                 0
             } else {
                 let significand = (abs & 0x7F_FFFF) | 0x80_0000;
-                let rounded =
-                    significand + ((1 << (total - 1)) - 1) + ((significand >> total) & 1);
+                let rounded = significand + ((1 << (total - 1)) - 1) + ((significand >> total) & 1);
                 rounded >> total
             }
         };
@@ -300,11 +299,7 @@ mod tests {
                 if x.is_nan() {
                     continue;
                 }
-                let expected = if x.abs() > format.max() {
-                    (if x < 0.0 { 0x80 } else { 0 }) | format.max_code()
-                } else {
-                    nearest(format, x)
-                };
+                let expected = if x.abs() > format.max() { (if x < 0.0 { 0x80 } else { 0 }) | format.max_code() } else { nearest(format, x) };
                 assert_eq!(format.encode(x), expected, "{format} x = {x:e} ({:#010x})", x.to_bits());
             }
         }

@@ -46,12 +46,7 @@ impl HostFp8 {
                 let row_range = tr * tile_rows..((tr + 1) * tile_rows).min(rows);
                 let col_range = tc * TILE_K..((tc + 1) * TILE_K).min(cols);
                 // Max-abs on the bits, as the kernel: exact, and NaN/inf sort above all numbers.
-                let amax_bits = row_range
-                    .clone()
-                    .flat_map(|r| col_range.clone().map(move |c| (r, c)))
-                    .map(|(r, c)| x[r * cols + c].to_bits() & 0x7FFF_FFFF)
-                    .max()
-                    .unwrap_or(0);
+                let amax_bits = row_range.clone().flat_map(|r| col_range.clone().map(move |c| (r, c))).map(|(r, c)| x[r * cols + c].to_bits() & 0x7FFF_FFFF).max().unwrap_or(0);
                 let s = config.tile_scale(f32::from_bits(amax_bits));
                 scales[tr * scale_cols + tc] = s.scale;
                 for r in row_range {
@@ -87,8 +82,7 @@ impl HostFp8 {
         let mut words = vec![0u32; rows * words_per_row];
         for r in 0..rows {
             for c in 0..cols {
-                words[r * words_per_row + c / CODES_PER_WORD] |=
-                    (self.codes[r * cols + c] as u32) << (8 * (c % CODES_PER_WORD));
+                words[r * words_per_row + c / CODES_PER_WORD] |= (self.codes[r * cols + c] as u32) << (8 * (c % CODES_PER_WORD));
             }
         }
         words
@@ -103,9 +97,7 @@ impl HostFp8 {
     /// Dequantized values in f64 (exact: an FP8 value times an f32 scale fits in f64).
     pub fn dequantize_f64(&self) -> Vec<f64> {
         let [rows, cols] = self.shape;
-        (0..rows * cols)
-            .map(|i| self.config.format.decode(self.codes[i]) as f64 * self.scale(i / cols, i % cols) as f64)
-            .collect()
+        (0..rows * cols).map(|i| self.config.format.decode(self.codes[i]) as f64 * self.scale(i / cols, i % cols) as f64).collect()
     }
 }
 

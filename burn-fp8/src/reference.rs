@@ -35,10 +35,7 @@ pub fn quantize<B: Backend>(x: Tensor<B, 2>, config: QuantConfig) -> (Tensor<B, 
     let [scale_rows, scale_cols] = config.tile.scale_shape([rows, cols]);
     let words = scale_cols * WORDS_PER_TILE;
     if rows == 0 || cols == 0 {
-        return (
-            Tensor::zeros([rows, words], &device),
-            Tensor::zeros([scale_rows, scale_cols], &device),
-        );
+        return (Tensor::zeros([rows, words], &device), Tensor::zeros([scale_rows, scale_cols], &device));
     }
     let [pad_rows, pad_cols] = [scale_rows * tile_rows, scale_cols * TILE_K];
     let x = x.pad([(0, pad_rows - rows), (0, pad_cols - cols)], PadMode::Constant(0.0));
@@ -46,11 +43,7 @@ pub fn quantize<B: Backend>(x: Tensor<B, 2>, config: QuantConfig) -> (Tensor<B, 
     // Per-tile max-abs and non-finite flags.
     let tiles = |t: Tensor<B, 2>| t.reshape([scale_rows, tile_rows, scale_cols, TILE_K]);
     let amax = tiles(x.clone().abs()).max_dim(3).max_dim(1).reshape([scale_rows, scale_cols]);
-    let nonfinite = tiles(x.clone().is_nan().bool_or(x.clone().is_inf()).float())
-        .max_dim(3)
-        .max_dim(1)
-        .reshape([scale_rows, scale_cols])
-        .greater_elem(0.0);
+    let nonfinite = tiles(x.clone().is_nan().bool_or(x.clone().is_inf()).float()).max_dim(3).max_dim(1).reshape([scale_rows, scale_cols]).greater_elem(0.0);
     let zero = amax.clone().equal_elem(0.0);
 
     let fmt_max = config.format.max();
@@ -70,15 +63,8 @@ pub fn quantize<B: Backend>(x: Tensor<B, 2>, config: QuantConfig) -> (Tensor<B, 
     let (scale, multiplier) = (fix(scale), fix(multiplier));
 
     // Encode v = x · multiplier; padding columns are code 0.
-    let expand = |t: Tensor<B, 2>| {
-        t.reshape([scale_rows, 1, scale_cols, 1])
-            .expand([scale_rows, tile_rows, scale_cols, TILE_K])
-            .reshape([pad_rows, pad_cols])
-    };
-    let pad_col = Tensor::<B, 1, Int>::arange(0..pad_cols as i64, &device)
-        .greater_equal_elem(cols as i64)
-        .reshape([1, pad_cols])
-        .expand([pad_rows, pad_cols]);
+    let expand = |t: Tensor<B, 2>| t.reshape([scale_rows, 1, scale_cols, 1]).expand([scale_rows, tile_rows, scale_cols, TILE_K]).reshape([pad_rows, pad_cols]);
+    let pad_col = Tensor::<B, 1, Int>::arange(0..pad_cols as i64, &device).greater_equal_elem(cols as i64).reshape([1, pad_cols]).expand([pad_rows, pad_cols]);
     let v = (x * expand(multiplier)).mask_fill(pad_col, 0.0);
     let codes = encode(v.slice([0..rows, 0..pad_cols]), config.format);
     (pack(codes), scale)
@@ -132,27 +118,14 @@ pub fn encode<B: Backend>(v: Tensor<B, 2>, format: Fp8Format) -> Tensor<B, 2, In
 fn pack<B: Backend>(codes: Tensor<B, 2, Int>) -> Tensor<B, 2, Int> {
     let [rows, cols] = codes.dims();
     let codes = codes.reshape([rows, cols / 4, 4]);
-    let byte = |k: usize| {
-        codes
-            .clone()
-            .slice([0..rows, 0..cols / 4, k..k + 1])
-            .reshape([rows, cols / 4])
-            .bitwise_left_shift_scalar(((8 * k) as i64).elem())
-    };
+    let byte = |k: usize| codes.clone().slice([0..rows, 0..cols / 4, k..k + 1]).reshape([rows, cols / 4]).bitwise_left_shift_scalar(((8 * k) as i64).elem());
     byte(0).bitwise_or(byte(1)).bitwise_or(byte(2)).bitwise_or(byte(3))
 }
 
 /// Unpacks words `[rows, words]` to codes `[rows, 4·words]`.
 fn unpack<B: Backend>(data: Tensor<B, 2, Int>) -> Tensor<B, 2, Int> {
     let [rows, words] = data.dims();
-    let bytes: Vec<_> = (0..4)
-        .map(|k| {
-            data.clone()
-                .bitwise_right_shift_scalar(((8 * k) as i64).elem())
-                .bitwise_and_scalar(0xFFi64.elem())
-                .reshape([rows, words, 1])
-        })
-        .collect();
+    let bytes: Vec<_> = (0..4).map(|k| data.clone().bitwise_right_shift_scalar(((8 * k) as i64).elem()).bitwise_and_scalar(0xFFi64.elem()).reshape([rows, words, 1])).collect();
     Tensor::cat(bytes, 2).reshape([rows, words * 4])
 }
 
@@ -169,11 +142,7 @@ fn decode_codes<B: Backend>(data: Tensor<B, 2, Int>, format: Fp8Format) -> Tenso
 fn row_scales<B: Backend>(scales: Tensor<B, 2>, layout: Fp8Layout) -> Tensor<B, 2> {
     let [scale_rows, scale_cols] = layout.scale_shape();
     let tile_rows = layout.config.tile.rows();
-    scales
-        .reshape([scale_rows, 1, scale_cols])
-        .expand([scale_rows, tile_rows, scale_cols])
-        .reshape([scale_rows * tile_rows, scale_cols])
-        .slice([0..layout.shape[0], 0..scale_cols])
+    scales.reshape([scale_rows, 1, scale_cols]).expand([scale_rows, tile_rows, scale_cols]).reshape([scale_rows * tile_rows, scale_cols]).slice([0..layout.shape[0], 0..scale_cols])
 }
 
 /// Dequantizes to `[rows, cols]`.
@@ -184,10 +153,7 @@ pub fn dequantize<B: Backend>(data: Tensor<B, 2, Int>, scales: Tensor<B, 2>, lay
     }
     let values = decode_codes(data, layout.config.format);
     let scale_cols = layout.scale_shape()[1];
-    let scales = row_scales(scales, layout)
-        .reshape([rows, scale_cols, 1])
-        .expand([rows, scale_cols, TILE_K])
-        .reshape([rows, scale_cols * TILE_K]);
+    let scales = row_scales(scales, layout).reshape([rows, scale_cols, 1]).expand([rows, scale_cols, TILE_K]).reshape([rows, scale_cols * TILE_K]);
     (values * scales).slice([0..rows, 0..cols])
 }
 
@@ -261,11 +227,7 @@ pub fn grouped_gemm<B: Backend>(
     }
     let offsets: Vec<i64> = offsets.into_data().convert::<i64>().to_vec().expect("offsets");
     let (a, b) = (Decoded::new(a_data, a_scales, a_layout), Decoded::new(b_data, b_scales, b_layout));
-    let parts: Vec<_> = offsets
-        .windows(2)
-        .enumerate()
-        .filter(|(_, w)| w[1] > w[0])
-        .map(|(g, w)| product(a.rows(w[0] as usize..w[1] as usize), b.rows(g * n..(g + 1) * n)))
-        .collect();
+    let parts: Vec<_> =
+        offsets.windows(2).enumerate().filter(|(_, w)| w[1] > w[0]).map(|(g, w)| product(a.rows(w[0] as usize..w[1] as usize), b.rows(g * n..(g + 1) * n))).collect();
     Tensor::cat(parts, 0)
 }

@@ -31,11 +31,9 @@ pub enum Fp8Error {
 impl core::fmt::Display for Fp8Error {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
-            Fp8Error::NonFinite { tiles, count, tile } => write!(
-                f,
-                "{count} tile(s) of {}x{} elements held NaN or infinity before FP8 quantization; first at [tile_row, tile_col] {tiles:?}",
-                tile[0], tile[1]
-            ),
+            Fp8Error::NonFinite { tiles, count, tile } => {
+                write!(f, "{count} tile(s) of {}x{} elements held NaN or infinity before FP8 quantization; first at [tile_row, tile_col] {tiles:?}", tile[0], tile[1])
+            }
             Fp8Error::Shape { expected, got, part } => {
                 write!(f, "FP8 {part} has shape {got:?}, the layout requires {expected:?}")
             }
@@ -115,22 +113,12 @@ impl<B: Fp8Backend> Fp8Tensor<B> {
     pub fn check_finite(&self) -> Result<(), Fp8Error> {
         let [_, scale_cols] = self.layout.scale_shape();
         let scales = self.scales.to_data().convert::<f32>();
-        let bad: Vec<[usize; 2]> = scales
-            .as_slice::<f32>()
-            .expect("f32 scales")
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| !s.is_finite())
-            .map(|(i, _)| [i / scale_cols, i % scale_cols])
-            .collect();
+        let bad: Vec<[usize; 2]> =
+            scales.as_slice::<f32>().expect("f32 scales").iter().enumerate().filter(|(_, s)| !s.is_finite()).map(|(i, _)| [i / scale_cols, i % scale_cols]).collect();
         if bad.is_empty() {
             return Ok(());
         }
-        Err(Fp8Error::NonFinite {
-            count: bad.len(),
-            tiles: bad.into_iter().take(8).collect(),
-            tile: self.layout.config.tile.dims(),
-        })
+        Err(Fp8Error::NonFinite { count: bad.len(), tiles: bad.into_iter().take(8).collect(), tile: self.layout.config.tile.dims() })
     }
 
     /// Dequantizes to a float tensor of the logical shape.
@@ -148,23 +136,14 @@ impl<B: Fp8Backend> Fp8Tensor<B> {
     }
 
     fn from_primitive(q: Fp8Primitive<B>, layout: Fp8Layout) -> Self {
-        Self {
-            data: Tensor::from_primitive(q.data),
-            scales: Tensor::from_primitive(TensorPrimitive::Float(q.scales)),
-            layout,
-        }
+        Self { data: Tensor::from_primitive(q.data), scales: Tensor::from_primitive(TensorPrimitive::Float(q.scales)), layout }
     }
 }
 
 impl<B: Backend> Fp8Tensor<B> {
     /// Builds a tensor from packed data and scales (e.g. loaded from a checkpoint),
     /// checking their shapes against the layout.
-    pub fn from_parts(
-        data: Tensor<B, 2, Int>,
-        scales: Tensor<B, 2>,
-        shape: [usize; 2],
-        config: QuantConfig,
-    ) -> Result<Self, Fp8Error> {
+    pub fn from_parts(data: Tensor<B, 2, Int>, scales: Tensor<B, 2>, shape: [usize; 2], config: QuantConfig) -> Result<Self, Fp8Error> {
         let layout = Fp8Layout { shape, config };
         if data.dims() != layout.data_shape() {
             return Err(Fp8Error::Shape { expected: layout.data_shape(), got: data.dims().to_vec(), part: "data" });
@@ -292,11 +271,5 @@ pub fn fp8_grouped_gemm<B: Fp8Backend>(a: &Fp8Tensor<B>, b: &Fp8Tensor<B>, offse
     if r == 0 || n == 0 || k == 0 {
         return Tensor::zeros([r, n], &a.data.device());
     }
-    Tensor::from_primitive(TensorPrimitive::Float(B::fp8_grouped_gemm(
-        a.primitive(),
-        a.layout,
-        b.primitive(),
-        b.layout,
-        offsets.into_primitive(),
-    )))
+    Tensor::from_primitive(TensorPrimitive::Float(B::fp8_grouped_gemm(a.primitive(), a.layout, b.primitive(), b.layout, offsets.into_primitive())))
 }

@@ -41,8 +41,8 @@
 
 use crate::backend::{MoeBackend, PlanPrimitive};
 use crate::router::Routing;
-use burn_fp8::linear::Fp8Recipe;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorPrimitive};
+use burn_fp8::linear::Fp8Recipe;
 
 /// Where each routed slot goes in the expert-contiguous layout.
 ///
@@ -97,11 +97,7 @@ impl<B: MoeBackend> DispatchPlan<B> {
     }
 
     fn primitive(&self) -> PlanPrimitive<B> {
-        PlanPrimitive {
-            positions: self.positions.clone().into_primitive(),
-            row_slots: self.row_slots.clone().into_primitive(),
-            offsets: self.offsets.clone().into_primitive(),
-        }
+        PlanPrimitive { positions: self.positions.clone().into_primitive(), row_slots: self.row_slots.clone().into_primitive(), offsets: self.offsets.clone().into_primitive() }
     }
 }
 

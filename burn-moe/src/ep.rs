@@ -157,12 +157,7 @@ impl<B: Backend> ExpertParallelMoe<B> {
         let mine: Vec<i64> = placement.phys_to_log[rank * per..(rank + 1) * per].iter().map(|&e| e as i64).collect();
         let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(mine, [per]), &moe.experts.w_gate.device());
         let slots_of = |w: &Param<Tensor<B, 3>>| leaf(w.id, w.val().select(0, ids.clone()), w.is_require_grad(), device);
-        let experts = RoutedExperts {
-            w_gate: slots_of(&moe.experts.w_gate),
-            w_up: slots_of(&moe.experts.w_up),
-            w_down: slots_of(&moe.experts.w_down),
-            fp8: moe.experts.fp8,
-        };
+        let experts = RoutedExperts { w_gate: slots_of(&moe.experts.w_gate), w_up: slots_of(&moe.experts.w_up), w_down: slots_of(&moe.experts.w_down), fp8: moe.experts.fp8 };
         let shared = moe.shared.as_ref().map(|s| SwiGluMlp::from_projections(copy_linear(&s.gate, device), copy_linear(&s.up, device), copy_linear(&s.down, device)));
         let local = Moe {
             gate: copy_linear(&moe.gate, device),
@@ -250,10 +245,7 @@ impl<B: MoeBackend> ExpertParallelMoe<B> {
         // by local expert for the grouped GEMM, and back.
         let (local_experts, local_counts) = local_layout(&all, mine);
         let m = local_experts.len();
-        let local_plan = DispatchPlan::new(
-            Tensor::from_data(TensorData::new(local_experts, [m, 1]), &device),
-            Tensor::from_data(TensorData::new(local_counts, [per]), &device),
-        );
+        let local_plan = DispatchPlan::new(Tensor::from_data(TensorData::new(local_experts, [m, 1]), &device), Tensor::from_data(TensorData::new(local_counts, [per]), &device));
         let back = match m {
             0 => received,
             _ => {
@@ -301,12 +293,8 @@ impl<B: MoeBackend> ExpertParallelMoe<B> {
             let all = crate::comm::all_gather(w.val().detach(), comm)?; // [slots, p, q]
             Ok(Param::initialized(w.id, all.select(0, first.clone()).detach().set_require_grad(w.is_require_grad())))
         };
-        let experts = RoutedExperts {
-            w_gate: whole(&self.moe.experts.w_gate)?,
-            w_up: whole(&self.moe.experts.w_up)?,
-            w_down: whole(&self.moe.experts.w_down)?,
-            fp8: self.moe.experts.fp8,
-        };
+        let experts =
+            RoutedExperts { w_gate: whole(&self.moe.experts.w_gate)?, w_up: whole(&self.moe.experts.w_up)?, w_down: whole(&self.moe.experts.w_down)?, fp8: self.moe.experts.fp8 };
         Ok(Moe { experts, ..self.moe.clone() })
     }
 

@@ -102,13 +102,15 @@ pub fn grouped_wgrad<B: Backend>(a: Tensor<B, 2>, d: Tensor<B, 2>, offsets: Tens
     let device = a.device();
     let parts: Vec<_> = ranges(offsets)
         .into_iter()
-        .map(|(start, end)| {
-            if end > start {
-                a.clone().slice([start..end]).transpose().matmul(d.clone().slice([start..end])).reshape([1, k, n])
-            } else {
-                Tensor::zeros([1, k, n], &device)
-            }
-        })
+        .map(
+            |(start, end)| {
+                if end > start {
+                    a.clone().slice([start..end]).transpose().matmul(d.clone().slice([start..end])).reshape([1, k, n])
+                } else {
+                    Tensor::zeros([1, k, n], &device)
+                }
+            },
+        )
         .collect();
     Tensor::cat(parts, 0)
 }

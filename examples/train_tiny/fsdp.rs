@@ -16,7 +16,14 @@ use burn_dp::{Fsdp, ShardGroup};
 /// are `1/(D·E)` of the model's). The MoE counts are summed over `dp` so every rank
 /// updates the whole balancing bias it keeps alike. Rank 0 prints, evaluates, writes the
 /// model (gathered) and samples; every rank checkpoints its shards and their moments.
-pub(super) fn run<B>(args: &Args, model: &DeepSeekV3<B>, mut state: TrainState, (saver, reader): (&mut ckpt::Saver, Option<&Reader>), world: &Comm, device: &B::Device) -> Result<(), RunError>
+pub(super) fn run<B>(
+    args: &Args,
+    model: &DeepSeekV3<B>,
+    mut state: TrainState,
+    (saver, reader): (&mut ckpt::Saver, Option<&Reader>),
+    world: &Comm,
+    device: &B::Device,
+) -> Result<(), RunError>
 where
     B: AutodiffBackend + MoeBackend + FsdpBackend,
     B::InnerBackend: MoeBackend,
@@ -43,7 +50,11 @@ where
     // Each group's unit, for the largest unit gathered at once (a block's dense part and
     // experts are two groups of one unit).
     let (groups, unit_of): (Vec<_>, Vec<String>) = match args.fsdp_per_block {
-        true => model.fsdp_units().into_iter().map(|u| (group(if u.experts { shard.clone() } else { dense.clone() }).with_params(u.params), u.name.trim_end_matches(".experts").to_string())).unzip(),
+        true => model
+            .fsdp_units()
+            .into_iter()
+            .map(|u| (group(if u.experts { shard.clone() } else { dense.clone() }).with_params(u.params), u.name.trim_end_matches(".experts").to_string()))
+            .unzip(),
         false if args.ep == 1 => (vec![group(dense.clone())], vec!["model".into()]),
         false => (vec![group(dense.clone()), group(shard.clone()).with_params(model.routed_expert_ids())], vec!["model".into(); 2]),
     };

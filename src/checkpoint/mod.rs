@@ -123,24 +123,11 @@ impl StateNames {
     ///
     /// # Errors
     /// [`CheckpointError::Unnamed`] for a parameter without a Hugging Face key.
-    pub fn of<B: Backend>(
-        model: &DeepSeekV3<B>,
-        config: &DeepSeekV3Config,
-    ) -> Result<Self, CheckpointError> {
+    pub fn of<B: Backend>(model: &DeepSeekV3<B>, config: &DeepSeekV3Config) -> Result<Self, CheckpointError> {
         let mut by_id = HashMap::new();
         for p in params::list(model, &Default::default(), false) {
-            let name = crate::hf::weights::checkpoint_key(&p.path, config).ok_or_else(|| {
-                CheckpointError::Unnamed {
-                    param: p.path.join("."),
-                }
-            })?;
-            by_id.insert(
-                p.id,
-                Named {
-                    name,
-                    shape: p.shape,
-                },
-            );
+            let name = crate::hf::weights::checkpoint_key(&p.path, config).ok_or_else(|| CheckpointError::Unnamed { param: p.path.join(".") })?;
+            by_id.insert(p.id, Named { name, shape: p.shape });
         }
         Ok(StateNames { by_id })
     }
@@ -186,23 +173,18 @@ impl<'a> Holding<'a> {
 
     /// The name, whole shape and first element of the part of parameter `id` this
     /// rank holds as `local` (its shape here).
-    fn place(
-        &self,
-        id: &ParamId,
-        local: &[usize],
-        path: impl FnOnce() -> String,
-    ) -> Result<(&'a Named, usize), CheckpointError> {
-        let named = self
-            .names
-            .get(id)
-            .ok_or_else(|| CheckpointError::Unnamed { param: path() })?;
+    fn place(&self, id: &ParamId, local: &[usize], path: impl FnOnce() -> String) -> Result<(&'a Named, usize), CheckpointError> {
+        let named = self.names.get(id).ok_or_else(|| CheckpointError::Unnamed { param: path() })?;
         if local == named.shape.as_slice() {
             return Ok((named, 0));
         }
         let numel: usize = local.iter().product();
         match self.ep {
             Some((r, n)) if local.len() == named.shape.len() && local[1..] == named.shape[1..] && local[0] * n == named.shape[0] => Ok((named, r * numel)),
-            _ => Err(CheckpointError::Layout { tensor: named.name.clone(), detail: format!("held as {local:?} of {:?}, which is neither whole nor this rank's expert slice (expert parallelism {:?})", named.shape, self.ep) }),
+            _ => Err(CheckpointError::Layout {
+                tensor: named.name.clone(),
+                detail: format!("held as {local:?} of {:?}, which is neither whole nor this rank's expert slice (expert parallelism {:?})", named.shape, self.ep),
+            }),
         }
     }
 }

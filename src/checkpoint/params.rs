@@ -32,14 +32,7 @@ impl Flat {
             let me = s.comm.rank();
             let layout = fsdp.layout(g).clone();
             sharded.extend(layout.ids.iter().copied());
-            shards.insert(
-                fsdp.shard(g).id,
-                FlatShard {
-                    layout,
-                    lo: s.bounds[me],
-                    hi: s.bounds[me + 1],
-                },
-            );
+            shards.insert(fsdp.shard(g).id, FlatShard { layout, lo: s.bounds[me], hi: s.bounds[me + 1] });
         }
         Flat { shards, sharded }
     }
@@ -65,15 +58,8 @@ impl<'a> Holding<'a> {
             if lo >= hi {
                 continue;
             }
-            let (named, base) = self.place(&l.ids[i], &l.shapes[i], || {
-                format!("FSDP parameter {} of its group", i)
-            })?;
-            out.push(Piece {
-                named,
-                start: base + lo - l.offsets[i],
-                at: lo - shard.lo,
-                len: hi - lo,
-            });
+            let (named, base) = self.place(&l.ids[i], &l.shapes[i], || format!("FSDP parameter {} of its group", i))?;
+            out.push(Piece { named, start: base + lo - l.offsets[i], at: lo - shard.lo, len: hi - lo });
         }
         Ok(out)
     }
@@ -84,29 +70,17 @@ impl<'a> Holding<'a> {
     /// # Errors
     /// A parameter not in the names, or held in a shape that is neither whole nor an
     /// expert slice.
-    pub fn module_chunks<B: Backend, M: Module<B>>(
-        &self,
-        module: &M,
-    ) -> Result<Vec<Chunk>, CheckpointError> {
+    pub fn module_chunks<B: Backend, M: Module<B>>(&self, module: &M) -> Result<Vec<Chunk>, CheckpointError> {
         self.chunks_except(module, &HashSet::new())
     }
 
-    fn chunks_except<B: Backend, M: Module<B>>(
-        &self,
-        module: &M,
-        skip: &HashSet<ParamId>,
-    ) -> Result<Vec<Chunk>, CheckpointError> {
+    fn chunks_except<B: Backend, M: Module<B>>(&self, module: &M, skip: &HashSet<ParamId>) -> Result<Vec<Chunk>, CheckpointError> {
         list(module, skip, true)
             .into_iter()
             .map(|p| {
                 let (named, start) = self.place(&p.id, &p.shape, || p.path.join("."))?;
                 let data = p.data.expect("listed with their values");
-                Ok(Chunk::new(
-                    named.name.clone(),
-                    named.shape.clone(),
-                    start,
-                    data,
-                ))
+                Ok(Chunk::new(named.name.clone(), named.shape.clone(), start, data))
             })
             .collect()
     }
@@ -118,21 +92,12 @@ impl<'a> Holding<'a> {
     /// # Errors
     /// The first parameter (in module order) whose tensor is missing or has another
     /// shape in the checkpoint (both shapes named), or a file that fails to read.
-    pub fn load_module<B: Backend, M: Module<B>>(
-        &self,
-        module: &M,
-        reader: &Reader,
-    ) -> Result<M, CheckpointError> {
+    pub fn load_module<B: Backend, M: Module<B>>(&self, module: &M, reader: &Reader) -> Result<M, CheckpointError> {
         let values = self.read_except(module, reader, &HashSet::new())?;
         Ok(module.clone().map(&mut Fill { values }))
     }
 
-    fn read_except<B: Backend, M: Module<B>>(
-        &self,
-        module: &M,
-        reader: &Reader,
-        skip: &HashSet<ParamId>,
-    ) -> Result<HashMap<ParamId, TensorData>, CheckpointError> {
+    fn read_except<B: Backend, M: Module<B>>(&self, module: &M, reader: &Reader, skip: &HashSet<ParamId>) -> Result<HashMap<ParamId, TensorData>, CheckpointError> {
         let mut out = HashMap::new();
         for p in list(module, skip, false) {
             let (named, start) = self.place(&p.id, &p.shape, || p.path.join("."))?;
@@ -148,10 +113,7 @@ impl<'a> Holding<'a> {
     ///
     /// # Errors
     /// As [`Holding::module_chunks`].
-    pub fn fsdp_chunks<B: Backend, M: Module<B> + ModuleDisplay>(
-        &self,
-        fsdp: &Fsdp<B, M>,
-    ) -> Result<Vec<Chunk>, CheckpointError> {
+    pub fn fsdp_chunks<B: Backend, M: Module<B> + ModuleDisplay>(&self, fsdp: &Fsdp<B, M>) -> Result<Vec<Chunk>, CheckpointError> {
         let flat = Flat::of(fsdp);
         let mut out = self.chunks_except(fsdp.hollow(), &flat.sharded)?;
         for g in 0..fsdp.num_groups() {
@@ -159,12 +121,7 @@ impl<'a> Holding<'a> {
             // The snapshot's device-to-host copy of the shard.
             let data = shard.val().into_data();
             for p in self.pieces(&flat.shards[&shard.id])? {
-                out.push(Chunk::new(
-                    p.named.name.clone(),
-                    p.named.shape.clone(),
-                    p.start,
-                    slice(&data, p.at, p.len),
-                ));
+                out.push(Chunk::new(p.named.name.clone(), p.named.shape.clone(), p.start, slice(&data, p.at, p.len)));
             }
         }
         Ok(out)
@@ -176,11 +133,7 @@ impl<'a> Holding<'a> {
     ///
     /// # Errors
     /// As [`Holding::load_module`].
-    pub fn load_fsdp<B: Backend, M: Module<B> + ModuleDisplay>(
-        &self,
-        fsdp: &Fsdp<B, M>,
-        reader: &Reader,
-    ) -> Result<Fsdp<B, M>, CheckpointError> {
+    pub fn load_fsdp<B: Backend, M: Module<B> + ModuleDisplay>(&self, fsdp: &Fsdp<B, M>, reader: &Reader) -> Result<Fsdp<B, M>, CheckpointError> {
         let flat = Flat::of(fsdp);
         let mut values = self.read_except(fsdp.hollow(), reader, &flat.sharded)?;
         // A rank with an empty shard (more ranks than elements) keeps its empty tensor.
@@ -192,12 +145,7 @@ impl<'a> Holding<'a> {
 
     /// The elements `lo..hi` of a flat shard, read parameter run by parameter run from
     /// the tensors named `{name}{suffix}`.
-    pub(crate) fn read_flat(
-        &self,
-        reader: &Reader,
-        shard: &FlatShard,
-        suffix: &str,
-    ) -> Result<TensorData, CheckpointError> {
+    pub(crate) fn read_flat(&self, reader: &Reader, shard: &FlatShard, suffix: &str) -> Result<TensorData, CheckpointError> {
         let mut bytes = Vec::new();
         let mut dtype = None;
         for p in self.pieces(shard)? {
@@ -205,25 +153,12 @@ impl<'a> Holding<'a> {
             reader.check(&name, &p.named.shape)?;
             let run = reader.read(&name, p.start, p.len)?;
             if *dtype.get_or_insert(run.dtype) != run.dtype {
-                return Err(CheckpointError::Layout {
-                    tensor: name,
-                    detail: format!(
-                        "stored as {:?}, the shard's other parameters as {:?}",
-                        run.dtype, dtype
-                    ),
-                });
+                return Err(CheckpointError::Layout { tensor: name, detail: format!("stored as {:?}, the shard's other parameters as {:?}", run.dtype, dtype) });
             }
             bytes.extend_from_slice(run.as_bytes());
         }
-        let dtype = dtype.ok_or_else(|| DcpError::Missing {
-            tensor: format!("an FSDP shard of elements {}..{}", shard.lo, shard.hi),
-            detail: "it holds no parameter".into(),
-        })?;
-        Ok(TensorData::from_bytes_vec(
-            bytes,
-            [shard.hi - shard.lo],
-            dtype,
-        ))
+        let dtype = dtype.ok_or_else(|| DcpError::Missing { tensor: format!("an FSDP shard of elements {}..{}", shard.lo, shard.hi), detail: "it holds no parameter".into() })?;
+        Ok(TensorData::from_bytes_vec(bytes, [shard.hi - shard.lo], dtype))
     }
 }
 
@@ -240,11 +175,7 @@ pub(crate) struct Listed {
 
 /// Every float parameter of `module` but those in `skip`; with `values`, each one's value
 /// copied to the host (the snapshot of a save: the device-to-host copy it needs).
-pub(crate) fn list<B: Backend, M: Module<B>>(
-    module: &M,
-    skip: &HashSet<ParamId>,
-    values: bool,
-) -> Vec<Listed> {
+pub(crate) fn list<B: Backend, M: Module<B>>(module: &M, skip: &HashSet<ParamId>, values: bool) -> Vec<Listed> {
     struct Visit<'a> {
         skip: &'a HashSet<ParamId>,
         values: bool,
@@ -261,21 +192,11 @@ pub(crate) fn list<B: Backend, M: Module<B>>(
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
             if !self.skip.contains(&param.id) {
                 let data = self.values.then(|| param.val().into_data());
-                self.out.push(Listed {
-                    id: param.id,
-                    path: self.path.clone(),
-                    shape: param.lazy_shape().dims::<D>().to_vec(),
-                    data,
-                });
+                self.out.push(Listed { id: param.id, path: self.path.clone(), shape: param.lazy_shape().dims::<D>().to_vec(), data });
             }
         }
     }
-    let mut v = Visit {
-        skip,
-        values,
-        path: Vec::new(),
-        out: Vec::new(),
-    };
+    let mut v = Visit { skip, values, path: Vec::new(), out: Vec::new() };
     module.visit(&mut v);
     v.out
 }
@@ -283,11 +204,7 @@ pub(crate) fn list<B: Backend, M: Module<B>>(
 /// `len` elements of `data` from element `at`, as a 1-D tensor.
 pub(crate) fn slice(data: &TensorData, at: usize, len: usize) -> TensorData {
     let size = data.dtype.size();
-    TensorData::from_bytes_vec(
-        data.as_bytes()[at * size..(at + len) * size].to_vec(),
-        [len],
-        data.dtype,
-    )
+    TensorData::from_bytes_vec(data.as_bytes()[at * size..(at + len) * size].to_vec(), [len], data.dtype)
 }
 
 /// `data` with shape `shape` (same elements).

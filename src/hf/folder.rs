@@ -82,49 +82,30 @@ impl<B: Backend> HfModel<B> {
     pub fn open(folder: impl AsRef<Path>, device: &B::Device) -> Result<Self, FolderError> {
         let folder = folder.as_ref();
         let config_path = folder.join("config.json");
-        let file_err = |path: &Path, reason: String| FolderError::File {
-            path: path.to_path_buf(),
-            reason,
-        };
-        let json = std::fs::read_to_string(&config_path)
-            .map_err(|e| file_err(&config_path, e.to_string()))?;
-        let hf = HfDeepSeekConfig::from_json(&json)
-            .map_err(|e| file_err(&config_path, e.to_string()))?;
+        let file_err = |path: &Path, reason: String| FolderError::File { path: path.to_path_buf(), reason };
+        let json = std::fs::read_to_string(&config_path).map_err(|e| file_err(&config_path, e.to_string()))?;
+        let hf = HfDeepSeekConfig::from_json(&json).map_err(|e| file_err(&config_path, e.to_string()))?;
         let config = hf.model().map_err(FolderError::Config)?;
         let eos = eos_ids(&json).map_err(|reason| file_err(&config_path, reason))?;
-        let tokenizer = HfTokenizer::open(folder.join("tokenizer.json"), config.vocab_size)
-            .map_err(FolderError::Tokenizer)?;
+        let tokenizer = HfTokenizer::open(folder.join("tokenizer.json"), config.vocab_size).map_err(FolderError::Tokenizer)?;
         let mut files: Vec<PathBuf> = std::fs::read_dir(folder)
             .map_err(|e| file_err(folder, e.to_string()))?
             .filter_map(|entry| entry.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
             .collect();
         if files.is_empty() {
-            return Err(FolderError::NoWeights {
-                folder: folder.to_path_buf(),
-            });
+            return Err(FolderError::NoWeights { folder: folder.to_path_buf() });
         }
         files.sort();
-        let (model, report) = load_safetensors(config.init::<B>(device), &config, &files)
-            .map_err(FolderError::Weights)?;
-        Ok(Self {
-            config,
-            model,
-            tokenizer,
-            eos,
-            report,
-        })
+        let (model, report) = load_safetensors(config.init::<B>(device), &config, &files).map_err(FolderError::Weights)?;
+        Ok(Self { config, model, tokenizer, eos, report })
     }
 }
 
 /// `eos_token_id` of a `config.json`: absent, a number or a list of numbers.
 fn eos_ids(json: &str) -> Result<Vec<u32>, String> {
     let value: serde_json::Value = serde_json::from_str(json).map_err(|e| e.to_string())?;
-    let id = |v: &serde_json::Value| {
-        v.as_u64()
-            .and_then(|n| u32::try_from(n).ok())
-            .ok_or_else(|| format!("eos_token_id {v} is not a token id"))
-    };
+    let id = |v: &serde_json::Value| v.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(|| format!("eos_token_id {v} is not a token id"));
     match value.get("eos_token_id") {
         None | Some(serde_json::Value::Null) => Ok(Vec::new()),
         Some(serde_json::Value::Array(ids)) => ids.iter().map(id).collect(),
@@ -142,8 +123,6 @@ mod tests {
         assert_eq!(eos_ids(r#"{"eos_token_id": [1, 7]}"#), Ok(vec![1, 7]));
         assert_eq!(eos_ids(r#"{"eos_token_id": null}"#), Ok(vec![]));
         assert_eq!(eos_ids(r#"{}"#), Ok(vec![]));
-        assert!(eos_ids(r#"{"eos_token_id": -1}"#)
-            .unwrap_err()
-            .contains("-1"));
+        assert!(eos_ids(r#"{"eos_token_id": -1}"#).unwrap_err().contains("-1"));
     }
 }

@@ -41,11 +41,11 @@ pub mod weights;
 
 pub use folder::{FolderError, HfModel};
 
+use crate::model::DeepSeekV3Config;
 use burn::config::{Config, ConfigError};
 use burn_moe::mla::YarnConfig;
 use burn_moe::router::{GroupScore, RouterConfig, RouterError, ScoreFn};
 use burn_moe::{MlaConfig, MoeConfig};
-use crate::model::DeepSeekV3Config;
 
 /// The rotary settings of a DeepSeek `config.json`: `rope_scaling` as DeepSeek's files
 /// write it (`"type": "yarn"`), or `rope_parameters` as transformers ≥ 5 writes it
@@ -372,16 +372,8 @@ mod tests {
         assert_eq!((mla.d_model, mla.n_heads, mla.q_lora_rank, mla.kv_lora_rank), (preset.d_model, preset.n_heads, None, 512));
         assert_eq!(mla.rope_scaling.as_ref().map(|y| (y.mscale, y.mscale_all_dim)), Some((0.707, 0.707)));
         let router = hf.router().unwrap();
-        let want = RouterConfig {
-            n_experts: 64,
-            top_k: 6,
-            n_groups: 1,
-            topk_groups: 1,
-            score_fn: ScoreFn::Softmax,
-            group_score: GroupScore::Max,
-            normalize: false,
-            route_scale: 1.0,
-        };
+        let want =
+            RouterConfig { n_experts: 64, top_k: 6, n_groups: 1, topk_groups: 1, score_fn: ScoreFn::Softmax, group_score: GroupScore::Max, normalize: false, route_scale: 1.0 };
         assert_eq!(router, want);
         assert_eq!((hf.moe().unwrap().d_expert, hf.moe().unwrap().n_shared_experts), (1408, 2));
         // V2 has no balancing bias; V3's is updated at DeepSeek-V3's speed.

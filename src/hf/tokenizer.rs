@@ -83,20 +83,12 @@ impl HfTokenizer {
     pub fn open(path: impl AsRef<Path>, vocab_size: usize) -> Result<Self, TokenizerError> {
         let path = path.as_ref();
         if !path.is_file() {
-            return Err(TokenizerError::Missing {
-                path: path.to_path_buf(),
-            });
+            return Err(TokenizerError::Missing { path: path.to_path_buf() });
         }
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| TokenizerError::File {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
+        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| TokenizerError::File { path: path.to_path_buf(), reason: e.to_string() })?;
         let tokens = inner.get_vocab_size(true);
         if tokens > vocab_size || (tokens as f64) < MIN_COVERAGE * vocab_size as f64 {
-            return Err(TokenizerError::Vocabulary {
-                tokenizer: tokens,
-                model: vocab_size,
-            });
+            return Err(TokenizerError::Vocabulary { tokenizer: tokens, model: vocab_size });
         }
         Ok(Self { inner })
     }
@@ -113,24 +105,17 @@ impl HfTokenizer {
 
     /// The ids of `text`, with the special tokens the tokenizer adds (DeepSeek's BOS).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
-        self.inner
-            .encode(text, true)
-            .map(|e| e.get_ids().to_vec())
-            .map_err(|e| TokenizerError::Codec(e.to_string()))
+        self.inner.encode(text, true).map(|e| e.get_ids().to_vec()).map_err(|e| TokenizerError::Codec(e.to_string()))
     }
 
     /// The text of `ids`, special tokens skipped.
     pub fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
-        self.inner
-            .decode(ids, true)
-            .map_err(|e| TokenizerError::Codec(e.to_string()))
+        self.inner.decode(ids, true).map_err(|e| TokenizerError::Codec(e.to_string()))
     }
 
     /// Incremental decoding of generated ids (special tokens skipped).
     pub fn stream(&self) -> TextStream<'_> {
-        TextStream {
-            inner: self.inner.decode_stream(true),
-        }
+        TextStream { inner: self.inner.decode_stream(true) }
     }
 }
 
@@ -152,8 +137,6 @@ impl TextStream<'_> {
     /// Appends `id`; returns the text it completes (`None` while it ends inside a
     /// character that the next ids finish).
     pub fn next(&mut self, id: u32) -> Result<Option<String>, TokenizerError> {
-        self.inner
-            .step(id)
-            .map_err(|e| TokenizerError::Codec(e.to_string()))
+        self.inner.step(id).map_err(|e| TokenizerError::Codec(e.to_string()))
     }
 }

@@ -313,7 +313,8 @@ impl Files {
 
 /// Keys a load never reads.
 fn ignored(key: &str, config: &DeepSeekV3Config) -> bool {
-    let mtp_copy = (config.n_layers..config.n_layers + config.mtp_depth).any(|l| key == format!("model.layers.{l}.embed_tokens.weight") || key == format!("model.layers.{l}.shared_head.head.weight"));
+    let mtp_copy = (config.n_layers..config.n_layers + config.mtp_depth)
+        .any(|l| key == format!("model.layers.{l}.embed_tokens.weight") || key == format!("model.layers.{l}.shared_head.head.weight"));
     mtp_copy || key.ends_with("_scale_inv")
 }
 

@@ -27,12 +27,7 @@ pub struct Request {
 impl Request {
     /// Greedy decoding of `max_tokens` tokens after `prompt`, without stop tokens.
     pub fn greedy(prompt: Vec<u32>, max_tokens: usize) -> Self {
-        Self {
-            prompt,
-            max_tokens,
-            stop: Vec::new(),
-            sampling: Sampling::greedy(),
-        }
+        Self { prompt, max_tokens, stop: Vec::new(), sampling: Sampling::greedy() }
     }
 }
 
@@ -62,11 +57,7 @@ impl Running {
         let token = self.sampler.draw(logits);
         self.left -= 1;
         self.pending = token;
-        Drawn {
-            seq,
-            token,
-            finished: self.left == 0 || self.stop.contains(&token),
-        }
+        Drawn { seq, token, finished: self.left == 0 || self.stop.contains(&token) }
     }
 }
 
@@ -104,19 +95,8 @@ impl<'a, B: MoeBackend> Batch<'a, B> {
     ///
     /// # Panics
     /// When the model's experts are sharded, as [`Session::new`](super::Session::new).
-    pub fn new(
-        model: &'a DeepSeekV3<B>,
-        mla: &MlaConfig,
-        pages: usize,
-        device: &B::Device,
-    ) -> Self {
-        Self {
-            model,
-            caches: model.caches(mla, pages, device),
-            running: BTreeMap::new(),
-            device: device.clone(),
-            max_len: mla.max_seq_len,
-        }
+    pub fn new(model: &'a DeepSeekV3<B>, mla: &MlaConfig, pages: usize, device: &B::Device) -> Self {
+        Self { model, caches: model.caches(mla, pages, device), running: BTreeMap::new(), device: device.clone(), max_len: mla.max_seq_len }
     }
 
     /// Running sequences.
@@ -164,28 +144,18 @@ impl<'a, B: MoeBackend> Batch<'a, B> {
         let mut needed = 0;
         for (i, (id, request)) in requests.iter().enumerate() {
             let id = *id;
-            assert!(
-                !request.prompt.is_empty() && request.max_tokens > 0,
-                "Batch::join: sequence {id} has an empty prompt or max_tokens 0"
-            );
+            assert!(!request.prompt.is_empty() && request.max_tokens > 0, "Batch::join: sequence {id} has an empty prompt or max_tokens 0");
             if self.running.contains_key(&id) || requests[..i].iter().any(|(other, _)| *other == id) {
                 return Err(CacheError::DuplicateSequence { id });
             }
             let len = request.prompt.len() + request.max_tokens - 1;
             if len > self.max_len {
-                return Err(CacheError::TooLong {
-                    id,
-                    len,
-                    max: self.max_len,
-                });
+                return Err(CacheError::TooLong { id, len, max: self.max_len });
             }
             needed += request.prompt.len().div_ceil(PAGE_SIZE);
         }
         if needed > self.free_pages() {
-            return Err(CacheError::Full {
-                needed,
-                free: self.free_pages(),
-            });
+            return Err(CacheError::Full { needed, free: self.free_pages() });
         }
         let mut tokens = Vec::new();
         let mut ids = Vec::new();
@@ -198,10 +168,7 @@ impl<'a, B: MoeBackend> Batch<'a, B> {
             ids.extend(std::iter::repeat_n(*id, request.prompt.len()));
             last_rows.push(tokens.len() - 1);
         }
-        let logits = match self
-            .model
-            .cached_logits(&tokens, &ids, &mut self.caches, &self.device)
-        {
+        let logits = match self.model.cached_logits(&tokens, &ids, &mut self.caches, &self.device) {
             Ok(logits) => logits,
             Err(e) => {
                 for (id, _) in &requests {
@@ -216,12 +183,7 @@ impl<'a, B: MoeBackend> Batch<'a, B> {
         let vocab = rows.len() / requests.len();
         let mut out = Vec::with_capacity(requests.len());
         for ((id, request), logits) in requests.into_iter().zip(rows.chunks(vocab)) {
-            let mut running = Running {
-                pending: 0,
-                sampler: Sampler::new(request.sampling),
-                left: request.max_tokens,
-                stop: request.stop,
-            };
+            let mut running = Running { pending: 0, sampler: Sampler::new(request.sampling), left: request.max_tokens, stop: request.stop };
             let drawn = running.draw(id, logits);
             if drawn.finished {
                 self.remove(id);
@@ -247,33 +209,16 @@ impl<'a, B: MoeBackend> Batch<'a, B> {
         }
         let ids: Vec<SeqId> = self.running.keys().copied().collect();
         let cache = &self.caches[0];
-        let needed = ids
-            .iter()
-            .filter(|&&id| cache.len(id).is_ok_and(|l| l % PAGE_SIZE == 0))
-            .count();
+        let needed = ids.iter().filter(|&&id| cache.len(id).is_ok_and(|l| l % PAGE_SIZE == 0)).count();
         if needed > self.free_pages() {
-            return Err(CacheError::Full {
-                needed,
-                free: self.free_pages(),
-            });
+            return Err(CacheError::Full { needed, free: self.free_pages() });
         }
         let tokens: Vec<u32> = self.running.values().map(|r| r.pending).collect();
-        let logits = self
-            .model
-            .cached_logits(&tokens, &ids, &mut self.caches, &self.device)?;
+        let logits = self.model.cached_logits(&tokens, &ids, &mut self.caches, &self.device)?;
         let vocab = logits.dims()[1];
         // Host read the algorithm needs: the samplers draw on the host (one read per step).
-        let rows: Vec<f32> = logits
-            .into_data()
-            .convert::<f32>()
-            .into_vec()
-            .expect("f32 logits");
-        let out: Vec<Drawn> = self
-            .running
-            .iter_mut()
-            .zip(rows.chunks(vocab))
-            .map(|((&id, running), logits)| running.draw(id, logits))
-            .collect();
+        let rows: Vec<f32> = logits.into_data().convert::<f32>().into_vec().expect("f32 logits");
+        let out: Vec<Drawn> = self.running.iter_mut().zip(rows.chunks(vocab)).map(|((&id, running), logits)| running.draw(id, logits)).collect();
         for drawn in out.iter().filter(|d| d.finished) {
             self.running.remove(&drawn.seq);
             self.remove(drawn.seq);

@@ -1,14 +1,14 @@
 //! One transformer block of the model: pre-norm MLA attention and a pre-norm MLP that is
 //! either a dense SwiGLU (optionally FP8) or the DeepSeekMoE layer.
 
+use super::ep::ExpertShard;
+use super::units::Units;
 use burn::module::Module;
 use burn::nn::{Initializer, Linear, LinearConfig, RmsNorm};
 use burn::tensor::{backend::Backend, Int, Tensor};
 use burn_fp8::linear::{Fp8Linear, Fp8Recipe, LinearLayer};
 use burn_fp8::Fp8Backend;
-use super::ep::ExpertShard;
 use burn_moe::ep::EpError;
-use super::units::Units;
 use burn_moe::mla::{CacheError, LatentCache, SeqId};
 use burn_moe::moe::SwiGluMlp;
 use burn_moe::{Mla, Moe, MoeBackend};

@@ -42,8 +42,8 @@ use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
-use burn_dualpipe::executor::copy_to_device;
 use burn_dp::layout::{put_grads, take_grads, Layout};
+use burn_dualpipe::executor::copy_to_device;
 use burn_moe::comm::Comm;
 use burn_moe::ep::{EpError, ExpertParallelMoe};
 use burn_moe::eplb::Placement;
@@ -135,23 +135,10 @@ impl<B: Backend> DeepSeekV3<B> {
             .mtp
             .iter()
             .map(|m| {
-                Ok(MtpModule {
-                    hnorm: part(&m.hnorm, device),
-                    enorm: part(&m.enorm, device),
-                    eh_proj: part(&m.eh_proj, device),
-                    block: f(&m.block)?,
-                    norm: part(&m.norm, device),
-                })
+                Ok(MtpModule { hnorm: part(&m.hnorm, device), enorm: part(&m.enorm, device), eh_proj: part(&m.eh_proj, device), block: f(&m.block)?, norm: part(&m.norm, device) })
             })
             .collect::<Result<Vec<_>, E>>()?;
-        Ok(Self {
-            embed: part(&self.embed, device),
-            layers,
-            norm: part(&self.norm, device),
-            head: part(&self.head, device),
-            mtp,
-            mtp_loss_weight: self.mtp_loss_weight,
-        })
+        Ok(Self { embed: part(&self.embed, device), layers, norm: part(&self.norm, device), head: part(&self.head, device), mtp, mtp_loss_weight: self.mtp_loss_weight })
     }
 }
 

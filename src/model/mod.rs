@@ -55,10 +55,10 @@ pub mod pipeline;
 mod speculative;
 mod units;
 
-pub use block::{Block, DenseMlp, Ffn, Projection};
-pub use ep::ExpertShard;
-pub use config::DeepSeekV3Config;
 pub use batch::{Batch, Drawn, Request};
+pub use block::{Block, DenseMlp, Ffn, Projection};
+pub use config::DeepSeekV3Config;
+pub use ep::ExpertShard;
 pub use generate::{Sampling, Session};
 pub use mtp::MtpModule;
 pub use pipeline::{ModelStage, SplitError, StageLoss, StageObjective, StageTail, StagedModel};

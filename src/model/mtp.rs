@@ -3,13 +3,13 @@
 //! embedding of `t_{i+k}`, through one more transformer block, sharing the model's
 //! embedding and output head.
 
+use super::add;
 use super::block::{Block, FfnStats};
+use super::units::Units;
 use burn::module::Module;
 use burn::nn::{Linear, RmsNorm};
-use super::add;
 use burn::tensor::{backend::Backend, Tensor};
 use burn_moe::ep::EpError;
-use super::units::Units;
 use burn_moe::mla::{CacheError, LatentCache, SeqId};
 use burn_moe::MoeBackend;
 
@@ -72,7 +72,13 @@ pub(crate) struct MtpOutput<B: Backend> {
 /// `shared_head.norm`, as vLLM chains its MTP steps)
 /// and `embedded(k)`, the embeddings of tokens `k..S` (`[B, S − k, d]`), and its logits
 /// come from the shared `head`.
-pub(crate) fn run_depths<B: MoeBackend, U: Units<B>>(modules: &[MtpModule<B>], head: &Linear<B>, hidden: Tensor<B, 3>, embedded: impl Fn(usize) -> Tensor<B, 3>, units: &U) -> Result<MtpOutput<B>, U::Error> {
+pub(crate) fn run_depths<B: MoeBackend, U: Units<B>>(
+    modules: &[MtpModule<B>],
+    head: &Linear<B>,
+    hidden: Tensor<B, 3>,
+    embedded: impl Fn(usize) -> Tensor<B, 3>,
+    units: &U,
+) -> Result<MtpOutput<B>, U::Error> {
     let [b, s, d] = hidden.dims();
     let mut out = MtpOutput { logits: Vec::with_capacity(modules.len()), counts: Vec::new(), balance_loss: None };
     let mut previous = hidden;

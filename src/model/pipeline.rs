@@ -63,8 +63,8 @@ use super::mtp::{run_depths, MtpModule};
 use super::units::Held;
 use super::{add, cross_entropy, language_objective, DeepSeekV3};
 use burn::module::Module;
-use burn::optim::GradientsParams;
 use burn::nn::{Embedding, Linear, RmsNorm};
+use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 use burn_dualpipe::executor::{copy_to_device, PipelineStage};
@@ -101,7 +101,9 @@ impl fmt::Display for SplitError {
             SplitError::Stages { stages, layers } => {
                 write!(f, "cannot cut a model of {layers} blocks and the head/MTP tail into {stages} stages: 1 to {} stages, each with a block or the tail", layers + 1)
             }
-            SplitError::ShardedExperts => f.write_str("the model's experts are sharded over a Comm group (unshard_experts first, cut, then shard each stage with ModelStage::shard_experts)"),
+            SplitError::ShardedExperts => {
+                f.write_str("the model's experts are sharded over a Comm group (unshard_experts first, cut, then shard each stage with ModelStage::shard_experts)")
+            }
             SplitError::Vocab { vocab } => write!(f, "a vocabulary of {vocab} ids is not exact in f32, the first stage's input (at most 2^24)"),
         }
     }
@@ -252,11 +254,7 @@ impl<B: Backend> Carry<B> {
     fn unpack(x: Tensor<B, 3>, mtp: bool) -> Self {
         let [b, n, d] = x.dims();
         let s = if mtp { (n - 1) / 2 } else { n - 1 };
-        Self {
-            hidden: x.clone().slice([0..b, 0..s, 0..d]),
-            embedded: mtp.then(|| x.clone().slice([0..b, s..2 * s, 0..d])),
-            aux: x.slice([0..1, n - 1..n, 0..1]).reshape([1]),
-        }
+        Self { hidden: x.clone().slice([0..b, 0..s, 0..d]), embedded: mtp.then(|| x.clone().slice([0..b, s..2 * s, 0..d])), aux: x.slice([0..1, n - 1..n, 0..1]).reshape([1]) }
     }
 }
 
@@ -310,7 +308,12 @@ impl<B: Backend> DeepSeekV3<B> {
         let n = stages.len();
         let (mut embed, mut tail, mut layers, mut weight) = (None, None, Vec::new(), 0.0);
         for (i, stage) in stages.into_iter().enumerate() {
-            assert!(stage.embed.is_some() == (i == 0) && stage.tail.is_some() == (i + 1 == n), "DeepSeekV3::from_stages: stage {i} of {n} holds the embedding: {}, the tail: {}", stage.embed.is_some(), stage.tail.is_some());
+            assert!(
+                stage.embed.is_some() == (i == 0) && stage.tail.is_some() == (i + 1 == n),
+                "DeepSeekV3::from_stages: stage {i} of {n} holds the embedding: {}, the tail: {}",
+                stage.embed.is_some(),
+                stage.tail.is_some()
+            );
             embed = embed.or(stage.embed);
             tail = tail.or(stage.tail);
             layers.extend(stage.layers);
@@ -415,10 +418,9 @@ impl<B: MoeBackend> ModelStage<B> {
         let layers = self.layers.iter().map(unshard_block).collect::<Result<Vec<_>, _>>()?;
         let tail = match &self.tail {
             None => None,
-            Some(t) => Some(StageTail {
-                mtp: t.mtp.iter().map(|m| Ok(MtpModule { block: unshard_block(&m.block)?, ..m.clone() })).collect::<Result<Vec<_>, EpError>>()?,
-                ..t.clone()
-            }),
+            Some(t) => {
+                Some(StageTail { mtp: t.mtp.iter().map(|m| Ok(MtpModule { block: unshard_block(&m.block)?, ..m.clone() })).collect::<Result<Vec<_>, EpError>>()?, ..t.clone() })
+            }
         };
         Ok(Self { layers, tail, log: CountLog::default(), group: None, ..self.clone() })
     }
@@ -471,11 +473,17 @@ impl<B: MoeBackend> ModelStage<B> {
         let logits = tail.head.forward(hidden.clone());
         let [b, _, vocab] = logits.dims();
         let embedded = carry.embedded;
-        let depths = run_depths(&tail.mtp, &tail.head, hidden, |k| {
-            let e = embedded.clone().expect("the MTP embeddings are carried when the depth is positive");
-            let [b, s, d] = e.dims();
-            e.slice([0..b, k..s, 0..d])
-        }, &Held)
+        let depths = run_depths(
+            &tail.mtp,
+            &tail.head,
+            hidden,
+            |k| {
+                let e = embedded.clone().expect("the MTP embeddings are carried when the depth is positive");
+                let [b, s, d] = e.dims();
+                e.slice([0..b, k..s, 0..d])
+            },
+            &Held,
+        )
         .unwrap_or_else(|e| failed(e));
         counts.extend(depths.counts);
         self.log.record(counts);
@@ -533,7 +541,11 @@ impl StageObjective {
         let s = n - 1;
         let [ob, rows, vocab] = output.dims();
         let expected = s + (1..=self.mtp_depth).map(|k| s - k).sum::<usize>() + 1;
-        assert!(ob == b && rows == expected, "StageObjective::loss: the last stage's output {:?} does not fit tokens [{b}, {n}] (expected [{b}, {expected}, vocab])", [ob, rows, vocab]);
+        assert!(
+            ob == b && rows == expected,
+            "StageObjective::loss: the last stage's output {:?} does not fit tokens [{b}, {n}] (expected [{b}, {expected}, vocab])",
+            [ob, rows, vocab]
+        );
         let mut start = 0;
         let mut take = |len: usize| {
             let part = output.clone().slice([0..b, start..start + len, 0..vocab]);

@@ -147,18 +147,10 @@ impl<B: Backend> DeepSeekV3<B> {
         let mut push = |name: String, part: &dyn Fn(&mut Ids)| {
             let mut ids = Ids(HashSet::new());
             part(&mut ids);
-            let (routed, dense): (HashSet<_>, HashSet<_>) =
-                ids.0.into_iter().partition(|id| experts.contains(id));
-            for (params, is_experts, name) in [
-                (dense, false, name.clone()),
-                (routed, true, format!("{name}.experts")),
-            ] {
+            let (routed, dense): (HashSet<_>, HashSet<_>) = ids.0.into_iter().partition(|id| experts.contains(id));
+            for (params, is_experts, name) in [(dense, false, name.clone()), (routed, true, format!("{name}.experts"))] {
                 if !params.is_empty() {
-                    units.push(Unit {
-                        name,
-                        params,
-                        experts: is_experts,
-                    });
+                    units.push(Unit { name, params, experts: is_experts });
                 }
             }
         };

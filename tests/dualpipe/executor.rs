@@ -10,8 +10,8 @@
 use burn::backend::{Autodiff, NdArray};
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
-use burn::tensor::{activation::tanh, backend::AutodiffBackend, Distribution, Tensor, TensorData};
 use burn::optim::{GradientsParams, Optimizer, SgdConfig};
+use burn::tensor::{activation::tanh, backend::AutodiffBackend, Distribution, Tensor, TensorData};
 use burn_dualpipe::executor::{Overlap, OverlapPair, Pipeline, PipelineError, PipelineStage, Sequential, Transfer};
 use burn_dualpipe::schedule::{Instr, Schedule, ScheduleError, ScheduleKind};
 use burn_dualpipe::{predict, Costs};
@@ -145,7 +145,6 @@ fn a_failing_or_stalled_rank_is_named() {
     assert!(matches!(Pipeline::new(blocks(3), vec![Default::default(); 4], schedule.clone()), Err(PipelineError::Mismatch { expected: 4, got: 3, .. })));
     assert!(matches!(Pipeline::new(blocks(4), vec![Default::default(); 2], schedule), Err(PipelineError::Mismatch { expected: 4, got: 2, .. })));
 }
-
 
 /// Counts the pairs it runs, backward first.
 struct Counting(Arc<AtomicUsize>);

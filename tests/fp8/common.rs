@@ -20,7 +20,10 @@ pub struct Rng(u64);
 
 impl Rng {
     pub fn new(test: &str) -> Self {
-        let seed = std::env::var("FP8_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| test.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)));
+        let seed = std::env::var("FP8_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| test.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)));
         eprintln!("{test}: FP8_TEST_SEED={seed}");
         Rng(seed | 1)
     }

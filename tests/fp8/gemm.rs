@@ -20,17 +20,8 @@ use burn_fp8::{fp8_gemm, Fp8Format, Fp8Tensor, QuantConfig};
 
 /// (M, N, K): edges (M = 1, M = 129, N and K tails) and DeepSeek-V3 projections scaled by
 /// 1/8 with 128 tokens: q_a_proj 7168→1536, expert up 7168→2048, expert down 2048→7168.
-const SHAPES: [(usize, usize, usize); 9] = [
-    (1, 64, 128),
-    (1, 300, 896),
-    (16, 17, 130),
-    (129, 200, 300),
-    (65, 65, 1),
-    (128, 192, 896),
-    (128, 256, 896),
-    (128, 896, 256),
-    (257, 129, 384),
-];
+const SHAPES: [(usize, usize, usize); 9] =
+    [(1, 64, 128), (1, 300, 896), (16, 17, 130), (129, 200, 300), (65, 65, 1), (128, 192, 896), (128, 256, 896), (128, 896, 256), (257, 129, 384)];
 
 struct Case {
     a: Vec<f32>,
@@ -84,9 +75,8 @@ fn check(case: &Case, ca: QuantConfig, cb: QuantConfig, rng_label: &str) -> (Vec
     }
     // Normalise each output by ‖a_i‖·‖b_j‖ so that every output weighs the same in the pooled
     // calc_diff (see `Pooled`).
-    let norms = |v: &[f32], rows: usize| -> Vec<f64> {
-        (0..rows).map(|r| v[r * case.k..(r + 1) * case.k].iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt().max(1e-300)).collect()
-    };
+    let norms =
+        |v: &[f32], rows: usize| -> Vec<f64> { (0..rows).map(|r| v[r * case.k..(r + 1) * case.k].iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt().max(1e-300)).collect() };
     let (na, nb) = (norms(&case.a, case.m), norms(&case.b, case.n));
     let weight = |i: usize| na[i / case.n] * nb[i % case.n];
     let d64 = d64.iter().enumerate().map(|(i, v)| v / weight(i)).collect();
@@ -187,17 +177,7 @@ fn every_output_is_written_and_empty_k_gives_zeros() {
         let out = poisoned::<Cube>([m, n], &device);
         let prim = |t: &Tensor<Cube, 2, burn::tensor::Int>| t.clone().into_primitive();
         let fprim = |t: &Tensor<Cube, 2>| t.clone().into_primitive().tensor();
-        launch_gemm(
-            prim(a.data()),
-            fprim(a.scales()),
-            a.config(),
-            prim(b.data()),
-            fprim(b.scales()),
-            b.config(),
-            None,
-            fprim(&out),
-            k,
-        );
+        launch_gemm(prim(a.data()), fprim(a.scales()), a.config(), prim(b.data()), fprim(b.scales()), b.config(), None, fprim(&out), k);
         let got = to_vec(out);
         assert!(got.iter().all(|v| v.is_finite()), "M={m} N={n} K={k}: unwritten output left");
         if k == 0 {

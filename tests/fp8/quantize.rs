@@ -72,8 +72,7 @@ fn every_output_is_written() {
         let device = wgpu();
         let layout = burn_fp8::Fp8Layout { shape, config };
         // Poison: data words 0xFFFFFFFF (four NaN codes), scales NaN.
-        let data = Tensor::<Cube, 2, burn::tensor::Int>::full(layout.data_shape(), -1, &device)
-            .cast(burn::tensor::IntDType::U32);
+        let data = Tensor::<Cube, 2, burn::tensor::Int>::full(layout.data_shape(), -1, &device).cast(burn::tensor::IntDType::U32);
         let scales = poisoned::<Cube>(layout.scale_shape(), &device);
         let input = tensor::<Cube>(&x, shape, &device).into_primitive().tensor();
         let (data_p, scales_p) = (data.clone().into_primitive(), scales.clone().into_primitive().tensor());

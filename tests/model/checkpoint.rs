@@ -61,19 +61,13 @@ fn adamw() -> AdamWConfig {
 /// Gradients that are an exact function of each trainable value (`(round(16x) + 0.5) / 64`:
 /// few mantissa bits, so sums over 2 or 4 ranks and their means are exact), for the
 /// parameters `only` names (all trainable ones when `None`).
-fn synthetic_grads<M: AutodiffModule<B>>(
-    module: &M,
-    only: Option<&HashSet<ParamId>>,
-) -> GradientsParams {
+fn synthetic_grads<M: AutodiffModule<B>>(module: &M, only: Option<&HashSet<ParamId>>) -> GradientsParams {
     struct Visit<'a>(GradientsParams, Option<&'a HashSet<ParamId>>);
     impl ModuleVisitor<B> for Visit<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
             if param.is_require_grad() && self.1.is_none_or(|o| o.contains(&param.id)) {
                 let x = param.val().inner();
-                self.0.register::<<B as AutodiffBackend>::InnerBackend, D>(
-                    param.id,
-                    (x.mul_scalar(16.0).round().add_scalar(0.5)).div_scalar(64.0),
-                );
+                self.0.register::<<B as AutodiffBackend>::InnerBackend, D>(param.id, (x.mul_scalar(16.0).round().add_scalar(0.5)).div_scalar(64.0));
             }
         }
     }
@@ -84,25 +78,10 @@ fn synthetic_grads<M: AutodiffModule<B>>(
 
 /// One rank's holdings in a layout, with their optimizers.
 enum Held {
-    Model {
-        model: DeepSeekV3<B>,
-        optim: Optim<DeepSeekV3<B>>,
-        ep: Option<Comm>,
-    },
-    Zero {
-        model: DeepSeekV3<B>,
-        zero: Zero1<Optim<DeepSeekV3<B>>>,
-        keep: HashSet<ParamId>,
-    },
-    Fsdp {
-        fsdp: Fsdp<B, DeepSeekV3<B>>,
-        optim: Optim<Fsdp<B, DeepSeekV3<B>>>,
-        ep: Option<Comm>,
-    },
-    Stages {
-        stages: Vec<(ModelStage<B>, Optim<ModelStage<B>>)>,
-        ep: Option<Comm>,
-    },
+    Model { model: DeepSeekV3<B>, optim: Optim<DeepSeekV3<B>>, ep: Option<Comm> },
+    Zero { model: DeepSeekV3<B>, zero: Zero1<Optim<DeepSeekV3<B>>>, keep: HashSet<ParamId> },
+    Fsdp { fsdp: Fsdp<B, DeepSeekV3<B>>, optim: Optim<Fsdp<B, DeepSeekV3<B>>>, ep: Option<Comm> },
+    Stages { stages: Vec<(ModelStage<B>, Optim<ModelStage<B>>)>, ep: Option<Comm> },
 }
 
 fn fail(e: impl std::fmt::Display) -> String {
@@ -114,46 +93,21 @@ impl Held {
         let device = Default::default();
         let (r, w) = (world.rank(), world.world_size());
         Ok(match layout {
-            Layout::Single | Layout::Ddp => Held::Model {
-                model: base.clone().fork(&device),
-                optim: adamw().init(),
-                ep: None,
-            },
-            Layout::Ep => Held::Model {
-                model: base.shard_experts(world, &device).map_err(fail)?,
-                optim: adamw().init(),
-                ep: Some(world.clone()),
-            },
+            Layout::Single | Layout::Ddp => Held::Model { model: base.clone().fork(&device), optim: adamw().init(), ep: None },
+            Layout::Ep => Held::Model { model: base.shard_experts(world, &device).map_err(fail)?, optim: adamw().init(), ep: Some(world.clone()) },
             Layout::Zero1 => {
                 let model = base.clone().fork(&device);
                 let zero = Zero1::new(adamw().init(), world.clone());
                 let layout = burn_dp::Layout::of::<B, _>(&model);
-                let keep = layout.ids[zero.shard_of(&layout, r)]
-                    .iter()
-                    .copied()
-                    .collect();
+                let keep = layout.ids[zero.shard_of(&layout, r)].iter().copied().collect();
                 Held::Zero { model, zero, keep }
             }
             Layout::Fsdp { replicate, ep } => {
-                let mesh = DeviceMesh::new(
-                    world,
-                    &[
-                        ("dp_replicate", replicate),
-                        ("dp_shard", w / replicate / ep),
-                        ("ep", ep),
-                    ],
-                )
-                .map_err(fail)?;
+                let mesh = DeviceMesh::new(world, &[("dp_replicate", replicate), ("dp_shard", w / replicate / ep), ("ep", ep)]).map_err(fail)?;
                 let dense = mesh.group(&["dp_shard", "ep"]).map_err(fail)?;
                 let shard = mesh.comm("dp_shard").map_err(fail)?.clone();
-                let replicas = (replicate > 1)
-                    .then(|| mesh.comm("dp_replicate").cloned())
-                    .transpose()
-                    .map_err(fail)?;
-                let ep_comm = (ep > 1)
-                    .then(|| mesh.comm("ep").cloned())
-                    .transpose()
-                    .map_err(fail)?;
+                let replicas = (replicate > 1).then(|| mesh.comm("dp_replicate").cloned()).transpose().map_err(fail)?;
+                let ep_comm = (ep > 1).then(|| mesh.comm("ep").cloned()).transpose().map_err(fail)?;
                 let model = match &ep_comm {
                     Some(c) => base.shard_experts(c, &device).map_err(fail)?,
                     None => base.clone().fork(&device),
@@ -162,55 +116,32 @@ impl Held {
                     .fsdp_units()
                     .into_iter()
                     .map(|u| {
-                        let g = ShardGroup::new(if u.experts {
-                            shard.clone()
-                        } else {
-                            dense.clone()
-                        })
-                        .with_params(u.params);
+                        let g = ShardGroup::new(if u.experts { shard.clone() } else { dense.clone() }).with_params(u.params);
                         match &replicas {
                             Some(rep) => g.with_replicas(rep.clone()),
                             None => g,
                         }
                     })
                     .collect();
-                Held::Fsdp {
-                    fsdp: Fsdp::grouped(model, groups).map_err(fail)?,
-                    optim: adamw().init(),
-                    ep: ep_comm,
-                }
+                Held::Fsdp { fsdp: Fsdp::grouped(model, groups).map_err(fail)?, optim: adamw().init(), ep: ep_comm }
             }
             Layout::Pp { ep } => {
                 let pp = w / ep;
                 let mesh = DeviceMesh::new(world, &[("pp", pp), ("ep", ep)]).map_err(fail)?;
                 let p = mesh.comm("pp").map_err(fail)?.rank();
-                let ep_comm = (ep > 1)
-                    .then(|| mesh.comm("ep").cloned())
-                    .transpose()
-                    .map_err(fail)?;
+                let ep_comm = (ep > 1).then(|| mesh.comm("ep").cloned()).transpose().map_err(fail)?;
                 let schedule = Schedule::new(ScheduleKind::DualPipeV, pp, 2 * pp).map_err(fail)?;
-                let all = base
-                    .clone()
-                    .into_stages(schedule.stages())
-                    .map_err(fail)?
-                    .stages;
-                let held: Vec<usize> = (0..schedule.kind.chunks_per_rank())
-                    .map(|c| schedule.stage_of_chunk(p, c))
-                    .collect();
+                let all = base.clone().into_stages(schedule.stages()).map_err(fail)?.stages;
+                let held: Vec<usize> = (0..schedule.kind.chunks_per_rank()).map(|c| schedule.stage_of_chunk(p, c)).collect();
                 let mut stages = Vec::new();
                 for s in held {
                     let stage = match &ep_comm {
-                        Some(c) => all[s]
-                            .shard_experts(&c.split(0, c.rank()).map_err(fail)?, &device)
-                            .map_err(fail)?,
+                        Some(c) => all[s].shard_experts(&c.split(0, c.rank()).map_err(fail)?, &device).map_err(fail)?,
                         None => all[s].clone().fork(&device),
                     };
                     stages.push((stage, adamw().init()));
                 }
-                Held::Stages {
-                    stages,
-                    ep: ep_comm,
-                }
+                Held::Stages { stages, ep: ep_comm }
             }
         })
     }
@@ -218,43 +149,18 @@ impl Held {
     /// One optimizer step with [`synthetic_grads`].
     fn step(self) -> Result<Self, String> {
         Ok(match self {
-            Held::Model {
-                model,
-                mut optim,
-                ep,
-            } => {
+            Held::Model { model, mut optim, ep } => {
                 let grads = synthetic_grads(&model, None);
-                Held::Model {
-                    model: optim.step(LR, model, grads),
-                    optim,
-                    ep,
-                }
+                Held::Model { model: optim.step(LR, model, grads), optim, ep }
             }
-            Held::Zero {
-                model,
-                mut zero,
-                keep,
-            } => {
+            Held::Zero { model, mut zero, keep } => {
                 let grads = synthetic_grads(&model, None);
-                Held::Zero {
-                    model: zero.step(LR, model, grads).map_err(fail)?,
-                    zero,
-                    keep,
-                }
+                Held::Zero { model: zero.step(LR, model, grads).map_err(fail)?, zero, keep }
             }
-            Held::Fsdp {
-                fsdp,
-                mut optim,
-                ep,
-            } => {
-                let shards: HashSet<ParamId> =
-                    (0..fsdp.num_groups()).map(|g| fsdp.shard(g).id).collect();
+            Held::Fsdp { fsdp, mut optim, ep } => {
+                let shards: HashSet<ParamId> = (0..fsdp.num_groups()).map(|g| fsdp.shard(g).id).collect();
                 let grads = synthetic_grads(&fsdp, Some(&shards));
-                Held::Fsdp {
-                    fsdp: optim.step(LR, fsdp, grads),
-                    optim,
-                    ep,
-                }
+                Held::Fsdp { fsdp: optim.step(LR, fsdp, grads), optim, ep }
             }
             Held::Stages { stages, ep } => {
                 let stages = stages
@@ -291,13 +197,11 @@ impl Held {
             }
             Held::Zero { model, zero, .. } => {
                 s.chunks = h.module_chunks(model)?;
-                s.chunks
-                    .extend(h.adamw_chunks(model, &zero.optimizer().to_record())?);
+                s.chunks.extend(h.adamw_chunks(model, &zero.optimizer().to_record())?);
             }
             Held::Fsdp { fsdp, optim, .. } => {
                 s.chunks = h.fsdp_chunks(fsdp)?;
-                s.chunks
-                    .extend(h.fsdp_adamw_chunks(fsdp, &optim.to_record())?);
+                s.chunks.extend(h.fsdp_adamw_chunks(fsdp, &optim.to_record())?);
             }
             Held::Stages { stages, .. } => {
                 for (stage, optim) in stages {
@@ -314,33 +218,17 @@ impl Held {
         Ok(match self {
             Held::Model { model, optim, ep } => {
                 let record = h.load_adamw(&model, reader, None)?;
-                Held::Model {
-                    model: h.load_module(&model, reader)?,
-                    optim: optim.load_record(record),
-                    ep,
-                }
+                Held::Model { model: h.load_module(&model, reader)?, optim: optim.load_record(record), ep }
             }
-            Held::Zero {
-                model,
-                mut zero,
-                keep,
-            } => {
+            Held::Zero { model, mut zero, keep } => {
                 let record = h.load_adamw(&model, reader, Some(&keep))?;
                 *zero.optimizer_mut() = zero.optimizer().clone().load_record(record);
-                Held::Zero {
-                    model: h.load_module(&model, reader)?,
-                    zero,
-                    keep,
-                }
+                Held::Zero { model: h.load_module(&model, reader)?, zero, keep }
             }
             Held::Fsdp { fsdp, optim, ep } => {
                 let fsdp = h.load_fsdp(&fsdp, reader)?;
                 let record = h.load_fsdp_adamw(&fsdp, reader)?;
-                Held::Fsdp {
-                    fsdp,
-                    optim: optim.load_record(record),
-                    ep,
-                }
+                Held::Fsdp { fsdp, optim: optim.load_record(record), ep }
             }
             Held::Stages { stages, ep } => {
                 let mut loaded = Vec::new();
@@ -355,22 +243,10 @@ impl Held {
 }
 
 /// On `w` ranks in `layout`: [`rank`] on each.
-pub(crate) fn run(
-    layout: Layout,
-    w: usize,
-    base: &DeepSeekV3<B>,
-    names: &StateNames,
-    from: Option<&Path>,
-    fresh: usize,
-    to: &Path,
-) {
+pub(crate) fn run(layout: Layout, w: usize, base: &DeepSeekV3<B>, names: &StateNames, from: Option<&Path>, fresh: usize, to: &Path) {
     assert!(layout != Layout::Single || w == 1, "one device");
     launch(Comm::group(w, Transport::Host), |world| {
-        rank(&world, layout, base, names, from, fresh, to).map_err(|e| CommError::Engine {
-            rank: world.rank(),
-            op: "checkpoint test",
-            detail: e,
-        })
+        rank(&world, layout, base, names, from, fresh, to).map_err(|e| CommError::Engine { rank: world.rank(), op: "checkpoint test", detail: e })
     })
     .unwrap();
 }
@@ -379,24 +255,13 @@ pub(crate) fn run(
 /// its step `s`), or take `fresh` steps (`s = fresh`), and save as step `s` under `to`
 /// (asynchronously); then one step more, saved as step `s + 1` (blocking: after the
 /// first save finished).
-pub(crate) fn rank(
-    world: &Comm,
-    layout: Layout,
-    base: &DeepSeekV3<B>,
-    names: &StateNames,
-    from: Option<&Path>,
-    fresh: usize,
-    to: &Path,
-) -> Result<(), String> {
+pub(crate) fn rank(world: &Comm, layout: Layout, base: &DeepSeekV3<B>, names: &StateNames, from: Option<&Path>, fresh: usize, to: &Path) -> Result<(), String> {
     let w = world.world_size();
     let ctx = |e: String| format!("{layout:?} on {w}: {e}");
     let mut held = Held::new(layout, world, base).map_err(ctx)?;
     let s = match from {
         Some(dir) => {
-            let reader = Reader::latest(dir)
-                .map_err(fail)
-                .map_err(ctx)?
-                .ok_or_else(|| ctx(format!("no checkpoint in {}", dir.display())))?;
+            let reader = Reader::latest(dir).map_err(fail).map_err(ctx)?.ok_or_else(|| ctx(format!("no checkpoint in {}", dir.display())))?;
             held = held.load(names, &reader).map_err(fail).map_err(ctx)?;
             reader.step()
         }
@@ -408,15 +273,9 @@ pub(crate) fn rank(
         }
     };
     let mut saver = Checkpointer::new(to, world).map_err(fail).map_err(ctx)?;
-    saver
-        .save_async(s, held.snapshot(names).map_err(fail).map_err(ctx)?)
-        .map_err(fail)
-        .map_err(ctx)?;
+    saver.save_async(s, held.snapshot(names).map_err(fail).map_err(ctx)?).map_err(fail).map_err(ctx)?;
     held = held.step().map_err(ctx)?;
-    saver
-        .save(s + 1, held.snapshot(names).map_err(fail).map_err(ctx)?)
-        .map_err(fail)
-        .map_err(ctx)?;
+    saver.save(s + 1, held.snapshot(names).map_err(fail).map_err(ctx)?).map_err(fail).map_err(ctx)?;
     Ok(())
 }
 
@@ -428,20 +287,13 @@ pub(crate) fn assert_same(a: &Path, b: &Path, what: &str) {
     for (name, t) in &a.metadata().tensors {
         let u = b.tensor(name).unwrap();
         assert_eq!((&t.shape, &t.dtype), (&u.shape, &u.dtype), "{what}: {name}");
-        let (x, y) = (
-            a.read_whole(name, &t.shape).unwrap(),
-            b.read_whole(name, &t.shape).unwrap(),
-        );
-        assert!(
-            x.as_bytes() == y.as_bytes(),
-            "{what}: tensor {name} differs"
-        );
+        let (x, y) = (a.read_whole(name, &t.shape).unwrap(), b.read_whole(name, &t.shape).unwrap());
+        assert!(x.as_bytes() == y.as_bytes(), "{what}: tensor {name} differs");
     }
 }
 
 pub(crate) fn tmp(name: &str) -> PathBuf {
-    let dir =
-        std::env::temp_dir().join(format!("burn-deepseek-ckpt-{name}-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("burn-deepseek-ckpt-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     dir
 }
@@ -463,46 +315,18 @@ fn every_layout_saves_one_devices_checkpoint_and_loads_into_other_layouts_and_wo
     let (reference, reference_4) = (tmp("reference"), tmp("reference-4"));
     run(Layout::Single, 1, &model, &names, None, 2, &reference);
     run(Layout::Single, 1, &model, &names, None, 3, &reference_4);
-    assert_same(
-        &step_dir(&reference, 3),
-        &step_dir(&reference_4, 3),
-        "one device, step 3 of two runs",
-    );
+    assert_same(&step_dir(&reference, 3), &step_dir(&reference_4, 3), "one device, step 3 of two runs");
     let layouts = [
         (Layout::Single, 1),
         (Layout::Ddp, 2),
         (Layout::Zero1, 4),
-        (
-            Layout::Fsdp {
-                replicate: 1,
-                ep: 1,
-            },
-            4,
-        ),
-        (
-            Layout::Fsdp {
-                replicate: 2,
-                ep: 1,
-            },
-            4,
-        ),
+        (Layout::Fsdp { replicate: 1, ep: 1 }, 4),
+        (Layout::Fsdp { replicate: 2, ep: 1 }, 4),
         (Layout::Ep, 2),
         (Layout::Zero1, 2),
         (Layout::Ep, 4),
-        (
-            Layout::Fsdp {
-                replicate: 1,
-                ep: 2,
-            },
-            4,
-        ),
-        (
-            Layout::Fsdp {
-                replicate: 1,
-                ep: 1,
-            },
-            2,
-        ),
+        (Layout::Fsdp { replicate: 1, ep: 2 }, 4),
+        (Layout::Fsdp { replicate: 1, ep: 1 }, 2),
         (Layout::Pp { ep: 1 }, 2),
         (Layout::Pp { ep: 2 }, 4),
     ];
@@ -510,11 +334,7 @@ fn every_layout_saves_one_devices_checkpoint_and_loads_into_other_layouts_and_wo
         let saved = tmp(&format!("save-{i}"));
         run(layout, w, &model, &names, None, 2, &saved);
         for s in [2, 3] {
-            assert_same(
-                &step_dir(&reference, s),
-                &step_dir(&saved, s),
-                &format!("{layout:?} on {w} ranks, step {s}"),
-            );
+            assert_same(&step_dir(&reference, s), &step_dir(&saved, s), &format!("{layout:?} on {w} ranks, step {s}"));
         }
         // Loaded (step 3) by the next two layouts of the list, at their world sizes.
         for k in [1, 2] {
@@ -522,23 +342,9 @@ fn every_layout_saves_one_devices_checkpoint_and_loads_into_other_layouts_and_wo
             let loaded = tmp(&format!("load-{i}-{k}"));
             run(into, w2, &model, &names, Some(&saved), 0, &loaded);
             let what = format!("saved by {layout:?} on {w}, loaded by {into:?} on {w2}");
-            assert_same(
-                &step_dir(&saved, 3),
-                &step_dir(&loaded, 3),
-                &format!("{what}: saved again"),
-            );
-            assert_same(
-                &step_dir(&reference_4, 4),
-                &step_dir(&loaded, 4),
-                &format!("{what}: the next step"),
-            );
-            assert_eq!(
-                Reader::open(step_dir(&loaded, 3))
-                    .unwrap()
-                    .metadata()
-                    .world_size,
-                w2
-            );
+            assert_same(&step_dir(&saved, 3), &step_dir(&loaded, 3), &format!("{what}: saved again"));
+            assert_same(&step_dir(&reference_4, 4), &step_dir(&loaded, 4), &format!("{what}: the next step"));
+            assert_eq!(Reader::open(step_dir(&loaded, 3)).unwrap().metadata().world_size, w2);
             std::fs::remove_dir_all(&loaded).unwrap();
         }
         std::fs::remove_dir_all(&saved).unwrap();
@@ -558,17 +364,8 @@ fn a_model_of_other_hyper_parameters_is_refused_naming_the_first_differing_tenso
     let other = wider.init::<B>(&Default::default());
     let other_names = StateNames::of(&other, &wider).unwrap();
     let before = other.embed.weight.val().into_data();
-    let e = Holding::new(&other_names)
-        .load_module(&other, &reader)
-        .unwrap_err();
-    assert_eq!(
-        e,
-        CheckpointError::Dcp(DcpError::Shape {
-            tensor: "model.embed_tokens.weight".into(),
-            checkpoint: vec![256, 64],
-            expected: vec![256, 48]
-        })
-    );
+    let e = Holding::new(&other_names).load_module(&other, &reader).unwrap_err();
+    assert_eq!(e, CheckpointError::Dcp(DcpError::Shape { tensor: "model.embed_tokens.weight".into(), checkpoint: vec![256, 64], expected: vec![256, 48] }));
     assert_eq!(e.to_string(), "tensor \"model.embed_tokens.weight\" has shape [256, 64] in the checkpoint, [256, 48] here");
     // Nothing half-loaded: the model passed in is unchanged.
     assert_eq!(other.embed.weight.val().into_data(), before);

@@ -42,85 +42,38 @@ fn batch(step: u64) -> Vec<i64> {
 /// On `w` ranks: FSDP of `base` (or the latest checkpoint of `from`), steps `first..last`
 /// on the rows of each step this rank takes; a save at `last` under `to`. The global loss
 /// of each step.
-fn train(
-    w: usize,
-    base: &DeepSeekV3<B>,
-    names: &StateNames,
-    from: Option<&Path>,
-    (first, last): (u64, u64),
-    to: Option<&Path>,
-) -> Vec<f32> {
+fn train(w: usize, base: &DeepSeekV3<B>, names: &StateNames, from: Option<&Path>, (first, last): (u64, u64), to: Option<&Path>) -> Vec<f32> {
     let losses = launch(Comm::group(w, Transport::Host), |world| {
         let r = world.rank();
-        let fail = |e: &dyn std::fmt::Display| CommError::Engine {
-            rank: r,
-            op: "continuity",
-            detail: e.to_string(),
-        };
+        let fail = |e: &dyn std::fmt::Display| CommError::Engine { rank: r, op: "continuity", detail: e.to_string() };
         let device = Default::default();
-        let mut fsdp =
-            Fsdp::new(base.clone().fork(&device), world.clone()).map_err(|e| fail(&e))?;
-        let mut optim = AdamWConfig::new()
-            .with_moments(MomentDType::Bf16)
-            .init::<B, Fsdp<B, DeepSeekV3<B>>>();
+        let mut fsdp = Fsdp::new(base.clone().fork(&device), world.clone()).map_err(|e| fail(&e))?;
+        let mut optim = AdamWConfig::new().with_moments(MomentDType::Bf16).init::<B, Fsdp<B, DeepSeekV3<B>>>();
         let holding = Holding::new(names);
         if let Some(dir) = from {
-            let reader = Reader::latest(dir)
-                .map_err(|e| fail(&e))?
-                .expect("a checkpoint");
+            let reader = Reader::latest(dir).map_err(|e| fail(&e))?.expect("a checkpoint");
             assert_eq!(reader.step(), first, "the resumed step");
             fsdp = holding.load_fsdp(&fsdp, &reader).map_err(|e| fail(&e))?;
-            optim = optim.load_record(
-                holding
-                    .load_fsdp_adamw(&fsdp, &reader)
-                    .map_err(|e| fail(&e))?,
-            );
+            optim = optim.load_record(holding.load_fsdp_adamw(&fsdp, &reader).map_err(|e| fail(&e))?);
         }
         let rows = ROWS / w;
         let mut losses = Vec::new();
         for step in first..last {
             let ids = batch(step)[r * rows * N..(r + 1) * rows * N].to_vec();
-            let out = fsdp
-                .gather()
-                .map_err(|e| fail(&e))?
-                .loss(Tensor::from_data(TensorData::new(ids, [rows, N]), &device));
+            let out = fsdp.gather().map_err(|e| fail(&e))?.loss(Tensor::from_data(TensorData::new(ids, [rows, N]), &device));
             let loss = out.loss.clone().into_scalar();
-            losses.push(
-                world
-                    .all_gather_host("loss", loss)
-                    .map_err(|e| fail(&e))?
-                    .iter()
-                    .sum::<f32>()
-                    / w as f32,
-            );
+            losses.push(world.all_gather_host("loss", loss).map_err(|e| fail(&e))?.iter().sum::<f32>() / w as f32);
             let grads = GradientsParams::from_grads(out.loss.backward(), &fsdp);
             let sizes: Vec<usize> = out.counts.iter().map(|c| c.dims()[0]).collect();
-            let counts = burn_dp::collective::all_reduce(
-                Tensor::cat(out.counts.into_iter().map(|c| c.float()).collect(), 0),
-                &world,
-            )
-            .map_err(|e| fail(&e))?;
-            let counts: Vec<_> = counts
-                .split_with_sizes(sizes, 0)
-                .into_iter()
-                .map(|c| c.int())
-                .collect();
-            fsdp = optim
-                .step(1e-2, fsdp, grads)
-                .map_module(|m| m.update_bias(&counts));
+            let counts = burn_dp::collective::all_reduce(Tensor::cat(out.counts.into_iter().map(|c| c.float()).collect(), 0), &world).map_err(|e| fail(&e))?;
+            let counts: Vec<_> = counts.split_with_sizes(sizes, 0).into_iter().map(|c| c.int()).collect();
+            fsdp = optim.step(1e-2, fsdp, grads).map_module(|m| m.update_bias(&counts));
         }
         if let Some(dir) = to {
             let mut s = Snapshot::new();
             s.chunks = holding.fsdp_chunks(&fsdp).map_err(|e| fail(&e))?;
-            s.chunks.extend(
-                holding
-                    .fsdp_adamw_chunks(&fsdp, &optim.to_record())
-                    .map_err(|e| fail(&e))?,
-            );
-            Checkpointer::new(dir, &world)
-                .map_err(|e| fail(&e))?
-                .save(last, s)
-                .map_err(|e| fail(&e))?;
+            s.chunks.extend(holding.fsdp_adamw_chunks(&fsdp, &optim.to_record()).map_err(|e| fail(&e))?);
+            Checkpointer::new(dir, &world).map_err(|e| fail(&e))?.save(last, s).map_err(|e| fail(&e))?;
         }
         Ok::<_, CommError>(losses)
     })
@@ -129,10 +82,7 @@ fn train(
 }
 
 fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "burn-deepseek-continuity-{name}-{}",
-        std::process::id()
-    ));
+    let dir = std::env::temp_dir().join(format!("burn-deepseek-continuity-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     dir
 }
@@ -162,10 +112,7 @@ fn resuming_from_a_checkpoint_continues_the_training_trajectory_on_any_world_siz
         let mut resumed = train(w_save, &base, &names, None, (0, k), Some(&dir));
         resumed.extend(train(w_load, &base, &names, Some(&dir), (k, 2 * k), None));
         for (s, (a, b)) in resumed.iter().zip(&one).enumerate() {
-            assert!(
-                (a - b).abs() <= 1e-5 * b.abs(),
-                "{w_save} ranks then {w_load}: step {s} loss {a} against one device's {b}"
-            );
+            assert!((a - b).abs() <= 1e-5 * b.abs(), "{w_save} ranks then {w_load}: step {s} loss {a} against one device's {b}");
         }
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -4,10 +4,10 @@
 //! name by default, `MOE_TEST_SEED=<n>` to draw others); the weights from Burn's
 //! initializers, seeded through [`seeded`] where a test compares against tight bounds.
 
+mod checkpoint;
 #[allow(dead_code)]
 #[path = "../moe/common.rs"]
 mod common;
-mod checkpoint;
 mod continuity;
 mod ep;
 mod model;

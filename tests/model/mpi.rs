@@ -5,27 +5,15 @@
 //! from the seed the driver passes in `MOE_TEST_SEED`.
 
 use crate::common::{mpi_workers, Rng};
-use crate::parallel::{
-    dp_ep_rank, dualpipe_v_rank, fsdp_rank, pp_ep_rank, reference, DP_EP_ROWS, DUALPIPE_ROWS,
-    PP_EP_ROWS,
-};
+use crate::parallel::{dp_ep_rank, dualpipe_v_rank, fsdp_rank, pp_ep_rank, reference, DP_EP_ROWS, DUALPIPE_ROWS, PP_EP_ROWS};
 use burn_comm::{mpi, Comm};
 use std::time::Duration;
 
 fn mpirun(ranks: usize, worker: &str) {
-    let job = mpi_workers(ranks, worker, Duration::from_secs(400))
-        .unwrap_or_else(|job| panic!("{worker} on {ranks} processes hung:\n{}", job.output));
-    assert!(
-        job.success,
-        "{worker} on {ranks} processes failed:\n{}",
-        job.output
-    );
+    let job = mpi_workers(ranks, worker, Duration::from_secs(400)).unwrap_or_else(|job| panic!("{worker} on {ranks} processes hung:\n{}", job.output));
+    assert!(job.success, "{worker} on {ranks} processes failed:\n{}", job.output);
     for r in 0..ranks {
-        assert!(
-            job.output.contains(&format!("rank {r} of {ranks}: ok")),
-            "{worker}: rank {r} did not finish:\n{}",
-            job.output
-        );
+        assert!(job.output.contains(&format!("rank {r} of {ranks}: ok")), "{worker}: rank {r} did not finish:\n{}", job.output);
     }
 }
 
@@ -113,10 +101,7 @@ fn done(comm: &Comm) {
 #[ignore = "an MPI rank: run by dualpipe_v_on_two_processes_takes_the_single_device_step under mpirun"]
 fn mpi_worker_dualpipe_v() {
     mpi::launch(Duration::from_secs(120), |comm| {
-        dualpipe_v_rank(
-            &comm,
-            &reference(Rng::new("mpi_worker_dualpipe_v").next(), DUALPIPE_ROWS),
-        )?;
+        dualpipe_v_rank(&comm, &reference(Rng::new("mpi_worker_dualpipe_v").next(), DUALPIPE_ROWS))?;
         done(&comm);
         Ok::<_, String>(())
     })
@@ -127,10 +112,7 @@ fn mpi_worker_dualpipe_v() {
 #[ignore = "an MPI rank: run by pipeline_and_expert_parallelism_on_four_processes_take_the_single_device_step under mpirun"]
 fn mpi_worker_pp_ep() {
     mpi::launch(Duration::from_secs(120), |world| {
-        pp_ep_rank(
-            &world,
-            &reference(Rng::new("mpi_worker_pp_ep").next(), PP_EP_ROWS),
-        )?;
+        pp_ep_rank(&world, &reference(Rng::new("mpi_worker_pp_ep").next(), PP_EP_ROWS))?;
         done(&world);
         Ok::<_, String>(())
     })

@@ -28,9 +28,7 @@ use std::path::PathBuf;
 const LOGITS_TOL: f32 = 1e-4;
 
 fn folder(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/hf")
-        .join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf").join(name)
 }
 
 /// A reference tensor: its shape and values (f32 or i64).
@@ -49,10 +47,7 @@ impl Fixture {
     fn open(name: &'static str) -> Self {
         let dir = folder(name);
         let json = std::fs::read_to_string(dir.join("config.json")).unwrap();
-        let config = HfDeepSeekConfig::from_json(&json)
-            .unwrap()
-            .model()
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let config = HfDeepSeekConfig::from_json(&json).unwrap().model().unwrap_or_else(|e| panic!("{name}: {e}"));
         let bytes = std::fs::read(dir.join("reference.safetensors")).unwrap();
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         let reference = st
@@ -61,30 +56,14 @@ impl Fixture {
             .map(|(k, v)| {
                 let shape = v.shape().to_vec();
                 let value = match v.dtype() {
-                    Dtype::F32 => Value::F32(
-                        shape,
-                        v.data()
-                            .chunks_exact(4)
-                            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-                            .collect(),
-                    ),
-                    Dtype::I64 => Value::I64(
-                        shape,
-                        v.data()
-                            .chunks_exact(8)
-                            .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
-                            .collect(),
-                    ),
+                    Dtype::F32 => Value::F32(shape, v.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()),
+                    Dtype::I64 => Value::I64(shape, v.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect()),
                     other => panic!("{name}: reference {k} has dtype {other:?}"),
                 };
                 (k, value)
             })
             .collect();
-        Self {
-            name,
-            config,
-            reference,
-        }
+        Self { name, config, reference }
     }
 
     fn f32(&self, key: &str) -> (&[usize], &[f32]) {
@@ -103,18 +82,9 @@ impl Fixture {
 
     /// The model, loaded; every tensor of the file used but the defaulted ones.
     fn model<B: MoeBackend>(&self, device: &B::Device) -> (DeepSeekV3<B>, Vec<String>) {
-        let (model, report) = load_safetensors(
-            self.config.init::<B>(device),
-            &self.config,
-            &[folder(self.name).join("model.safetensors")],
-        )
-        .unwrap_or_else(|e| panic!("{}: {e}", self.name));
-        assert!(
-            report.unused.is_empty(),
-            "{}: unused tensors {:?}",
-            self.name,
-            report.unused
-        );
+        let (model, report) =
+            load_safetensors(self.config.init::<B>(device), &self.config, &[folder(self.name).join("model.safetensors")]).unwrap_or_else(|e| panic!("{}: {e}", self.name));
+        assert!(report.unused.is_empty(), "{}: unused tensors {:?}", self.name, report.unused);
         (model, report.defaulted)
     }
 
@@ -126,21 +96,8 @@ impl Fixture {
 
 fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
     assert_eq!(got.len(), want.len(), "{what}: lengths");
-    let (i, err) = got
-        .iter()
-        .zip(want)
-        .map(|(g, w)| (g - w).abs())
-        .enumerate()
-        .fold(
-            (0, 0.0f32),
-            |m, (i, e)| if e > m.1 || e.is_nan() { (i, e) } else { m },
-        );
-    assert!(
-        err <= tol,
-        "{what}: |got − transformers| = {err:e} > {tol:e} at {i} (got {}, transformers {})",
-        got[i],
-        want[i]
-    );
+    let (i, err) = got.iter().zip(want).map(|(g, w)| (g - w).abs()).enumerate().fold((0, 0.0f32), |m, (i, e)| if e > m.1 || e.is_nan() { (i, e) } else { m });
+    assert!(err <= tol, "{what}: |got − transformers| = {err:e} > {tol:e} at {i} (got {}, transformers {})", got[i], want[i]);
 }
 
 /// Logits, expert choices (walking the blocks with their public parts, the walk checked
@@ -164,21 +121,13 @@ fn forward_matches<B: MoeBackend>(fixture: &Fixture, device: &B::Device) {
             Ffn::Dense(mlp) => mlp.forward(normed),
             Ffn::Moe(moe) => {
                 let [b, s, d] = normed.dims();
-                let routing = route(
-                    moe.gate.forward(normed.clone().reshape([b * s, d])),
-                    Some(moe.bias.val()),
-                    &moe.router,
-                )
-                .unwrap();
+                let routing = route(moe.gate.forward(normed.clone().reshape([b * s, d])), Some(moe.bias.val()), &moe.router).unwrap();
                 let k = moe.router.top_k;
                 let mut chosen = host_int(routing.indices);
                 chosen.chunks_mut(k).for_each(|row| row.sort_unstable());
                 let (shape, want) = fixture.i64(&format!("experts.{l}"));
                 assert_eq!(shape, [b * s, k], "{name}: experts.{l} shape");
-                let first = chosen
-                    .chunks(k)
-                    .zip(want.chunks(k))
-                    .position(|(g, w)| g != w);
+                let first = chosen.chunks(k).zip(want.chunks(k)).position(|(g, w)| g != w);
                 assert!(
                     first.is_none(),
                     "{name}: layer {l}, token {:?}: experts {:?}, transformers {:?}",
@@ -193,61 +142,26 @@ fn forward_matches<B: MoeBackend>(fixture: &Fixture, device: &B::Device) {
         };
         x = h + out;
     }
-    assert_eq!(
-        moe_layers,
-        fixture
-            .reference
-            .keys()
-            .filter(|k| k.starts_with("experts."))
-            .count(),
-        "{name}: MoE layers"
-    );
-    assert_eq!(
-        host(model.head.forward(model.norm.forward(x))),
-        got,
-        "{name}: the walk over the blocks is the model's forward"
-    );
+    assert_eq!(moe_layers, fixture.reference.keys().filter(|k| k.starts_with("experts.")).count(), "{name}: MoE layers");
+    assert_eq!(host(model.head.forward(model.norm.forward(x))), got, "{name}: the walk over the blocks is the model's forward");
 
     if model.mtp.is_empty() {
-        assert!(
-            !fixture.reference.contains_key("mtp_logits"),
-            "{name}: the fixture has MTP logits, the model no MTP layer"
-        );
+        assert!(!fixture.reference.contains_key("mtp_logits"), "{name}: the fixture has MTP logits, the model no MTP layer");
         return;
     }
     let (_, mtp) = model.try_forward_mtp(ids).unwrap();
     let (shape, want) = fixture.f32("mtp_logits");
     assert_eq!(mtp[0].dims().to_vec(), shape, "{name}: MTP logits shape");
-    assert_close(
-        &format!("{name}: MTP logits"),
-        &host(mtp[0].clone()),
-        want,
-        LOGITS_TOL,
-    );
+    assert_close(&format!("{name}: MTP logits"), &host(mtp[0].clone()), want, LOGITS_TOL);
 }
 
 fn generation_matches<B: MoeBackend>(fixture: &Fixture, device: &B::Device) {
     let (model, _) = fixture.model::<B>(device);
     let prompt: Vec<u32> = fixture.i64("prompt").1.iter().map(|&t| t as u32).collect();
-    let want: Vec<u32> = fixture
-        .i64("generated")
-        .1
-        .iter()
-        .map(|&t| t as u32)
-        .collect();
-    let mut session = Session::new(
-        &model,
-        &fixture.config.mla,
-        prompt.len() + want.len(),
-        Sampling::greedy(),
-        device,
-    );
+    let want: Vec<u32> = fixture.i64("generated").1.iter().map(|&t| t as u32).collect();
+    let mut session = Session::new(&model, &fixture.config.mla, prompt.len() + want.len(), Sampling::greedy(), device);
     let got = session.generate(&prompt, want.len()).unwrap();
-    assert_eq!(
-        got, want,
-        "{}: greedy generation of {prompt:?}",
-        fixture.name
-    );
+    assert_eq!(got, want, "{}: greedy generation of {prompt:?}", fixture.name);
 }
 
 const ALL: [&str; 4] = ["v3_yarn", "v3_plain", "v2_lite", "v2_group"];
@@ -283,13 +197,7 @@ fn v2_checkpoints_load_without_a_balancing_bias() {
     let device = Default::default();
     let fixture = Fixture::open("v2_lite");
     let (model, defaulted) = fixture.model::<Ref>(&device);
-    assert_eq!(
-        defaulted,
-        [
-            "model.layers.1.mlp.gate.e_score_correction_bias",
-            "model.layers.2.mlp.gate.e_score_correction_bias"
-        ]
-    );
+    assert_eq!(defaulted, ["model.layers.1.mlp.gate.e_score_correction_bias", "model.layers.2.mlp.gate.e_score_correction_bias"]);
     for moe in model.moe_layers() {
         assert_eq!(moe.bias_update_speed, 0.0);
         assert!(host(moe.bias.val()).iter().all(|&b| b == 0.0));
@@ -299,19 +207,10 @@ fn v2_checkpoints_load_without_a_balancing_bias() {
     let bytes = std::fs::read(folder("v3_plain").join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let missing = "model.layers.2.mlp.gate.e_score_correction_bias";
-    let kept: Vec<_> = st
-        .tensors()
-        .into_iter()
-        .filter(|(k, _)| k != missing)
-        .collect();
-    let path = std::env::temp_dir().join(format!(
-        "burn-deepseek-v3-no-bias-{}.safetensors",
-        std::process::id()
-    ));
+    let kept: Vec<_> = st.tensors().into_iter().filter(|(k, _)| k != missing).collect();
+    let path = std::env::temp_dir().join(format!("burn-deepseek-v3-no-bias-{}.safetensors", std::process::id()));
     safetensors::serialize_to_file(kept, None, &path).unwrap();
-    let err = load_safetensors(v3.config.init::<Ref>(&device), &v3.config, &[&path])
-        .map(|_| ())
-        .unwrap_err();
+    let err = load_safetensors(v3.config.init::<Ref>(&device), &v3.config, &[&path]).map(|_| ()).unwrap_err();
     std::fs::remove_file(&path).unwrap();
     assert!(err.to_string().contains(missing), "{err}");
 }
@@ -324,34 +223,21 @@ fn checkpoint_folders_generate_transformers_text() {
     let device = Default::default();
     for name in ALL {
         let fixture = Fixture::open(name);
-        let hf =
-            HfModel::<Ref>::open(folder(name), &device).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let hf = HfModel::<Ref>::open(folder(name), &device).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(hf.eos, [1], "{name}: eos_token_id");
         let bytes = std::fs::read(folder(name).join("reference.safetensors")).unwrap();
         let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
         let meta = meta.metadata().clone().expect("text metadata");
         let ids = hf.tokenizer.encode(&meta["text_prompt"]).unwrap();
-        let want: Vec<u32> = fixture
-            .i64("text_ids")
-            .1
-            .iter()
-            .map(|&t| t as u32)
-            .collect();
+        let want: Vec<u32> = fixture.i64("text_ids").1.iter().map(|&t| t as u32).collect();
         assert_eq!(ids, want, "{name}: encoding of {:?}", meta["text_prompt"]);
         let mut session = Session::new(&hf.model, &hf.config.mla, 64, Sampling::greedy(), &device);
         let mut stream = hf.tokenizer.stream();
         let mut streamed = String::new();
-        let out = session
-            .generate_until(&ids, 10, &hf.eos, |id| {
-                streamed.push_str(&stream.next(id).unwrap().unwrap_or_default())
-            })
-            .unwrap();
+        let out = session.generate_until(&ids, 10, &hf.eos, |id| streamed.push_str(&stream.next(id).unwrap().unwrap_or_default())).unwrap();
         let text = hf.tokenizer.decode(&out).unwrap();
         assert_eq!(text, meta["text_generated"], "{name}: generated text");
-        assert_eq!(
-            streamed, text,
-            "{name}: the stream's pieces join to the decoded text"
-        );
+        assert_eq!(streamed, text, "{name}: the stream's pieces join to the decoded text");
     }
 }
 
@@ -360,27 +246,10 @@ fn checkpoint_folders_generate_transformers_text() {
 #[test]
 fn bad_tokenizers_and_overlong_prompts_are_refused() {
     let path = folder("v3_yarn").join("tokenizer.json");
-    assert_eq!(
-        HfTokenizer::open(&path, 256).unwrap_err(),
-        TokenizerError::Vocabulary {
-            tokenizer: 128,
-            model: 256
-        }
-    );
-    assert_eq!(
-        HfTokenizer::open(&path, 100).unwrap_err(),
-        TokenizerError::Vocabulary {
-            tokenizer: 128,
-            model: 100
-        }
-    );
+    assert_eq!(HfTokenizer::open(&path, 256).unwrap_err(), TokenizerError::Vocabulary { tokenizer: 128, model: 256 });
+    assert_eq!(HfTokenizer::open(&path, 100).unwrap_err(), TokenizerError::Vocabulary { tokenizer: 128, model: 100 });
     let missing = folder("v3_yarn").join("no-tokenizer.json");
-    assert_eq!(
-        HfTokenizer::open(&missing, 128).unwrap_err(),
-        TokenizerError::Missing {
-            path: missing.clone()
-        }
-    );
+    assert_eq!(HfTokenizer::open(&missing, 128).unwrap_err(), TokenizerError::Missing { path: missing.clone() });
     assert_eq!(HfTokenizer::open(&path, 128).unwrap().vocab_size(), 128);
 
     let device = Default::default();
@@ -394,13 +263,6 @@ fn bad_tokenizers_and_overlong_prompts_are_refused() {
     assert!(session.is_empty(), "nothing was fed");
     let mut session = Session::new(&hf.model, &hf.config.mla, max, Sampling::greedy(), &device);
     let err = session.generate(&vec![5; max], 2).unwrap_err();
-    assert_eq!(
-        err,
-        CacheError::TooLong {
-            id: 0,
-            len: max + 1,
-            max
-        }
-    );
+    assert_eq!(err, CacheError::TooLong { id: 0, len: max + 1, max });
     assert!(session.is_empty(), "nothing was fed");
 }

@@ -31,35 +31,16 @@ fn requests(eos: u32) -> Vec<Request> {
 fn batch_equals_alone<B: MoeBackend>(device: &B::Device) {
     let hf = HfModel::<B>::open(fixture(), device).unwrap();
     let requests = requests(hf.eos[0]);
-    assert!(
-        requests[1].prompt.len() > PAGE_SIZE,
-        "one prompt spans two pages"
-    );
+    assert!(requests[1].prompt.len() > PAGE_SIZE, "one prompt spans two pages");
     let alone: Vec<Vec<u32>> = requests
         .iter()
-        .map(|r| {
-            Session::new(
-                &hf.model,
-                &hf.config.mla,
-                r.prompt.len() + r.max_tokens,
-                r.sampling,
-                device,
-            )
-            .generate_until(&r.prompt, r.max_tokens, &r.stop, |_| {})
-            .unwrap()
-        })
+        .map(|r| Session::new(&hf.model, &hf.config.mla, r.prompt.len() + r.max_tokens, r.sampling, device).generate_until(&r.prompt, r.max_tokens, &r.stop, |_| {}).unwrap())
         .collect();
 
     let pages = 8;
     let mut batch = Batch::new(&hf.model, &hf.config.mla, pages, device);
     let mut got: BTreeMap<u64, Vec<u32>> = BTreeMap::new();
-    let mut pending = requests
-        .iter()
-        .cloned()
-        .enumerate()
-        .map(|(i, r)| (i as u64, r))
-        .collect::<Vec<_>>()
-        .into_iter();
+    let mut pending = requests.iter().cloned().enumerate().map(|(i, r)| (i as u64, r)).collect::<Vec<_>>().into_iter();
     // Two join at once, one more after each step until all have joined: sequences of
     // different lengths and ages share every step.
     for (id, r) in pending.by_ref().take(2) {
@@ -79,17 +60,9 @@ fn batch_equals_alone<B: MoeBackend>(device: &B::Device) {
         assert!(steps < 100, "the batch does not drain");
     }
     for (i, want) in alone.iter().enumerate() {
-        assert_eq!(
-            &got[&(i as u64)],
-            want,
-            "sequence {i}: batched tokens against the same request alone"
-        );
+        assert_eq!(&got[&(i as u64)], want, "sequence {i}: batched tokens against the same request alone");
     }
-    assert_eq!(
-        batch.free_pages(),
-        pages,
-        "finished sequences freed their pages"
-    );
+    assert_eq!(batch.free_pages(), pages, "finished sequences freed their pages");
 }
 
 #[test]
@@ -109,43 +82,16 @@ fn bad_requests_are_refused_before_anything_is_fed() {
     let max = hf.config.mla.max_seq_len;
     let mut batch = Batch::new(&hf.model, &hf.config.mla, 2, &device);
     batch.join(1, Request::greedy(vec![5; 3], 4)).unwrap();
-    assert_eq!(
-        batch.join(1, Request::greedy(vec![5; 3], 4)).unwrap_err(),
-        CacheError::DuplicateSequence { id: 1 }
-    );
-    assert_eq!(
-        batch.join(2, Request::greedy(vec![5; 3], max)).unwrap_err(),
-        CacheError::TooLong {
-            id: 2,
-            len: max + 2,
-            max
-        }
-    );
-    assert_eq!(
-        batch
-            .join(3, Request::greedy(vec![5; 2 * PAGE_SIZE], 1))
-            .unwrap_err(),
-        CacheError::Full { needed: 2, free: 1 }
-    );
-    assert_eq!(
-        batch.leave(9).unwrap_err(),
-        CacheError::UnknownSequence { id: 9 }
-    );
-    assert_eq!(
-        (batch.len(), batch.free_pages()),
-        (1, 1),
-        "the refused requests changed nothing"
-    );
+    assert_eq!(batch.join(1, Request::greedy(vec![5; 3], 4)).unwrap_err(), CacheError::DuplicateSequence { id: 1 });
+    assert_eq!(batch.join(2, Request::greedy(vec![5; 3], max)).unwrap_err(), CacheError::TooLong { id: 2, len: max + 2, max });
+    assert_eq!(batch.join(3, Request::greedy(vec![5; 2 * PAGE_SIZE], 1)).unwrap_err(), CacheError::Full { needed: 2, free: 1 });
+    assert_eq!(batch.leave(9).unwrap_err(), CacheError::UnknownSequence { id: 9 });
+    assert_eq!((batch.len(), batch.free_pages()), (1, 1), "the refused requests changed nothing");
     // A sequence that fills its page needs a new one at the next step: refused when none
     // is free, and the step goes on once a sequence leaves.
-    batch
-        .join(4, Request::greedy(vec![7; PAGE_SIZE], 3))
-        .unwrap();
+    batch.join(4, Request::greedy(vec![7; PAGE_SIZE], 3)).unwrap();
     assert_eq!(batch.free_pages(), 0);
-    assert_eq!(
-        batch.step().unwrap_err(),
-        CacheError::Full { needed: 1, free: 0 }
-    );
+    assert_eq!(batch.step().unwrap_err(), CacheError::Full { needed: 1, free: 0 });
     batch.leave(1).unwrap();
     let drawn = batch.step().unwrap();
     assert_eq!(drawn.iter().map(|d| d.seq).collect::<Vec<_>>(), [4]);
@@ -159,11 +105,7 @@ fn joined_together_equals_alone<B: MoeBackend>(device: &B::Device) {
     let requests = requests(hf.eos[0]);
     let alone: Vec<Vec<u32>> = requests
         .iter()
-        .map(|r| {
-            Session::new(&hf.model, &hf.config.mla, r.prompt.len() + r.max_tokens, r.sampling, device)
-                .generate_until(&r.prompt, r.max_tokens, &r.stop, |_| {})
-                .unwrap()
-        })
+        .map(|r| Session::new(&hf.model, &hf.config.mla, r.prompt.len() + r.max_tokens, r.sampling, device).generate_until(&r.prompt, r.max_tokens, &r.stop, |_| {}).unwrap())
         .collect();
     let mut batch = Batch::new(&hf.model, &hf.config.mla, 8, device);
     let twice = vec![(1, requests[0].clone()), (1, requests[1].clone())];

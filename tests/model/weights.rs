@@ -91,7 +91,11 @@ fn released_formats_load_to_their_values() {
         } else {
             (k.clone(), Dtype::F32, shape.clone(), values.iter().flat_map(|v| v.to_le_bytes()).collect())
         };
-        if i % 2 == 0 { shard_a.push(entry) } else { shard_b.push(entry) }
+        if i % 2 == 0 {
+            shard_a.push(entry)
+        } else {
+            shard_b.push(entry)
+        }
     }
     shard_b.push((fp8_key.clone(), Dtype::F8_E4M3, vec![64, 128], codes.clone()));
     // 128 columns in one block column here, so one scale per 128×128 block: [1, 1].

@@ -18,7 +18,10 @@ pub fn wgpu_device() -> burn::backend::wgpu::WgpuDevice {
 
 /// `MOE_TEST_SEED`, or else the FNV-1a hash of `test`'s name.
 pub fn seed(test: &str) -> u64 {
-    std::env::var("MOE_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| test.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)))
+    std::env::var("MOE_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| test.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)))
 }
 
 /// Seeded xorshift. The seed comes from `MOE_TEST_SEED` or, by default, from the test's
@@ -57,13 +60,14 @@ impl Rng {
     }
     /// `n` values uniform in [-2, 2), none zero.
     pub fn values(&mut self, n: usize) -> Vec<f32> {
-        (0..n).map(|_| loop {
-            let v = self.uniform();
-            if v != 0.0 {
-                break v;
-            }
-        })
-        .collect()
+        (0..n)
+            .map(|_| loop {
+                let v = self.uniform();
+                if v != 0.0 {
+                    break v;
+                }
+            })
+            .collect()
     }
 }
 

@@ -64,14 +64,7 @@ impl Inputs {
         }
         let mut counts = vec![0i64; c.e];
         indices.iter().for_each(|&i| counts[i as usize] += 1);
-        Self {
-            indices,
-            counts,
-            x: rng.values(c.t * c.d),
-            w: rng.values(c.e * c.d * c.n),
-            gates: rng.values(c.t * c.k),
-            dy: rng.values(c.t * c.n),
-        }
+        Self { indices, counts, x: rng.values(c.t * c.d), w: rng.values(c.e * c.d * c.n), gates: rng.values(c.t * c.k), dy: rng.values(c.t * c.n) }
     }
 }
 
@@ -94,11 +87,14 @@ fn expected(c: &Case, inp: &Inputs, abs: bool) -> Expected {
     let mut offsets = vec![0i64; c.e + 1];
     (0..c.e).for_each(|e| offsets[e + 1] = offsets[e] + inp.counts[e]);
     let mut seen = vec![0i64; c.e];
-    let positions: Vec<i64> = inp.indices.iter().map(|&e| {
-        seen[e as usize] += 1;
-        offsets[e as usize] + seen[e as usize] - 1
-    })
-    .collect();
+    let positions: Vec<i64> = inp
+        .indices
+        .iter()
+        .map(|&e| {
+            seen[e as usize] += 1;
+            offsets[e as usize] + seen[e as usize] - 1
+        })
+        .collect();
     let (mut rows, mut hidden) = (vec![0.0; s_total * d], vec![0.0; s_total * n]);
     let (mut y, mut dx, mut dw, mut dgates) = (vec![0.0; c.t * n], vec![0.0; c.t * d], vec![0.0; c.e * d * n], vec![0.0; s_total]);
     for s in 0..s_total {
@@ -162,11 +158,7 @@ fn check_forward<B: MoeBackend>(backend: &str, device: &B::Device) {
 
         // The backward building blocks, reached directly: the weighted gather (combine's
         // adjoint) and the gate gradient.
-        let prim = PlanPrimitive::<B> {
-            positions: plan.positions().into_primitive(),
-            row_slots: plan.row_slots().into_primitive(),
-            offsets: plan.offsets().into_primitive(),
-        };
+        let prim = PlanPrimitive::<B> { positions: plan.positions().into_primitive(), row_slots: plan.row_slots().into_primitive(), offsets: plan.offsets().into_primitive() };
         let dy = float::<B, 2>(&inp.dy, [c.t, c.n], device);
         poison::<B>(s * c.n, device);
         let gathered = B::moe_gather(dy.clone().into_primitive().tensor(), prim.clone(), c.k, Some(float::<B, 1>(&inp.gates, [s], device).into_primitive().tensor()));

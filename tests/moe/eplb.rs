@@ -32,8 +32,8 @@ fn replicas_balance_skewed_loads_globally_and_hierarchically() {
     for (logical, config) in [
         (64, EplbConfig { physical_experts: 80, groups: 1, nodes: 1, gpus: 8 }),
         (64, EplbConfig { physical_experts: 80, groups: 8, nodes: 2, gpus: 8 }),
-        (48, EplbConfig { physical_experts: 56, groups: 6, nodes: 4, gpus: 8 }), // 4 ∤ 6: global
-        (64, EplbConfig { physical_experts: 64, groups: 8, nodes: 4, gpus: 8 }), // no spare slots
+        (48, EplbConfig { physical_experts: 56, groups: 6, nodes: 4, gpus: 8 }),    // 4 ∤ 6: global
+        (64, EplbConfig { physical_experts: 64, groups: 8, nodes: 4, gpus: 8 }),    // no spare slots
         (256, EplbConfig { physical_experts: 288, groups: 8, nodes: 4, gpus: 32 }), // DeepSeek-V3's 256 experts
     ] {
         let load = skewed(&mut rng, logical);

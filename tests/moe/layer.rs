@@ -231,10 +231,13 @@ fn no_tokens_and_named_errors() {
     assert!(m.contains("[1, 2, 32]") && m.contains("d_model = 64"), "{m}");
 }
 
-
 /// `dst` with the parameters of `src` (read through the host), bias included.
 pub fn copy<A: AutodiffBackend, B: AutodiffBackend>(src: &Moe<A>, dst: Moe<B>, device: &B::Device) -> Moe<B> {
-    fn p<A: AutodiffBackend, B: AutodiffBackend, const D: usize>(s: &burn::module::Param<Tensor<A, D>>, d: burn::module::Param<Tensor<B, D>>, device: &B::Device) -> burn::module::Param<Tensor<B, D>> {
+    fn p<A: AutodiffBackend, B: AutodiffBackend, const D: usize>(
+        s: &burn::module::Param<Tensor<A, D>>,
+        d: burn::module::Param<Tensor<B, D>>,
+        device: &B::Device,
+    ) -> burn::module::Param<Tensor<B, D>> {
         let data = s.val().into_data();
         d.map(|_| Tensor::from_data(data, device).require_grad())
     }

@@ -141,12 +141,7 @@ fn decode_op_matches_f64_attention_over_pages() {
     let mut rng = Rng::new("decode_op_matches_f64_attention_over_pages");
     // (heads, width, kv_lora, lens): tiny dims; a group of heads with a tail (12 = 8 + 4);
     // DeepSeek-V3's 576/512 with 16 heads; lengths 1, page edges 63/64/65, several pages.
-    let cases: [(usize, usize, usize, &[usize]); 4] = [
-        (4, 40, 32, &[1, 5, 64]),
-        (12, 40, 32, &[63, 65, 130, 1]),
-        (16, 576, 512, &[200, 1, 64]),
-        (1, 72, 64, &[300]),
-    ];
+    let cases: [(usize, usize, usize, &[usize]); 4] = [(4, 40, 32, &[1, 5, 64]), (12, 40, 32, &[63, 65, 130, 1]), (16, 576, 512, &[200, 1, 64]), (1, 72, 64, &[300])];
     for (heads, width, kv_lora, lens) in cases {
         let p = Paged::new(&mut rng, heads, width, kv_lora, lens);
         let exact = p.exact();

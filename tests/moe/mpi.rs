@@ -17,20 +17,14 @@ use burn_moe::eplb::Placement;
 use burn_moe::Moe;
 
 use crate::common::{mpi_workers, Rng};
-use crate::ep::{
-    compare, config, ep_rank, gather_reduce_rank, inputs, random_splits, single_device,
-    stamped_rank, Ad, Run,
-};
+use crate::ep::{compare, config, ep_rank, gather_reduce_rank, inputs, random_splits, single_device, stamped_rank, Ad, Run};
 
 /// Runs the worker test `worker` as `ranks` MPI processes: whether `mpirun` succeeded,
 /// what the ranks printed and how long the job took; a hang fails the test.
 fn mpirun(ranks: usize, worker: &str, limit: Duration) -> (bool, String, Duration) {
     match mpi_workers(ranks, worker, limit) {
         Ok(job) => (job.success, job.output, job.elapsed),
-        Err(job) => panic!(
-            "{worker} on {ranks} processes hung past {limit:?}:\n{}",
-            job.output
-        ),
+        Err(job) => panic!("{worker} on {ranks} processes hung past {limit:?}:\n{}", job.output),
     }
 }
 
@@ -38,10 +32,7 @@ fn assert_all_ranks_ok(ranks: usize, worker: &str) {
     let (ok, text, _) = mpirun(ranks, worker, Duration::from_secs(300));
     assert!(ok, "{worker} on {ranks} processes failed:\n{text}");
     for r in 0..ranks {
-        assert!(
-            text.contains(&format!("rank {r} of {ranks}: ok")),
-            "{worker}: rank {r} did not finish:\n{text}"
-        );
+        assert!(text.contains(&format!("rank {r} of {ranks}: ok")), "{worker}: rank {r} did not finish:\n{text}");
     }
 }
 
@@ -63,15 +54,9 @@ fn expert_parallel_layer_across_mpi_processes_equals_single_device() {
 fn a_stalled_process_is_named_within_the_timeout() {
     let (ok, text, elapsed) = mpirun(3, "mpi_worker_stall", Duration::from_secs(120));
     assert!(!ok, "the job succeeded with a stalled rank:\n{text}");
-    assert!(
-        text.contains("for ranks [1]"),
-        "no rank named the stalled rank 1:\n{text}"
-    );
+    assert!(text.contains("for ranks [1]"), "no rank named the stalled rank 1:\n{text}");
     // The timeout is 2 s; rank 1 sleeps 30 s: the job ended by the timeout, not the sleep.
-    assert!(
-        elapsed < Duration::from_secs(25),
-        "took {elapsed:?}:\n{text}"
-    );
+    assert!(elapsed < Duration::from_secs(25), "took {elapsed:?}:\n{text}");
 }
 
 #[test]
@@ -80,14 +65,8 @@ fn a_killed_process_ends_the_job_naming_it() {
     assert!(!ok, "the job succeeded with a killed rank:\n{text}");
     // mpirun reports the dead process itself ("process rank 1 ... exited on signal"), or
     // a rank's timeout names it.
-    assert!(
-        text.contains("rank 1 ") || text.contains("for ranks [1]"),
-        "rank 1 not named:\n{text}"
-    );
-    assert!(
-        elapsed < Duration::from_secs(25),
-        "took {elapsed:?}:\n{text}"
-    );
+    assert!(text.contains("rank 1 ") || text.contains("for ranks [1]"), "rank 1 not named:\n{text}");
+    assert!(elapsed < Duration::from_secs(25), "took {elapsed:?}:\n{text}");
 }
 
 #[cfg(feature = "nccl")]
@@ -101,10 +80,7 @@ fn nccl_across_mpi_processes_moves_cuda_tensors_or_fails_on_every_rank() {
     let refused = (0..2).all(|r| text.contains(&format!("rank {r} of 2: nccl unavailable")));
     assert!(moved || refused, "the ranks disagree on NCCL:\n{text}");
     if refused {
-        assert!(
-            text.contains("nccl init") && (text.contains("CUDA") || text.contains("NCCL")),
-            "the error does not say what is missing:\n{text}"
-        );
+        assert!(text.contains("nccl init") && (text.contains("CUDA") || text.contains("NCCL")), "the error does not say what is missing:\n{text}");
         eprintln!("NCCL is not usable here; the ranks reported:\n{text}");
     }
 }
@@ -123,12 +99,7 @@ fn mpi_worker_nccl() {
                 let mut rng = Rng::new("mpi_worker_nccl");
                 for _ in 0..3 {
                     stamped_rank::<Gpu>(&comm, &gpu, &random_splits(&mut rng, world), None)?;
-                    stamped_rank::<Gpu>(
-                        &comm,
-                        &gpu,
-                        &random_splits(&mut rng, world),
-                        Some(QuantConfig::activation()),
-                    )?;
+                    stamped_rank::<Gpu>(&comm, &gpu, &random_splits(&mut rng, world), Some(QuantConfig::activation()))?;
                 }
                 gather_reduce_rank(&comm)?;
                 println!("rank {rank} of {world}: nccl ok");
@@ -152,18 +123,8 @@ fn mpi_worker_collectives() {
         let device = Default::default();
         for _ in 0..3 {
             // The same draws on every process: the same splits.
-            stamped_rank::<Ad>(
-                &comm,
-                &device,
-                &random_splits(&mut rng, comm.world_size()),
-                None,
-            )?;
-            stamped_rank::<Ad>(
-                &comm,
-                &device,
-                &random_splits(&mut rng, comm.world_size()),
-                Some(QuantConfig::activation()),
-            )?;
+            stamped_rank::<Ad>(&comm, &device, &random_splits(&mut rng, comm.world_size()), None)?;
+            stamped_rank::<Ad>(&comm, &device, &random_splits(&mut rng, comm.world_size()), Some(QuantConfig::activation()))?;
         }
         let nothing = vec![vec![0; comm.world_size()]; comm.world_size()];
         stamped_rank::<Ad>(&comm, &device, &nothing, None)?;
@@ -174,32 +135,14 @@ fn mpi_worker_collectives() {
     .unwrap();
 }
 
-type RunParts = (
-    Vec<f32>,
-    Vec<f32>,
-    Vec<i64>,
-    f32,
-    Vec<f32>,
-    Vec<f32>,
-    Vec<Vec<f32>>,
-);
+type RunParts = (Vec<f32>, Vec<f32>, Vec<i64>, f32, Vec<f32>, Vec<f32>, Vec<Vec<f32>>);
 
 fn parts(r: Run) -> RunParts {
-    (
-        r.output, r.dx, r.counts, r.balance, r.gate, r.shared, r.experts,
-    )
+    (r.output, r.dx, r.counts, r.balance, r.gate, r.shared, r.experts)
 }
 
 fn run((output, dx, counts, balance, gate, shared, experts): RunParts) -> Run {
-    Run {
-        output,
-        dx,
-        counts,
-        balance,
-        gate,
-        shared,
-        experts,
-    }
+    Run { output, dx, counts, balance, gate, shared, experts }
 }
 
 #[test]
@@ -213,36 +156,13 @@ fn mpi_worker_ep_layer() {
         Ad::seed(&device, rng.next());
         let moe: Moe<Ad> = config().init(&device);
         // With 4 ranks, one rank has no tokens.
-        let batches = if world == 4 {
-            vec![1, 2, 0, 1]
-        } else {
-            vec![1; world]
-        };
+        let batches = if world == 4 { vec![1, 2, 0, 1] } else { vec![1; world] };
         let data = inputs(&mut rng, &batches, 4, 64);
         let placement = Placement::identity(16, world);
-        let mine = ep_rank(
-            &moe,
-            &placement,
-            &data[comm.rank()],
-            4,
-            None,
-            &comm,
-            &device,
-        )?;
-        let ranks: Vec<Run> = comm
-            .all_gather_host("runs", parts(mine))?
-            .into_iter()
-            .map(run)
-            .collect();
+        let mine = ep_rank(&moe, &placement, &data[comm.rank()], 4, None, &comm, &device)?;
+        let ranks: Vec<Run> = comm.all_gather_host("runs", parts(mine))?.into_iter().map(run).collect();
         let single = single_device(&moe, &data, 4);
-        compare(
-            &format!("{world} MPI processes"),
-            &single,
-            &ranks,
-            &placement,
-            1e-5,
-            [1e-5; 3],
-        );
+        compare(&format!("{world} MPI processes"), &single, &ranks, &placement, 1e-5, [1e-5; 3]);
         done(&comm);
         Ok::<_, EpError>(())
     })

@@ -6,7 +6,7 @@
 use burn::tensor::{backend::Backend, Distribution, Int, Tensor, TensorData};
 use burn_moe::router::{expert_counts, route, route_host, scores, update_bias, GroupScore, RouterConfig, RouterError, ScoreFn};
 
-use crate::common::{host, host_int, Ref, Rng, Cube};
+use crate::common::{host, host_int, Cube, Ref, Rng};
 
 /// Routes on backend `B` and compares with the host router fed the same device scores.
 fn check<B: Backend>(what: &str, config: &RouterConfig, logits: &[f32], bias: Option<&[f32]>, t: usize, device: &B::Device) {
@@ -33,16 +33,7 @@ fn check<B: Backend>(what: &str, config: &RouterConfig, logits: &[f32], bias: Op
 /// Configs covering every rule: V3 at full width, the tiny preset, V2 (softmax, max group
 /// score), V2-Lite (softmax, no groups, unnormalized), k = 1, k = every expert.
 fn configs() -> Vec<(&'static str, RouterConfig)> {
-    let v2 = RouterConfig {
-        n_experts: 32,
-        top_k: 6,
-        n_groups: 4,
-        topk_groups: 3,
-        score_fn: ScoreFn::Softmax,
-        group_score: GroupScore::Max,
-        normalize: false,
-        route_scale: 16.0,
-    };
+    let v2 = RouterConfig { n_experts: 32, top_k: 6, n_groups: 4, topk_groups: 3, score_fn: ScoreFn::Softmax, group_score: GroupScore::Max, normalize: false, route_scale: 16.0 };
     vec![
         ("deepseek-v3", RouterConfig::deepseek_v3()),
         ("tiny", RouterConfig::tiny()),

@@ -90,24 +90,17 @@ pub(crate) struct Transfer {
 /// This rank's GPU context and NCCL stream, and on rank 0 the NCCL id; a missing CUDA
 /// driver or NCCL library is an error, not a panic.
 #[allow(clippy::type_complexity)]
-fn open(
-    device: &CudaDevice,
-    make_id: bool,
-) -> Result<(Arc<CudaContext>, Arc<CudaStream>, Option<Vec<i8>>), String> {
+fn open(device: &CudaDevice, make_id: bool) -> Result<(Arc<CudaContext>, Arc<CudaStream>, Option<Vec<i8>>), String> {
     // SAFETY: only looks for the driver library.
     if !unsafe { cu::is_culib_present() } {
         return Err("no CUDA driver (libcuda) on this machine".into());
     }
     // cudarc panics where a library cannot be loaded: that becomes this rank's error.
     std::panic::catch_unwind(|| {
-        let ctx = CudaContext::new(device.index)
-            .map_err(|e| format!("CUDA device {} did not open: {e:?}", device.index))?;
-        let stream = ctx
-            .new_stream()
-            .map_err(|e| format!("no CUDA stream on device {}: {e:?}", device.index))?;
+        let ctx = CudaContext::new(device.index).map_err(|e| format!("CUDA device {} did not open: {e:?}", device.index))?;
+        let stream = ctx.new_stream().map_err(|e| format!("no CUDA stream on device {}: {e:?}", device.index))?;
         let id = if make_id {
-            let id =
-                result::get_uniqueid().map_err(|e| format!("ncclGetUniqueId failed: {e:?}"))?;
+            let id = result::get_uniqueid().map_err(|e| format!("ncclGetUniqueId failed: {e:?}"))?;
             // `c_char` is `i8` here and `u8` on other targets: the cast is no-op only here.
             #[allow(clippy::unnecessary_cast)]
             Some(id.internal.iter().map(|&c| c as i8).collect())
@@ -116,12 +109,7 @@ fn open(
         };
         Ok((ctx, stream, id))
     })
-    .unwrap_or_else(|panic| {
-        Err(format!(
-            "NCCL or CUDA unavailable: {}",
-            crate::panic_message(&*panic)
-        ))
-    })
+    .unwrap_or_else(|panic| Err(format!("NCCL or CUDA unavailable: {}", crate::panic_message(&*panic))))
 }
 
 impl Nccl {
@@ -139,62 +127,26 @@ impl Nccl {
             Err(e) => (None, Err(e)),
         };
         let reports: Vec<Result<Option<Vec<i8>>, String>> = host.all_gather_host(op, report)?;
-        if let Some((r, e)) = reports
-            .iter()
-            .enumerate()
-            .find_map(|(r, rep)| rep.as_ref().err().map(|e| (r, e)))
-        {
-            return Err(CommError::Engine {
-                rank: host.global_rank(host.rank()),
-                op,
-                detail: format!("rank {}: {e}", host.global_rank(r)),
-            });
+        if let Some((r, e)) = reports.iter().enumerate().find_map(|(r, rep)| rep.as_ref().err().map(|e| (r, e))) {
+            return Err(CommError::Engine { rank: host.global_rank(host.rank()), op, detail: format!("rank {}: {e}", host.global_rank(r)) });
         }
         let (ctx, stream) = setup.expect("no rank failed");
-        let bytes = reports[0]
-            .clone()
-            .ok()
-            .flatten()
-            .expect("rank 0 sends the id");
+        let bytes = reports[0].clone().ok().flatten().expect("rank 0 sends the id");
         let mut internal = [0 as core::ffi::c_char; 128];
         for (dst, src) in internal.iter_mut().zip(&bytes) {
             *dst = *src as core::ffi::c_char;
         }
-        let engine = |detail: String| CommError::Engine {
-            rank: host.global_rank(host.rank()),
-            op,
-            detail,
-        };
-        ctx.bind_to_thread()
-            .map_err(|e| engine(format!("CUDA context of device {}: {e:?}", device.index)))?;
+        let engine = |detail: String| CommError::Engine { rank: host.global_rank(host.rank()), op, detail };
+        ctx.bind_to_thread().map_err(|e| engine(format!("CUDA context of device {}: {e:?}", device.index)))?;
         let mut comm = std::mem::MaybeUninit::uninit();
         // SAFETY: `comm` is written by NCCL on success; the id is rank 0's.
         let comm = unsafe {
-            result::comm_init_rank(
-                comm.as_mut_ptr(),
-                host.world_size() as i32,
-                sys::ncclUniqueId { internal },
-                host.rank() as i32,
-            )
-            .map_err(|e| {
-                engine(format!(
-                    "ncclCommInitRank (rank {} of {}, GPU {}) failed: {e:?}; NCCL needs one GPU per rank",
-                    host.rank(),
-                    host.world_size(),
-                    device.index
-                ))
+            result::comm_init_rank(comm.as_mut_ptr(), host.world_size() as i32, sys::ncclUniqueId { internal }, host.rank() as i32).map_err(|e| {
+                engine(format!("ncclCommInitRank (rank {} of {}, GPU {}) failed: {e:?}; NCCL needs one GPU per rank", host.rank(), host.world_size(), device.index))
             })?;
             comm.assume_init()
         };
-        Ok(Nccl {
-            comm: Handle(comm, AtomicBool::new(false)),
-            stream,
-            ctx,
-            rank: host.rank(),
-            size: host.world_size(),
-            timeout: host.timeout(),
-            lock: Mutex::new(()),
-        })
+        Ok(Nccl { comm: Handle(comm, AtomicBool::new(false)), stream, ctx, rank: host.rank(), size: host.world_size(), timeout: host.timeout(), lock: Mutex::new(()) })
     }
 
     /// The GPU this communicator runs on.
@@ -208,81 +160,40 @@ impl Nccl {
     ///
     /// The caller keeps the buffers alive until this returns and has synchronised the
     /// stream that wrote the sent buffers.
-    pub(crate) fn group(
-        &self,
-        op: &'static str,
-        sends: &[Transfer],
-        recvs: &[Transfer],
-        global: impl Fn(usize) -> usize,
-    ) -> Result<(), CommError> {
+    pub(crate) fn group(&self, op: &'static str, sends: &[Transfer], recvs: &[Transfer], global: impl Fn(usize) -> usize) -> Result<(), CommError> {
         let me = global(self.rank);
-        let failed = |what: &str, e: String| CommError::Engine {
-            rank: me,
-            op,
-            detail: format!("{what}: {e}"),
-        };
+        let failed = |what: &str, e: String| CommError::Engine { rank: me, op, detail: format!("{what}: {e}") };
         for t in sends.iter().chain(recvs) {
-            assert!(
-                t.peer < self.size && t.peer != self.rank,
-                "NCCL transfers go to other ranks"
-            );
+            assert!(t.peer < self.size && t.peer != self.rank, "NCCL transfers go to other ranks");
         }
         let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         if self.comm.1.load(Ordering::Acquire) {
-            return Err(failed(
-                "NCCL",
-                "the communicator was aborted by an earlier failure".into(),
-            ));
+            return Err(failed("NCCL", "the communicator was aborted by an earlier failure".into()));
         }
-        self.ctx
-            .bind_to_thread()
-            .map_err(|e| failed("CUDA context", format!("{e:?}")))?;
+        self.ctx.bind_to_thread().map_err(|e| failed("CUDA context", format!("{e:?}")))?;
         let stream = self.stream.cu_stream() as sys::cudaStream_t;
         result::group_start().map_err(|e| failed("ncclGroupStart", format!("{e:?}")))?;
         // One post per transfer with bytes: sends, then receives; the first failure stops.
-        let posted = sends
-            .iter()
-            .map(|t| (t, true))
-            .chain(recvs.iter().map(|t| (t, false)))
-            .filter(|(t, _)| t.bytes > 0)
-            .try_for_each(|(t, send)| {
-                // SAFETY: `ptr` addresses `bytes` live device bytes of this GPU, writable
-                // for a receive (the caller's contract).
-                let r = unsafe {
-                    if send {
-                        result::send(
-                            t.ptr as *const core::ffi::c_void,
-                            t.bytes,
-                            sys::ncclDataType_t::ncclUint8,
-                            t.peer as i32,
-                            self.comm.0,
-                            stream,
-                        )
-                    } else {
-                        result::recv(
-                            t.ptr as *mut core::ffi::c_void,
-                            t.bytes,
-                            sys::ncclDataType_t::ncclUint8,
-                            t.peer as i32,
-                            self.comm.0,
-                            stream,
-                        )
-                    }
-                };
-                r.map(|_| ()).map_err(|e| {
-                    let what = if send { "ncclSend to" } else { "ncclRecv from" };
-                    failed(&format!("{what} rank {}", global(t.peer)), format!("{e:?}"))
-                })
-            });
+        let posted = sends.iter().map(|t| (t, true)).chain(recvs.iter().map(|t| (t, false))).filter(|(t, _)| t.bytes > 0).try_for_each(|(t, send)| {
+            // SAFETY: `ptr` addresses `bytes` live device bytes of this GPU, writable
+            // for a receive (the caller's contract).
+            let r = unsafe {
+                if send {
+                    result::send(t.ptr as *const core::ffi::c_void, t.bytes, sys::ncclDataType_t::ncclUint8, t.peer as i32, self.comm.0, stream)
+                } else {
+                    result::recv(t.ptr as *mut core::ffi::c_void, t.bytes, sys::ncclDataType_t::ncclUint8, t.peer as i32, self.comm.0, stream)
+                }
+            };
+            r.map(|_| ()).map_err(|e| {
+                let what = if send { "ncclSend to" } else { "ncclRecv from" };
+                failed(&format!("{what} rank {}", global(t.peer)), format!("{e:?}"))
+            })
+        });
         // The group is closed also after a failed post, so NCCL's group depth stays right.
         let ended = result::group_end().map_err(|e| failed("ncclGroupEnd", format!("{e:?}")));
         posted?;
         ended?;
-        self.wait(
-            op,
-            sends.iter().chain(recvs).map(|t| global(t.peer)).collect(),
-            me,
-        )
+        self.wait(op, sends.iter().chain(recvs).map(|t| global(t.peer)).collect(), me)
     }
 
     /// Polls the engine's stream until it is idle, an NCCL error is reported, or the
@@ -294,35 +205,20 @@ impl Nccl {
             match unsafe { cu::cuStreamQuery(self.stream.cu_stream()) } {
                 cu::CUresult::CUDA_SUCCESS => return Ok(()),
                 cu::CUresult::CUDA_ERROR_NOT_READY => {}
-                other => {
-                    return Err(CommError::Engine {
-                        rank: me,
-                        op,
-                        detail: format!("the NCCL stream failed: {other:?}"),
-                    })
-                }
+                other => return Err(CommError::Engine { rank: me, op, detail: format!("the NCCL stream failed: {other:?}") }),
             }
             let mut async_error = sys::ncclResult_t::ncclSuccess;
             // SAFETY: a live communicator and a valid out pointer.
             unsafe { sys::ncclCommGetAsyncError(self.comm.0, &mut async_error) };
             if async_error != sys::ncclResult_t::ncclSuccess {
                 self.comm.abort();
-                return Err(CommError::Engine {
-                    rank: me,
-                    op,
-                    detail: format!("NCCL reported {async_error:?}"),
-                });
+                return Err(CommError::Engine { rank: me, op, detail: format!("NCCL reported {async_error:?}") });
             }
             if start.elapsed() > self.timeout {
                 self.comm.abort();
                 peers.sort_unstable();
                 peers.dedup();
-                return Err(CommError::Timeout {
-                    rank: me,
-                    op,
-                    missing: peers,
-                    after: self.timeout,
-                });
+                return Err(CommError::Timeout { rank: me, op, missing: peers, after: self.timeout });
             }
             std::thread::sleep(Duration::from_micros(50));
         }

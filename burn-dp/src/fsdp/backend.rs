@@ -10,10 +10,7 @@
 
 use crate::collective::{all_gather, all_reduce, reduce_scatter};
 use burn::backend::autodiff::{
-    checkpoint::{
-        base::Checkpointer, retro_forward::RetroForward, state::BackwardStates,
-        strategy::CheckpointStrategy,
-    },
+    checkpoint::{base::Checkpointer, retro_forward::RetroForward, state::BackwardStates, strategy::CheckpointStrategy},
     grads::Gradients,
     ops::{Backward, Ops, OpsKind},
     Autodiff, NodeId,
@@ -66,16 +63,9 @@ impl Shards {
     ///
     /// # Shapes
     /// - shard: `[own_len]` → `[offsets[i + 1] - offsets[i]]` for each piece `i`
-    pub fn gather_pieces<B: Backend>(
-        &self,
-        shard: Tensor<B, 1>,
-        offsets: &[usize],
-    ) -> Result<Vec<Tensor<B, 1>>, CommError> {
+    pub fn gather_pieces<B: Backend>(&self, shard: Tensor<B, 1>, offsets: &[usize]) -> Result<Vec<Tensor<B, 1>>, CommError> {
         let full = self.gather(shard)?;
-        Ok(offsets
-            .windows(2)
-            .map(|w| full.clone().slice([w[0]..w[1]]))
-            .collect())
+        Ok(offsets.windows(2).map(|w| full.clone().slice([w[0]..w[1]])).collect())
     }
 
     /// This rank's shard of the sum over every data-parallel rank of `full` divided by
@@ -106,27 +96,16 @@ pub trait FsdpBackend: Backend {
     ///
     /// # Errors
     /// A failed or stalled rank; a shard of another length than its range.
-    fn fsdp_gather(
-        shard: FloatTensor<Self>,
-        shards: &Shards,
-        offsets: &[usize],
-    ) -> Result<Vec<FloatTensor<Self>>, CommError> {
+    fn fsdp_gather(shard: FloatTensor<Self>, shards: &Shards, offsets: &[usize]) -> Result<Vec<FloatTensor<Self>>, CommError> {
         let shard = Tensor::<Self, 1>::from_primitive(TensorPrimitive::Float(shard));
-        Ok(shards
-            .gather_pieces(shard, offsets)?
-            .into_iter()
-            .map(|p| p.into_primitive().tensor())
-            .collect())
+        Ok(shards.gather_pieces(shard, offsets)?.into_iter().map(|p| p.into_primitive().tensor()).collect())
     }
 }
 
 /// Unwinds out of a backward step (which cannot return errors) with the collective's
 /// error itself, which `burn_comm::launch` reports as this rank's result.
 fn unwind(what: &str, shards: &Shards, e: CommError) -> ! {
-    eprintln!(
-        "FSDP {what} on rank {}: {e}",
-        shards.comm.global_rank(shards.comm.rank())
-    );
+    eprintln!("FSDP {what} on rank {}: {e}", shards.comm.global_rank(shards.comm.rank()));
     std::panic::panic_any(e)
 }
 
@@ -153,12 +132,7 @@ struct GatherState<B: Backend> {
 impl<B: Backend> Backward<B, 1> for GatherBackward {
     type State = GatherState<B>;
 
-    fn backward(
-        self,
-        ops: Ops<Self::State, 1>,
-        grads: &mut Gradients,
-        _checkpointer: &mut Checkpointer,
-    ) {
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
         let [shard_node] = ops.parents.map(|p| p.map(|p| p.id));
         let s = ops.state;
         let slots = std::mem::take(&mut *s.slots.lock().expect("FSDP gradient slots"));
@@ -173,10 +147,7 @@ impl<B: Backend> Backward<B, 1> for GatherBackward {
             .collect();
         let full = crate::layout::flat(parts, &s.device);
         // Every rank takes part, whether or not its shard needs a gradient.
-        let mine = s
-            .shards
-            .reduce_mean(full)
-            .unwrap_or_else(|e| unwind("gradient reduce-scatter", &s.shards, e));
+        let mine = s.shards.reduce_mean(full).unwrap_or_else(|e| unwind("gradient reduce-scatter", &s.shards, e));
         if let Some(id) = shard_node {
             grads.register::<B>(id, mine.into_primitive().tensor());
         }
@@ -196,12 +167,7 @@ struct PieceState<B: Backend> {
 impl<B: Backend> Backward<B, 1> for PieceBackward {
     type State = PieceState<B>;
 
-    fn backward(
-        self,
-        ops: Ops<Self::State, 1>,
-        grads: &mut Gradients,
-        _checkpointer: &mut Checkpointer,
-    ) {
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
         let g = grads.consume::<B>(&ops.node);
         ops.state.slots.lock().expect("FSDP gradient slots")[ops.state.index] = Some(g);
     }
@@ -220,10 +186,7 @@ impl<B: Backend> RetroForward for RetroGather<B> {
     fn forward(&self, states: &mut BackwardStates, out_node: NodeId) {
         let shard = states.get_state::<FloatTensor<B>>(&self.shard);
         let shard = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(shard));
-        let full = self
-            .shards
-            .gather(shard)
-            .unwrap_or_else(|e| unwind("re-gather for the backward", &self.shards, e));
+        let full = self.shards.gather(shard).unwrap_or_else(|e| unwind("re-gather for the backward", &self.shards, e));
         states.save(out_node, full.into_primitive().tensor())
     }
 }
@@ -246,37 +209,16 @@ impl<B: Backend> RetroForward for RetroPiece<B> {
 }
 
 impl<B: FsdpBackend, C: CheckpointStrategy> FsdpBackend for Autodiff<B, C> {
-    fn fsdp_gather(
-        shard: FloatTensor<Self>,
-        shards: &Shards,
-        offsets: &[usize],
-    ) -> Result<Vec<FloatTensor<Self>>, CommError> {
+    fn fsdp_gather(shard: FloatTensor<Self>, shards: &Shards, offsets: &[usize]) -> Result<Vec<FloatTensor<Self>>, CommError> {
         let inner = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(shard.primitive.clone()));
         let device = inner.device();
         let full_inner = shards.gather(inner)?;
         let slots: Slots<B> = Arc::new(Mutex::new(vec![None; offsets.len() - 1]));
-        let retro = RetroGather::<B> {
-            shard: shard.node.id,
-            shards: shards.clone(),
-            _backend: PhantomData,
-        };
+        let retro = RetroGather::<B> { shard: shard.node.id, shards: shards.clone(), _backend: PhantomData };
         let value = full_inner.clone().into_primitive().tensor();
-        let full = match <GatherBackward as Backward<B, 1>>::prepare::<C>(
-            GatherBackward,
-            [shard.node.clone()],
-        )
-        .memory_bound()
-        .retro_forward(retro)
-        .parents([&shard])
-        .stateful()
-        {
+        let full = match <GatherBackward as Backward<B, 1>>::prepare::<C>(GatherBackward, [shard.node.clone()]).memory_bound().retro_forward(retro).parents([&shard]).stateful() {
             OpsKind::Tracked(prep) => {
-                let state = GatherState {
-                    shards: shards.clone(),
-                    offsets: offsets.to_vec(),
-                    slots: slots.clone(),
-                    device,
-                };
+                let state = GatherState { shards: shards.clone(), offsets: offsets.to_vec(), slots: slots.clone(), device };
                 prep.finish(state, value)
             }
             OpsKind::UnTracked(prep) => prep.finish(value),
@@ -286,30 +228,11 @@ impl<B: FsdpBackend, C: CheckpointStrategy> FsdpBackend for Autodiff<B, C> {
             .enumerate()
             .map(|(index, w)| {
                 let range = w[0]..w[1];
-                let value = full_inner
-                    .clone()
-                    .slice([range.clone()])
-                    .into_primitive()
-                    .tensor();
-                let retro = RetroPiece::<B> {
-                    full: full.node.id,
-                    range,
-                    _backend: PhantomData,
-                };
-                match <PieceBackward as Backward<B, 1>>::prepare::<C>(
-                    PieceBackward,
-                    [full.node.clone()],
-                )
-                .memory_bound()
-                .retro_forward(retro)
-                .parents([&full])
-                .stateful()
-                {
+                let value = full_inner.clone().slice([range.clone()]).into_primitive().tensor();
+                let retro = RetroPiece::<B> { full: full.node.id, range, _backend: PhantomData };
+                match <PieceBackward as Backward<B, 1>>::prepare::<C>(PieceBackward, [full.node.clone()]).memory_bound().retro_forward(retro).parents([&full]).stateful() {
                     OpsKind::Tracked(prep) => {
-                        let state = PieceState {
-                            slots: slots.clone(),
-                            index,
-                        };
+                        let state = PieceState { slots: slots.clone(), index };
                         prep.finish(state, value)
                     }
                     OpsKind::UnTracked(prep) => prep.finish(value),

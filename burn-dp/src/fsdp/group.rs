@@ -47,12 +47,7 @@ pub struct ShardGroup {
 impl ShardGroup {
     /// The parameters no other group names, sharded over the ranks of `comm`.
     pub fn new(comm: Comm) -> Self {
-        ShardGroup {
-            comm,
-            replicas: None,
-            divide_factor: None,
-            params: None,
-        }
+        ShardGroup { comm, replicas: None, divide_factor: None, params: None }
     }
 
     /// HSDP: the ranks of `replicas` hold the same shards in the other groups; gradients
@@ -153,24 +148,14 @@ impl Plans {
                 layout.check(replicas)?;
             }
             if group.divide_factor == Some(0) {
-                return config(format!(
-                    "FSDP shard group {g}: a gradient divide factor of 0"
-                ));
+                return config(format!("FSDP shard group {g}: a gradient divide factor of 0"));
             }
             place.extend(layout.ids.iter().enumerate().map(|(i, id)| (*id, (g, i))));
-            let mut shards = Shards {
-                bounds: even_bounds(layout.numel(), group.comm.world_size()),
-                comm: group.comm,
-                replicas: group.replicas,
-                divide_factor: 1,
-            };
+            let mut shards = Shards { bounds: even_bounds(layout.numel(), group.comm.world_size()), comm: group.comm, replicas: group.replicas, divide_factor: 1 };
             shards.divide_factor = group.divide_factor.unwrap_or(shards.dp_size());
             plans.push(Plan { layout, shards });
         }
-        Ok(Plans {
-            groups: plans,
-            place,
-        })
+        Ok(Plans { groups: plans, place })
     }
 
     /// The group and the index in its layout of parameter `id`; `None` for a parameter

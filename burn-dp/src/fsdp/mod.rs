@@ -126,21 +126,14 @@ impl<B: Backend, M: Module<B>> Fsdp<B, M> {
             })
             .collect();
         let hollow = module.map(&mut Hollow { plans: &plans });
-        Ok(Fsdp {
-            flat,
-            hollow,
-            plans,
-        })
+        Ok(Fsdp { flat, hollow, plans })
     }
 
     /// `self` with `f` applied to the module outside its sharded parameters: to update
     /// state that every rank keeps whole, such as the MoE balancing bias. The sharded
     /// parameters `f` sees are one-element placeholders; it must leave them as they are.
     pub fn map_module(self, f: impl FnOnce(M) -> M) -> Self {
-        Fsdp {
-            hollow: f(self.hollow),
-            ..self
-        }
+        Fsdp { hollow: f(self.hollow), ..self }
     }
 
     /// The shard groups (one with [`Fsdp::new`] and [`Fsdp::hybrid`]).
@@ -217,25 +210,15 @@ impl<B: Backend, M: Module<B>> Fsdp<B, M> {
         B: FsdpBackend,
     {
         self.check_shards()?;
-        let mut found = Groups {
-            plans: &self.plans,
-            found: std::collections::BTreeSet::new(),
-        };
+        let mut found = Groups { plans: &self.plans, found: std::collections::BTreeSet::new() };
         part.visit(&mut found);
         let mut pieces = vec![Vec::new(); self.flat.len()];
         for g in found.found {
             let plan = &self.plans.groups[g];
             let shard = self.flat[g].val().into_primitive().tensor();
-            pieces[g] = B::fsdp_gather(shard, &plan.shards, &plan.layout.offsets)?
-                .into_iter()
-                .map(|p| Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(p)))
-                .collect();
+            pieces[g] = B::fsdp_gather(shard, &plan.shards, &plan.layout.offsets)?.into_iter().map(|p| Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(p))).collect();
         }
-        Ok(part.clone().map(&mut Fill {
-            plans: &self.plans,
-            pieces,
-            leaves: false,
-        }))
+        Ok(part.clone().map(&mut Fill { plans: &self.plans, pieces, leaves: false }))
     }
 
     /// The module with its sharded parameters replaced by one-element placeholders: walk
@@ -256,11 +239,7 @@ impl<B: Backend, M: Module<B>> Fsdp<B, M> {
             let shard = shard.val().detach();
             pieces.push((plan.shards).gather_pieces(shard, &plan.layout.offsets)?);
         }
-        Ok(self.hollow.map(&mut Fill {
-            plans: &self.plans,
-            pieces,
-            leaves: true,
-        }))
+        Ok(self.hollow.map(&mut Fill { plans: &self.plans, pieces, leaves: true }))
     }
 }
 
@@ -325,11 +304,7 @@ impl<B: Backend> ModuleMapper<B> for Fill<'_, B> {
         let (id, _placeholder, mapper) = param.consume();
         let shape = &self.plans.groups[g].layout.shapes[i];
         let value = self.pieces[g][i].clone().reshape(dims::<D>(shape));
-        let value = if self.leaves {
-            value.require_grad()
-        } else {
-            value
-        };
+        let value = if self.leaves { value.require_grad() } else { value };
         Param::from_mapped_value(id, value, mapper)
     }
 }

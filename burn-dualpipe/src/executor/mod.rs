@@ -74,10 +74,10 @@ pub use overlap::{Concurrent, Job, Overlap, OverlapPair, Sequential};
 
 use crate::schedule::{validate, Schedule, ScheduleError, Task};
 use crate::timeline::Timeline;
+use burn::backend::autodiff::grads::Gradients;
 use burn::module::{AutodiffModule, ModuleVisitor, Param};
 use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::{backend::AutodiffBackend, Bool, Int, Tensor};
-use burn::backend::autodiff::grads::Gradients;
 use core::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -396,7 +396,9 @@ where
             return Err(PipelineError::Mismatch { what: "ranks in the communicator", expected: self.schedule.ranks, got: comm.world_size() });
         }
         if self.schedule.kind == crate::schedule::ScheduleKind::DualPipe {
-            return Err(PipelineError::Unsupported("DualPipe keeps two copies of every stage on two ranks; step_rank runs schedules with one copy per stage (DualPipeV, 1F1B, ZB1P)"));
+            return Err(PipelineError::Unsupported(
+                "DualPipe keeps two copies of every stage on two ranks; step_rank runs schedules with one copy per stage (DualPipeV, 1F1B, ZB1P)",
+            ));
         }
         if inputs.len() != self.schedule.micro_batches {
             return Err(PipelineError::Mismatch { what: "input micro-batches", expected: self.schedule.micro_batches, got: inputs.len() });

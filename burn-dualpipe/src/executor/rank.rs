@@ -66,7 +66,8 @@ where
     let ranks = setup.schedule.ranks;
     // The group's own timeout only bounds sends; receives poll and apply the step's rule.
     let comms = Comm::group_with_timeout(ranks, transfer, setup.timeout);
-    let watch = Watch { abort: AtomicBool::new(false), waiting: (0..ranks).map(|_| AtomicUsize::new(NOBODY)).collect(), busy_since: (0..ranks).map(|_| AtomicU64::new(0)).collect() };
+    let watch =
+        Watch { abort: AtomicBool::new(false), waiting: (0..ranks).map(|_| AtomicUsize::new(NOBODY)).collect(), busy_since: (0..ranks).map(|_| AtomicU64::new(0)).collect() };
     let start = Instant::now();
     let chunks: Vec<std::sync::Mutex<Option<Vec<S>>>> = chunks.into_iter().map(|c| std::sync::Mutex::new(Some(c))).collect();
     // burn-comm's launcher: one thread per rank; of the ranks' errors it returns the one

@@ -208,11 +208,9 @@ impl fmt::Display for ScheduleError {
         match self {
             ScheduleError::NoRanks => write!(f, "a pipeline needs at least one rank"),
             ScheduleError::OddRanks { ranks } => write!(f, "DualPipe needs an even number of ranks, got {ranks}"),
-            ScheduleError::MicroBatches { kind, micro_batches, min, even } => write!(
-                f,
-                "{kind} needs {}at least {min} micro-batches, got {micro_batches}",
-                if *even { "an even number of and " } else { "" }
-            ),
+            ScheduleError::MicroBatches { kind, micro_batches, min, even } => {
+                write!(f, "{kind} needs {}at least {min} micro-batches, got {micro_batches}", if *even { "an even number of and " } else { "" })
+            }
             ScheduleError::Invalid { rank, index: Some(i), reason } => write!(f, "rank {rank}, instruction {i}: {reason}"),
             ScheduleError::Invalid { rank, index: None, reason } => write!(f, "rank {rank}: {reason}"),
         }

@@ -95,7 +95,11 @@ pub fn validate(schedule: &Schedule) -> Result<(), ScheduleError> {
                             let local = schedule.place(producer).0 == rank;
                             let ready = if local { done.contains(&(producer, p)) } else { received.contains(&(producer, payload)) };
                             if !ready {
-                                return invalid(rank, Some(i), format!("runs {pass:?} of {task:?} before its {payload:?} from {producer:?} is {}", if local { "computed" } else { "received" }));
+                                return invalid(
+                                    rank,
+                                    Some(i),
+                                    format!("runs {pass:?} of {task:?} before its {payload:?} from {producer:?} is {}", if local { "computed" } else { "received" }),
+                                );
                             }
                         }
                     }

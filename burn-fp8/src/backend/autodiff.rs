@@ -69,22 +69,11 @@ impl<B: Fp8Backend, C: CheckpointStrategy> Fp8Backend for Autodiff<B, C> {
         Self::from_inner(B::fp8_dequantize(inner(q), layout))
     }
 
-    fn fp8_gemm(
-        a: Fp8Primitive<Self>,
-        a_layout: Fp8Layout,
-        b: Fp8Primitive<Self>,
-        b_layout: Fp8Layout,
-    ) -> FloatTensor<Self> {
+    fn fp8_gemm(a: Fp8Primitive<Self>, a_layout: Fp8Layout, b: Fp8Primitive<Self>, b_layout: Fp8Layout) -> FloatTensor<Self> {
         Self::from_inner(B::fp8_gemm(inner(a), a_layout, inner(b), b_layout))
     }
 
-    fn fp8_grouped_gemm(
-        a: Fp8Primitive<Self>,
-        a_layout: Fp8Layout,
-        b: Fp8Primitive<Self>,
-        b_layout: Fp8Layout,
-        offsets: IntTensor<Self>,
-    ) -> FloatTensor<Self> {
+    fn fp8_grouped_gemm(a: Fp8Primitive<Self>, a_layout: Fp8Layout, b: Fp8Primitive<Self>, b_layout: Fp8Layout, offsets: IntTensor<Self>) -> FloatTensor<Self> {
         Self::from_inner(B::fp8_grouped_gemm(inner(a), a_layout, inner(b), b_layout, offsets))
     }
 
@@ -96,11 +85,7 @@ impl<B: Fp8Backend, C: CheckpointStrategy> Fp8Backend for Autodiff<B, C> {
         let xq = Fp8Tensor::quantize(x.clone(), recipe.input);
         match prep {
             OpsKind::Tracked(prep) => {
-                let state = Fp8LinearState {
-                    x_t: w_tracked.then(|| ops::save_input(x, &recipe)),
-                    weight: x_tracked.then(|| weight.clone().into_primitive().tensor()),
-                    recipe,
-                };
+                let state = Fp8LinearState { x_t: w_tracked.then(|| ops::save_input(x, &recipe)), weight: x_tracked.then(|| weight.clone().into_primitive().tensor()), recipe };
                 prep.finish(state, ops::forward_quantized(&xq, weight, &recipe).into_primitive().tensor())
             }
             OpsKind::UnTracked(prep) => prep.finish(ops::forward_quantized(&xq, weight, &recipe).into_primitive().tensor()),

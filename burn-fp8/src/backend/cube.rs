@@ -1,12 +1,7 @@
 //! CubeCL backends (wgpu, CUDA, …): the kernels of [`crate::kernel`].
 
 use super::{Fp8Backend, Fp8Layout, Fp8Primitive};
-use crate::kernel::{
-    dequantize::launch_dequantize,
-    empty,
-    gemm::launch_gemm,
-    quantize::launch_quantize,
-};
+use crate::kernel::{dequantize::launch_dequantize, empty, gemm::launch_gemm, quantize::launch_quantize};
 use crate::QuantConfig;
 use burn::tensor::{
     ops::{FloatTensor, IntTensor},
@@ -39,12 +34,7 @@ fn from_f32<R: CubeRuntime, F: FloatElement>(x: CubeTensor<R>) -> CubeTensor<R> 
 /// Contiguous words and f32 scales, whatever views the caller holds.
 fn packed<R: CubeRuntime>(q: Fp8Primitive<CubeBackend<R, impl FloatElement, impl IntElement, impl BoolElement>>) -> (CubeTensor<R>, CubeTensor<R>) {
     let data = into_contiguous(q.data);
-    assert_eq!(
-        data.dtype.size(),
-        4,
-        "FP8 packed data must have a 32-bit integer dtype, got {:?}",
-        data.dtype
-    );
+    assert_eq!(data.dtype.size(), 4, "FP8 packed data must have a 32-bit integer dtype, got {:?}", data.dtype);
     (data, into_contiguous(to_f32(q.scales)))
 }
 
@@ -71,12 +61,7 @@ where
         from_f32::<R, F>(out)
     }
 
-    fn fp8_gemm(
-        a: Fp8Primitive<Self>,
-        a_layout: Fp8Layout,
-        b: Fp8Primitive<Self>,
-        b_layout: Fp8Layout,
-    ) -> FloatTensor<Self> {
+    fn fp8_gemm(a: Fp8Primitive<Self>, a_layout: Fp8Layout, b: Fp8Primitive<Self>, b_layout: Fp8Layout) -> FloatTensor<Self> {
         let (a_data, a_scales) = packed(a);
         let (b_data, b_scales) = packed(b);
         let out = empty(&a_data.client, &a_data.device, [a_layout.shape[0], b_layout.shape[0]], DType::F32);
@@ -84,30 +69,14 @@ where
         from_f32::<R, F>(out)
     }
 
-    fn fp8_grouped_gemm(
-        a: Fp8Primitive<Self>,
-        a_layout: Fp8Layout,
-        b: Fp8Primitive<Self>,
-        b_layout: Fp8Layout,
-        offsets: IntTensor<Self>,
-    ) -> FloatTensor<Self> {
+    fn fp8_grouped_gemm(a: Fp8Primitive<Self>, a_layout: Fp8Layout, b: Fp8Primitive<Self>, b_layout: Fp8Layout, offsets: IntTensor<Self>) -> FloatTensor<Self> {
         let (a_data, a_scales) = packed(a);
         let (b_data, b_scales) = packed(b);
         let offsets = cast(into_contiguous(offsets), DType::U32);
         let groups = offsets.meta.shape()[0] - 1;
         let n = b_layout.shape[0] / groups;
         let out = empty(&a_data.client, &a_data.device, [a_layout.shape[0], n], DType::F32);
-        launch_gemm(
-            a_data,
-            a_scales,
-            a_layout.config,
-            b_data,
-            b_scales,
-            b_layout.config,
-            Some(offsets),
-            out.clone(),
-            a_layout.shape[1],
-        );
+        launch_gemm(a_data, a_scales, a_layout.config, b_data, b_scales, b_layout.config, Some(offsets), out.clone(), a_layout.shape[1]);
         from_f32::<R, F>(out)
     }
 }

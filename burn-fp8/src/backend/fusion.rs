@@ -74,8 +74,7 @@ impl<B: FusionBackend + Fp8Backend> Fp8Backend for Fusion<B> {
         let [rows, cols] = [x.shape[0], x.shape[1]];
         let layout = Fp8Layout { shape: [rows, cols], config };
         let data = TensorIr::uninit(client.create_empty_handle(), Shape::new(layout.data_shape()), DType::U32);
-        let scales =
-            TensorIr::uninit(client.create_empty_handle(), Shape::new(layout.scale_shape()), B::FloatElem::dtype());
+        let scales = TensorIr::uninit(client.create_empty_handle(), Shape::new(layout.scale_shape()), B::FloatElem::dtype());
         let streams = OperationStreams::with_inputs([&x]);
         let desc = CustomOpIr::new("fp8_quantize", &[x.into_ir()], &[data, scales]);
         let op = Fp8Custom::<B> { desc: desc.clone(), op: Fp8Op::Quantize(config), _backend: PhantomData };
@@ -92,12 +91,7 @@ impl<B: FusionBackend + Fp8Backend> Fp8Backend for Fusion<B> {
         client.register(streams, OperationIr::Custom(desc), op).output()
     }
 
-    fn fp8_gemm(
-        a: Fp8Primitive<Self>,
-        a_layout: Fp8Layout,
-        b: Fp8Primitive<Self>,
-        b_layout: Fp8Layout,
-    ) -> FloatTensor<Self> {
+    fn fp8_gemm(a: Fp8Primitive<Self>, a_layout: Fp8Layout, b: Fp8Primitive<Self>, b_layout: Fp8Layout) -> FloatTensor<Self> {
         let client = a.data.client.clone();
         let shape = Shape::new([a_layout.shape[0], b_layout.shape[0]]);
         let out = TensorIr::uninit(client.create_empty_handle(), shape, B::FloatElem::dtype());
@@ -108,13 +102,7 @@ impl<B: FusionBackend + Fp8Backend> Fp8Backend for Fusion<B> {
         client.register(streams, OperationIr::Custom(desc), op).output()
     }
 
-    fn fp8_grouped_gemm(
-        a: Fp8Primitive<Self>,
-        a_layout: Fp8Layout,
-        b: Fp8Primitive<Self>,
-        b_layout: Fp8Layout,
-        offsets: IntTensor<Self>,
-    ) -> FloatTensor<Self> {
+    fn fp8_grouped_gemm(a: Fp8Primitive<Self>, a_layout: Fp8Layout, b: Fp8Primitive<Self>, b_layout: Fp8Layout, offsets: IntTensor<Self>) -> FloatTensor<Self> {
         let client = a.data.client.clone();
         let n = b_layout.shape[0] / (offsets.shape[0] - 1);
         let out = TensorIr::uninit(client.create_empty_handle(), Shape::new([a_layout.shape[0], n]), B::FloatElem::dtype());

@@ -105,34 +105,19 @@ pub trait Fp8Backend: Backend {
     }
 
     /// `D[M, N] = A[M, K] · B[N, K]ᵀ` with f32 accumulation and per-128-K-block scaling.
-    fn fp8_gemm(
-        a: Fp8Primitive<Self>,
-        a_layout: Fp8Layout,
-        b: Fp8Primitive<Self>,
-        b_layout: Fp8Layout,
-    ) -> FloatTensor<Self> {
+    fn fp8_gemm(a: Fp8Primitive<Self>, a_layout: Fp8Layout, b: Fp8Primitive<Self>, b_layout: Fp8Layout) -> FloatTensor<Self> {
         let (a_data, a_scales) = tensors::<Self>(a);
         let (b_data, b_scales) = tensors::<Self>(b);
-        reference::gemm(a_data, a_scales, a_layout, b_data, b_scales, b_layout)
-            .into_primitive()
-            .tensor()
+        reference::gemm(a_data, a_scales, a_layout, b_data, b_scales, b_layout).into_primitive().tensor()
     }
 
     /// The grouped GEMM: `D[r, :] = A[r, :] · B_gᵀ` for the rows `offsets[g] ≤ r <
     /// offsets[g + 1]` of group `g`, `B_g` the rows `g·N..(g + 1)·N` of `B [G·N, K]`;
     /// `offsets [G + 1]` (backend int dtype; `u32` on CubeCL backends).
-    fn fp8_grouped_gemm(
-        a: Fp8Primitive<Self>,
-        a_layout: Fp8Layout,
-        b: Fp8Primitive<Self>,
-        b_layout: Fp8Layout,
-        offsets: IntTensor<Self>,
-    ) -> FloatTensor<Self> {
+    fn fp8_grouped_gemm(a: Fp8Primitive<Self>, a_layout: Fp8Layout, b: Fp8Primitive<Self>, b_layout: Fp8Layout, offsets: IntTensor<Self>) -> FloatTensor<Self> {
         let (a_data, a_scales) = tensors::<Self>(a);
         let (b_data, b_scales) = tensors::<Self>(b);
-        reference::grouped_gemm(a_data, a_scales, a_layout, b_data, b_scales, b_layout, Tensor::from_primitive(offsets))
-            .into_primitive()
-            .tensor()
+        reference::grouped_gemm(a_data, a_scales, a_layout, b_data, b_scales, b_layout, Tensor::from_primitive(offsets)).into_primitive().tensor()
     }
 
     /// `x [M, K] · w [K, N]` (Burn's `Linear` weight layout) as an FP8 GEMM with the
@@ -149,10 +134,7 @@ pub trait Fp8Backend: Backend {
 }
 
 fn tensors<B: Backend>(q: Fp8Primitive<B>) -> (Tensor<B, 2, Int>, Tensor<B, 2>) {
-    (
-        Tensor::from_primitive(q.data),
-        Tensor::from_primitive(TensorPrimitive::Float(q.scales)),
-    )
+    (Tensor::from_primitive(q.data), Tensor::from_primitive(TensorPrimitive::Float(q.scales)))
 }
 
 #[cfg(feature = "ndarray")]

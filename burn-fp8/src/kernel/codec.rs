@@ -64,8 +64,7 @@ pub fn encode_fp8(v: f32, #[comptime] format: Fp8Format) -> u32 {
     let total = select(exp < min_normal_exp, sub_base - exp, 1u32);
     let total_clamped = min(total, 31u32);
     let significand = (abs & 0x7F_FFFF) | 0x80_0000;
-    let sub_rounded =
-        significand + ((1u32 << (total_clamped - 1)) - 1) + ((significand >> total_clamped) & 1);
+    let sub_rounded = significand + ((1u32 << (total_clamped - 1)) - 1) + ((significand >> total_clamped) & 1);
     let subnormal = select(exp == 0 || total > 24, 0u32, sub_rounded >> total_clamped);
 
     let magnitude = min(select(exp >= min_normal_exp, normal, subnormal), max_code);
@@ -106,11 +105,7 @@ pub fn decode_fp8_bits(code: u32, #[comptime] format: Fp8Format) -> f32 {
         // E5M2: S.11111.00 is infinity, the rest NaN.
         Fp8Format::E5M2 => select(fraction == 0, 0x7F80_0000u32, NAN_BITS),
     };
-    let magnitude = select(
-        exponent == 0,
-        subnormal_bits,
-        select(exponent == exp_max, special_bits, normal_bits),
-    );
+    let magnitude = select(exponent == 0, subnormal_bits, select(exponent == exp_max, special_bits, normal_bits));
     f32::from_bits(sign | magnitude)
 }
 
@@ -123,12 +118,7 @@ fn encode_kernel(input: &Array<f32>, codes: &mut Array<u32>, #[comptime] format:
 }
 
 #[cube(launch)]
-fn decode_kernel(
-    codes: &Array<u32>,
-    values: &mut Array<f32>,
-    #[comptime] format: Fp8Format,
-    #[comptime] strategy: Fp8Decode,
-) {
+fn decode_kernel(codes: &Array<u32>, values: &mut Array<f32>, #[comptime] format: Fp8Format, #[comptime] strategy: Fp8Decode) {
     let i = ABSOLUTE_POS;
     if i < codes.len() {
         values[i] = decode_fp8(codes[i], format, strategy);
@@ -154,20 +144,18 @@ pub fn encode_on_device<R: Runtime>(client: &ComputeClient<R>, values: &[f32], f
         format,
     );
     let bytes = client.read_one_unchecked(codes);
-    u32::from_bytes(&bytes).iter().map(|&c| {
-        assert!(c <= 0xFF, "encode kernel left {c:#x}: output not written");
-        c as u8
-    }).collect()
+    u32::from_bytes(&bytes)
+        .iter()
+        .map(|&c| {
+            assert!(c <= 0xFF, "encode kernel left {c:#x}: output not written");
+            c as u8
+        })
+        .collect()
 }
 
 /// Decodes `codes` on `client`'s device with `strategy`; `None` if the device cannot run
 /// that strategy (native FP8 where the runtime has no FP8 type).
-pub fn decode_on_device<R: Runtime>(
-    client: &ComputeClient<R>,
-    codes: &[u8],
-    format: Fp8Format,
-    strategy: Fp8Decode,
-) -> Option<Vec<f32>> {
+pub fn decode_on_device<R: Runtime>(client: &ComputeClient<R>, codes: &[u8], format: Fp8Format, strategy: Fp8Decode) -> Option<Vec<f32>> {
     if strategy == Fp8Decode::Native && Fp8Decode::select(client, format) != Fp8Decode::Native {
         return None;
     }

@@ -7,15 +7,7 @@ use burn_cubecl::{tensor::CubeTensor, CubeRuntime};
 use cubecl::prelude::*;
 
 #[cube(launch)]
-fn dequantize_kernel(
-    data: &Array<u32>,
-    scales: &Array<f32>,
-    output: &mut Array<f32>,
-    rows: usize,
-    cols: usize,
-    #[comptime] config: QuantConfig,
-    #[comptime] decode: Fp8Decode,
-) {
+fn dequantize_kernel(data: &Array<u32>, scales: &Array<f32>, output: &mut Array<f32>, rows: usize, cols: usize, #[comptime] config: QuantConfig, #[comptime] decode: Fp8Decode) {
     let words_per_row = cols.div_ceil(4);
     let word = ABSOLUTE_POS;
     if word >= rows * words_per_row {
@@ -38,12 +30,7 @@ fn dequantize_kernel(
 
 /// Dequantizes packed words and scales into `output`, a contiguous f32 `[rows, cols]`
 /// tensor whose shape is the logical shape. Every element of `output` is written.
-pub fn launch_dequantize<R: CubeRuntime>(
-    data: CubeTensor<R>,
-    scales: CubeTensor<R>,
-    output: CubeTensor<R>,
-    config: QuantConfig,
-) {
+pub fn launch_dequantize<R: CubeRuntime>(data: CubeTensor<R>, scales: CubeTensor<R>, output: CubeTensor<R>, config: QuantConfig) {
     let client = data.client.clone();
     let shape = [output.meta.shape()[0], output.meta.shape()[1]];
     let words = shape[0] * shape[1].div_ceil(4);
@@ -53,16 +40,5 @@ pub fn launch_dequantize<R: CubeRuntime>(
     let decode = Fp8Decode::select(&client, config.format);
     let cube_dim = CubeDim::new(&client, words);
     let cube_count = cubecl::calculate_cube_count_elemwise(&client, words, cube_dim);
-    dequantize_kernel::launch::<R>(
-        &client,
-        cube_count,
-        cube_dim,
-        data.into_array_arg(),
-        scales.into_array_arg(),
-        output.into_array_arg(),
-        shape[0],
-        shape[1],
-        config,
-        decode,
-    );
+    dequantize_kernel::launch::<R>(&client, cube_count, cube_dim, data.into_array_arg(), scales.into_array_arg(), output.into_array_arg(), shape[0], shape[1], config, decode);
 }

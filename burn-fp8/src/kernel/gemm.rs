@@ -275,11 +275,7 @@ pub fn launch_gemm<R: CubeRuntime>(
     }
     // The selector sees the mean rows per group: the M of a typical group's GEMM.
     let problem = GemmProblem { m: m.div_ceil(groups), n, k };
-    let cfg = select_gemm_config(
-        problem,
-        Fp8Decode::select(&client, a_config.format),
-        Fp8Decode::select(&client, b_config.format),
-    );
+    let cfg = select_gemm_config(problem, Fp8Decode::select(&client, a_config.format), Fp8Decode::select(&client, b_config.format));
     let row_tiles = match offsets {
         Some(_) => grouped_tile_count(m, groups, cfg.block_m()),
         None => m.div_ceil(cfg.block_m()),

@@ -36,12 +36,6 @@ use burn_cubecl::{ops::numeric, tensor::CubeTensor, CubeRuntime};
 use cubecl::client::ComputeClient;
 
 /// A contiguous tensor with uninitialised memory (the kernels write every element).
-pub fn empty<R: CubeRuntime>(
-    client: &ComputeClient<R>,
-    device: &R::Device,
-    shape: [usize; 2],
-    dtype: DType,
-) -> CubeTensor<R> {
+pub fn empty<R: CubeRuntime>(client: &ComputeClient<R>, device: &R::Device, shape: [usize; 2], dtype: DType) -> CubeTensor<R> {
     numeric::empty_device_contiguous_dtype(client.clone(), device.clone(), Shape::new(shape), dtype)
 }
-

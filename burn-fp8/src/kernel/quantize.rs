@@ -19,12 +19,7 @@ const UNITS_X: u32 = 32;
 const UNITS_Y: u32 = 8;
 
 #[cube(launch)]
-fn quantize_kernel(
-    input: &Tensor<f32>,
-    data: &mut Array<u32>,
-    scales: &mut Array<f32>,
-    #[comptime] config: QuantConfig,
-) {
+fn quantize_kernel(input: &Tensor<f32>, data: &mut Array<u32>, scales: &mut Array<f32>, #[comptime] config: QuantConfig) {
     let tile_rows = comptime!(config.tile.rows());
     let rows_per_unit = comptime!(config.tile.rows().div_ceil(UNITS_Y as usize));
     let fmt_max = comptime!(config.format.max());
@@ -129,12 +124,7 @@ fn quantize_kernel(
 /// Quantizes a 2-D f32 tensor (any strides) into `data` (packed words,
 /// `[rows, 32·⌈cols/128⌉]`, contiguous `u32`) and `scales` (`[⌈rows/r⌉, ⌈cols/128⌉]`,
 /// contiguous f32). Every element of both outputs is written.
-pub fn launch_quantize<R: CubeRuntime>(
-    input: CubeTensor<R>,
-    data: CubeTensor<R>,
-    scales: CubeTensor<R>,
-    config: QuantConfig,
-) {
+pub fn launch_quantize<R: CubeRuntime>(input: CubeTensor<R>, data: CubeTensor<R>, scales: CubeTensor<R>, config: QuantConfig) {
     let client = input.client.clone();
     let [rows, cols] = [input.meta.shape()[0], input.meta.shape()[1]];
     let scale_cols = cols.div_ceil(TILE_K);
@@ -146,13 +136,5 @@ pub fn launch_quantize<R: CubeRuntime>(
     }
     let rows_per_cube = config.tile.rows().max(UNITS_Y as usize);
     let cube_count = CubeCount::Static(scale_cols as u32, rows.div_ceil(rows_per_cube) as u32, 1);
-    quantize_kernel::launch::<R>(
-        &client,
-        cube_count,
-        CubeDim::new_2d(UNITS_X, UNITS_Y),
-        input.into_tensor_arg(),
-        data.into_array_arg(),
-        scales.into_array_arg(),
-        config,
-    );
+    quantize_kernel::launch::<R>(&client, cube_count, CubeDim::new_2d(UNITS_X, UNITS_Y), input.into_tensor_arg(), data.into_array_arg(), scales.into_array_arg(), config);
 }

@@ -91,10 +91,7 @@ pub struct Fp8LinearConfig {
 impl Fp8LinearConfig {
     /// Initializes the layer; the parameters are drawn exactly as Burn's `Linear` draws them.
     pub fn init<B: Backend>(&self, device: &B::Device) -> Fp8Linear<B> {
-        let linear = LinearConfig::new(self.d_input, self.d_output)
-            .with_bias(self.bias)
-            .with_initializer(self.initializer.clone())
-            .init(device);
+        let linear = LinearConfig::new(self.d_input, self.d_output).with_bias(self.bias).with_initializer(self.initializer.clone()).init(device);
         Fp8Linear::from(linear).with_recipe(self.recipe)
     }
 }
@@ -172,10 +169,7 @@ impl<B: Fp8Backend> Fp8Linear<B> {
     pub fn forward<const D: usize>(&self, input: Tensor<B, D>) -> Tensor<B, D> {
         let dims = input.dims();
         let [d_input, d_output] = self.weight.dims();
-        assert!(
-            D >= 1 && dims[D - 1] == d_input,
-            "Fp8Linear with weight [d_input {d_input}, d_output {d_output}] needs inputs [..., {d_input}], got {dims:?}"
-        );
+        assert!(D >= 1 && dims[D - 1] == d_input, "Fp8Linear with weight [d_input {d_input}, d_output {d_output}] needs inputs [..., {d_input}], got {dims:?}");
         let mut out = dims;
         out[D - 1] = d_output;
         let tokens = dims[..D - 1].iter().product();

@@ -100,11 +100,7 @@ impl<B: MoeBackend> Backward<B, 2> for GroupedBackward {
         let s = ops.state;
         let dy = grads.consume::<B>(&ops.node);
         if let (Some(id), Some(a)) = (b_node, s.a) {
-            let db = if s.transpose_b {
-                B::moe_grouped_wgrad(dy.clone(), a, s.offsets.clone())
-            } else {
-                B::moe_grouped_wgrad(a, dy.clone(), s.offsets.clone())
-            };
+            let db = if s.transpose_b { B::moe_grouped_wgrad(dy.clone(), a, s.offsets.clone()) } else { B::moe_grouped_wgrad(a, dy.clone(), s.offsets.clone()) };
             grads.register::<B>(id, db);
         }
         if let (Some(id), Some(b)) = (a_node, s.b) {
@@ -178,12 +174,7 @@ fn rows_op<B: MoeBackend, C: CheckpointStrategy>(
             let w_tracked = !w.node.requirement.is_none();
             match RowsBackward(op).prepare::<C>([x.node.clone(), w.node.clone()]).compute_bound().stateful() {
                 OpsKind::Tracked(prep) => {
-                    let state = RowsState {
-                        plan: plan.clone(),
-                        top_k,
-                        weights: Some(w.primitive.clone()),
-                        moved: w_tracked.then(|| x.primitive.clone()),
-                    };
+                    let state = RowsState { plan: plan.clone(), top_k, weights: Some(w.primitive.clone()), moved: w_tracked.then(|| x.primitive.clone()) };
                     prep.finish(state, run(x.primitive, plan, Some(w.primitive)))
                 }
                 OpsKind::UnTracked(prep) => prep.finish(run(x.primitive, plan, Some(w.primitive))),
@@ -208,13 +199,7 @@ fn grouped_op<B: MoeBackend, C: CheckpointStrategy>(
     let b_tracked = !b.node.requirement.is_none();
     match GroupedBackward.prepare::<C>([a.node.clone(), b.node.clone()]).compute_bound().stateful() {
         OpsKind::Tracked(prep) => {
-            let state = GroupedState {
-                a: b_tracked.then(|| a.primitive.clone()),
-                b: a_tracked.then(|| b.primitive.clone()),
-                offsets: offsets.clone(),
-                transpose_b,
-                fp8,
-            };
+            let state = GroupedState { a: b_tracked.then(|| a.primitive.clone()), b: a_tracked.then(|| b.primitive.clone()), offsets: offsets.clone(), transpose_b, fp8 };
             prep.finish(state, run(a.primitive, b.primitive, offsets))
         }
         OpsKind::UnTracked(prep) => prep.finish(run(a.primitive, b.primitive, offsets)),

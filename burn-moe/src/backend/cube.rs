@@ -7,7 +7,6 @@ use crate::kernel::{
     plan::launch_plan,
     rows,
 };
-use burn_fp8::linear::Fp8Recipe;
 use burn::tensor::{
     ops::{FloatTensor, IntTensor},
     DType,
@@ -17,6 +16,7 @@ use burn_cubecl::{
     tensor::CubeTensor,
     BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement,
 };
+use burn_fp8::linear::Fp8Recipe;
 
 /// Contiguous f32 (the kernels compute in f32; other float dtypes are cast).
 fn f32_in<R: CubeRuntime>(x: CubeTensor<R>) -> CubeTensor<R> {
@@ -32,9 +32,7 @@ fn u32_in<R: CubeRuntime>(x: CubeTensor<R>) -> CubeTensor<R> {
     cast(into_contiguous(x), DType::U32)
 }
 
-fn plan_in<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
-    plan: PlanPrimitive<CubeBackend<R, F, I, BT>>,
-) -> [CubeTensor<R>; 3] {
+fn plan_in<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(plan: PlanPrimitive<CubeBackend<R, F, I, BT>>) -> [CubeTensor<R>; 3] {
     [u32_in(plan.positions), u32_in(plan.row_slots), u32_in(plan.offsets)]
 }
 

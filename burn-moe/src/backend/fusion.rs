@@ -7,11 +7,11 @@ use burn::tensor::{
     ops::{FloatTensor, IntTensor},
     DType, Element, Shape,
 };
+use burn_fp8::linear::Fp8Recipe;
 use burn_fusion::{
     stream::{Operation, OperationStreams},
     Fusion, FusionBackend, FusionRuntime, FusionTensor,
 };
-use burn_fp8::linear::Fp8Recipe;
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 use core::marker::PhantomData;
 
@@ -41,11 +41,7 @@ struct MoeCustom<B> {
 }
 
 fn plan_at<B: FusionBackend + MoeBackend>(h: &mut Handles<B>, ir: &[TensorIr]) -> PlanPrimitive<B> {
-    PlanPrimitive {
-        positions: h.get_int_tensor::<B>(&ir[0]),
-        row_slots: h.get_int_tensor::<B>(&ir[1]),
-        offsets: h.get_int_tensor::<B>(&ir[2]),
-    }
+    PlanPrimitive { positions: h.get_int_tensor::<B>(&ir[0]), row_slots: h.get_int_tensor::<B>(&ir[1]), offsets: h.get_int_tensor::<B>(&ir[2]) }
 }
 
 impl<B: FusionBackend + MoeBackend> Operation<B::FusionRuntime> for MoeCustom<B> {
@@ -100,8 +96,7 @@ impl<B: FusionBackend + MoeBackend> Operation<B::FusionRuntime> for MoeCustom<B>
 /// Registers `op` on `inputs`, producing outputs of the given shapes and dtypes.
 fn register<B: FusionBackend + MoeBackend>(name: &'static str, inputs: Vec<Ft<B>>, outputs: &[(Vec<usize>, DType)], op: MoeOp) -> Vec<Ft<B>> {
     let client = inputs[0].client.clone();
-    let outputs: Vec<TensorIr> =
-        outputs.iter().map(|(shape, dtype)| TensorIr::uninit(client.create_empty_handle(), Shape::from(shape.clone()), *dtype)).collect();
+    let outputs: Vec<TensorIr> = outputs.iter().map(|(shape, dtype)| TensorIr::uninit(client.create_empty_handle(), Shape::from(shape.clone()), *dtype)).collect();
     let streams = OperationStreams::with_inputs(inputs.iter());
     let irs: Vec<TensorIr> = inputs.into_iter().map(|t| t.into_ir()).collect();
     let desc = CustomOpIr::new(name, &irs, &outputs);
@@ -126,8 +121,7 @@ impl<B: FusionBackend + MoeBackend> MoeBackend for Fusion<B> {
     fn moe_plan(indices: IntTensor<Self>, counts: IntTensor<Self>) -> PlanPrimitive<Self> {
         let (s, e) = (indices.shape[0], counts.shape[0]);
         let outputs = [(vec![s], DType::U32), (vec![s], DType::U32), (vec![e + 1], DType::U32)];
-        let [positions, row_slots, offsets]: [Ft<B>; 3] =
-            register::<B>("moe_plan", vec![indices, counts], &outputs, MoeOp::Plan).try_into().expect("three outputs");
+        let [positions, row_slots, offsets]: [Ft<B>; 3] = register::<B>("moe_plan", vec![indices, counts], &outputs, MoeOp::Plan).try_into().expect("three outputs");
         PlanPrimitive { positions, row_slots, offsets }
     }
 

@@ -43,14 +43,14 @@ mod fusion;
 
 use crate::comm::{ops::Splits, Comm, CommError};
 use crate::reference;
-use burn_fp8::linear::Fp8Recipe;
-use burn_fp8::config::{TileShape, TILE_K};
-use burn_fp8::{fp8_grouped_gemm, Fp8Backend, Fp8Tensor, QuantConfig};
 use burn::tensor::{
     backend::Backend,
     ops::{FloatTensor, IntTensor},
     Int, Tensor, TensorPrimitive,
 };
+use burn_fp8::config::{TileShape, TILE_K};
+use burn_fp8::linear::Fp8Recipe;
+use burn_fp8::{fp8_grouped_gemm, Fp8Backend, Fp8Tensor, QuantConfig};
 
 /// Where each routed slot goes, as backend primitives (see [`crate::dispatch::DispatchPlan`]).
 ///
@@ -73,11 +73,7 @@ impl<B: Backend> Clone for PlanPrimitive<B> {
 
 impl<B: Backend> core::fmt::Debug for PlanPrimitive<B> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("PlanPrimitive")
-            .field("positions", &self.positions)
-            .field("row_slots", &self.row_slots)
-            .field("offsets", &self.offsets)
-            .finish()
+        f.debug_struct("PlanPrimitive").field("positions", &self.positions).field("row_slots", &self.row_slots).field("offsets", &self.offsets).finish()
     }
 }
 
@@ -128,11 +124,7 @@ fn grouped_matmul_fp8_decoded<B: MoeBackend>(a: Tensor<B, 2>, b: Tensor<B, 3>, o
     let a = Fp8Tensor::quantize(a, recipe.input).dequantize();
     let blocks_fit = recipe.weight.tile == TileShape::Block128x128 && p % TILE_K == 0 && q % TILE_K == 0;
     let decode = |b: Tensor<B, 2>, shape: [usize; 3]| Fp8Tensor::quantize(b, recipe.weight).dequantize().reshape(shape);
-    let (b, transpose) = if transpose_b || blocks_fit {
-        (decode(b.reshape([e * p, q]), [e, p, q]), transpose_b)
-    } else {
-        (decode(stacked(b, false), [e, q, p]), true)
-    };
+    let (b, transpose) = if transpose_b || blocks_fit { (decode(b.reshape([e * p, q]), [e, p, q]), transpose_b) } else { (decode(stacked(b, false), [e, q, p]), true) };
     float(B::moe_grouped_matmul(prim(a), prim(b), offsets.into_primitive(), transpose))
 }
 
@@ -144,11 +136,7 @@ pub trait MoeBackend: Fp8Backend {
     /// The plan of flat expert `indices [S]` with their `counts [E]`.
     fn moe_plan(indices: IntTensor<Self>, counts: IntTensor<Self>) -> PlanPrimitive<Self> {
         let [positions, row_slots, offsets] = reference::plan::<Self>(int(indices), int(counts));
-        PlanPrimitive {
-            positions: positions.into_primitive(),
-            row_slots: row_slots.into_primitive(),
-            offsets: offsets.into_primitive(),
-        }
+        PlanPrimitive { positions: positions.into_primitive(), row_slots: row_slots.into_primitive(), offsets: offsets.into_primitive() }
     }
 
     /// Dispatch: `x [T, d]` → `[S, d]`, row `r` = `w[s] · x[s / k]` with `s =
@@ -206,4 +194,3 @@ pub trait MoeBackend: Fp8Backend {
 
 #[cfg(feature = "ndarray")]
 impl MoeBackend for burn::backend::NdArray {}
-

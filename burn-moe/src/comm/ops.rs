@@ -36,10 +36,7 @@ pub struct Splits {
 impl Splits {
     /// The splits of the way back: what was received is sent.
     pub fn reversed(&self) -> Self {
-        Self {
-            send: self.recv.clone(),
-            recv: self.send.clone(),
-        }
+        Self { send: self.recv.clone(), recv: self.send.clone() }
     }
 }
 
@@ -55,16 +52,9 @@ impl Splits {
 /// # Errors
 /// Split lengths other than the group size, `Σ send` other than the rows of `x`, a rank
 /// sending a number of rows other than `recv` says, and failed or stalled ranks.
-pub fn all_to_all<B: MoeBackend>(
-    x: Tensor<B, 2>,
-    splits: &Splits,
-    comm: &Comm,
-    fp8: Option<QuantConfig>,
-) -> Result<Tensor<B, 2>, CommError> {
+pub fn all_to_all<B: MoeBackend>(x: Tensor<B, 2>, splits: &Splits, comm: &Comm, fp8: Option<QuantConfig>) -> Result<Tensor<B, 2>, CommError> {
     check_splits(x.dims(), splits, comm)?;
-    Ok(Tensor::from_primitive(TensorPrimitive::Float(
-        B::moe_all_to_all(x.into_primitive().tensor(), splits, comm, fp8)?,
-    )))
+    Ok(Tensor::from_primitive(TensorPrimitive::Float(B::moe_all_to_all(x.into_primitive().tensor(), splits, comm, fp8)?)))
 }
 
 fn check_splits([n, d]: [usize; 2], splits: &Splits, comm: &Comm) -> Result<(), CommError> {
@@ -74,12 +64,7 @@ fn check_splits([n, d]: [usize; 2], splits: &Splits, comm: &Comm) -> Result<(), 
         return Err(comm.shape_error("all_to_all", detail));
     }
     if splits.send.iter().sum::<usize>() != n {
-        let detail = format!(
-            "send splits {:?} sum to {}, x {:?} has {n} rows",
-            splits.send,
-            splits.send.iter().sum::<usize>(),
-            [n, d]
-        );
+        let detail = format!("send splits {:?} sum to {}, x {:?} has {n} rows", splits.send, splits.send.iter().sum::<usize>(), [n, d]);
         return Err(comm.shape_error("all_to_all", detail));
     }
     Ok(())
@@ -91,34 +76,19 @@ fn check_splits([n, d]: [usize; 2], splits: &Splits, comm: &Comm) -> Result<(), 
 ///
 /// # Shapes
 /// - x: `[n_r, ...]` on rank `r` → `[Σ n_r, ...]`
-pub fn all_gather<B: MoeBackend, const D: usize>(
-    x: Tensor<B, D>,
-    comm: &Comm,
-) -> Result<Tensor<B, D>, CommError> {
+pub fn all_gather<B: MoeBackend, const D: usize>(x: Tensor<B, D>, comm: &Comm) -> Result<Tensor<B, D>, CommError> {
     let dims = x.dims();
     let rows = dims[0];
     let width: usize = dims[1..].iter().product();
     let sizes = comm.all_gather_host("all_gather sizes", (rows, dims.to_vec()))?;
-    if let Some((r, (_, other))) = sizes
-        .iter()
-        .enumerate()
-        .find(|(_, (_, other))| other[1..] != dims[1..])
-    {
-        let detail =
-            format!("x {dims:?} and rank {r}'s {other:?} differ beyond the first dimension");
+    if let Some((r, (_, other))) = sizes.iter().enumerate().find(|(_, (_, other))| other[1..] != dims[1..]) {
+        let detail = format!("x {dims:?} and rank {r}'s {other:?} differ beyond the first dimension");
         return Err(comm.shape_error("all_gather", detail));
     }
     let world = comm.world_size();
     let flat = x.reshape([rows, width]);
-    let repeated = if world == 1 {
-        flat
-    } else {
-        Tensor::cat(vec![flat; world], 0)
-    };
-    let splits = Splits {
-        send: vec![rows; world],
-        recv: sizes.iter().map(|(n, _)| *n).collect(),
-    };
+    let repeated = if world == 1 { flat } else { Tensor::cat(vec![flat; world], 0) };
+    let splits = Splits { send: vec![rows; world], recv: sizes.iter().map(|(n, _)| *n).collect() };
     let gathered = all_to_all(repeated, &splits, comm, None)?;
     let mut out = dims;
     out[0] = splits.recv.iter().sum();
@@ -127,19 +97,13 @@ pub fn all_gather<B: MoeBackend, const D: usize>(
 
 /// The element-wise sum of every rank's `x` (same shape on every rank), on every rank.
 /// Backward: the all-reduce of the gradients.
-pub fn all_reduce<B: MoeBackend, const D: usize>(
-    x: Tensor<B, D>,
-    comm: &Comm,
-) -> Result<Tensor<B, D>, CommError> {
+pub fn all_reduce<B: MoeBackend, const D: usize>(x: Tensor<B, D>, comm: &Comm) -> Result<Tensor<B, D>, CommError> {
     let dims = x.dims();
     let numel: usize = dims.iter().product();
     let gathered = all_gather(x.reshape([1, numel]), comm)?;
     let [world, _] = gathered.dims();
     if world != comm.world_size() {
-        return Err(comm.shape_error(
-            "all_reduce",
-            format!("x {dims:?} has a different shape on another rank"),
-        ));
+        return Err(comm.shape_error("all_reduce", format!("x {dims:?} has a different shape on another rank")));
     }
     Ok(gathered.sum_dim(0).reshape(dims))
 }
@@ -161,10 +125,7 @@ impl<B: Fp8Backend> RowPart<B> {
             None => RowPart::F32(x),
             Some(config) => {
                 let q = Fp8Tensor::quantize(x, config);
-                RowPart::Fp8 {
-                    data: q.data().clone(),
-                    scales: q.scales().clone(),
-                }
+                RowPart::Fp8 { data: q.data().clone(), scales: q.scales().clone() }
             }
         }
     }
@@ -173,21 +134,14 @@ impl<B: Fp8Backend> RowPart<B> {
 /// The all-to-all on a plain backend (the default of [`MoeBackend::moe_all_to_all`]):
 /// slice, exchange through the communicator (one exchange for f32 rows; FP8 codes, then
 /// their scales), move onto this rank's device, concatenate.
-pub(crate) fn all_to_all_rows<B: Fp8Backend>(
-    x: Tensor<B, 2>,
-    splits: &Splits,
-    comm: &Comm,
-    fp8: Option<QuantConfig>,
-) -> Result<Tensor<B, 2>, CommError> {
+pub(crate) fn all_to_all_rows<B: Fp8Backend>(x: Tensor<B, 2>, splits: &Splits, comm: &Comm, fp8: Option<QuantConfig>) -> Result<Tensor<B, 2>, CommError> {
     let [_, d] = x.dims();
     let device = x.device();
     let mut start = 0;
     let mut parts = Vec::with_capacity(splits.send.len());
     for &n in &splits.send {
         start += n;
-        parts.push(
-            (n > 0 && d > 0).then(|| RowPart::new(x.clone().slice([start - n..start, 0..d]), fp8)),
-        );
+        parts.push((n > 0 && d > 0).then(|| RowPart::new(x.clone().slice([start - n..start, 0..d]), fp8)));
     }
     let rows: Vec<Option<Tensor<B, 2>>> = match fp8 {
         None => {
@@ -216,33 +170,28 @@ pub(crate) fn all_to_all_rows<B: Fp8Backend>(
             let local = data.iter().flatten().next().map(|t| t.dtype());
             let words = data.into_iter().map(|t| t.map(|t| if t.dtype() == DType::U32 { t } else { t.cast(IntDType::U32) })).collect();
             let data: Vec<Option<Tensor<B, 2, Int>>> = comm.exchange_tensors("all_to_all fp8 codes", words, &device)?;
-            let data: Vec<_> = data.into_iter().map(|t| t.map(|t| match local { Some(DType::I64) => t.cast(IntDType::I64), Some(DType::I32) => t.cast(IntDType::I32), _ => t })).collect();
+            let data: Vec<_> = data
+                .into_iter()
+                .map(|t| {
+                    t.map(|t| match local {
+                        Some(DType::I64) => t.cast(IntDType::I64),
+                        Some(DType::I32) => t.cast(IntDType::I32),
+                        _ => t,
+                    })
+                })
+                .collect();
             let scales = comm.exchange_tensors("all_to_all fp8 scales", scales, &device)?;
             let mut rows = Vec::with_capacity(data.len());
             for (src, (data, scales)) in data.into_iter().zip(scales).enumerate() {
                 rows.push(match (data, scales) {
                     (Some(data), Some(scales)) => {
                         let n = splits.recv[src];
-                        let q =
-                            Fp8Tensor::from_parts(data, scales, [n, d], config).map_err(|e| {
-                                comm.shape_error(
-                                    "all_to_all",
-                                    format!(
-                                        "rank {src}'s FP8 part does not hold {n} rows of {d}: {e}"
-                                    ),
-                                )
-                            })?;
+                        let q = Fp8Tensor::from_parts(data, scales, [n, d], config)
+                            .map_err(|e| comm.shape_error("all_to_all", format!("rank {src}'s FP8 part does not hold {n} rows of {d}: {e}")))?;
                         Some(q.dequantize())
                     }
                     (None, None) => None,
-                    _ => {
-                        return Err(comm.shape_error(
-                            "all_to_all",
-                            format!(
-                                "rank {src} sent FP8 codes without scales or scales without codes"
-                            ),
-                        ))
-                    }
+                    _ => return Err(comm.shape_error("all_to_all", format!("rank {src} sent FP8 codes without scales or scales without codes"))),
                 });
             }
             rows
@@ -253,10 +202,7 @@ pub(crate) fn all_to_all_rows<B: Fp8Backend>(
         let n = part.as_ref().map_or(0, |p| p.dims()[0]);
         // A zero-width tensor travels as no part: its rows are known from the splits.
         if n != expected && d > 0 {
-            let detail = format!(
-                "rank {src} sent {n} rows, recv splits {:?} expect {expected}",
-                splits.recv
-            );
+            let detail = format!("rank {src} sent {n} rows, recv splits {:?} expect {expected}", splits.recv);
             return Err(comm.shape_error("all_to_all", detail));
         }
         out.extend(part);

@@ -16,8 +16,8 @@
 //! [`grouped_row_tile()`], shared with the FP8 grouped GEMM), and surplus cubes exit.
 //! Empty experts get no tile in the forward and a zero gradient.
 
-use burn_cubecl::{tensor::CubeTensor, CubeRuntime};
 use super::grouped_direct;
+use burn_cubecl::{tensor::CubeTensor, CubeRuntime};
 use burn_fp8::kernel::groups::{grouped_row_tile, grouped_tile_count};
 use cubecl::prelude::*;
 
@@ -258,14 +258,7 @@ impl Staging {
 
 /// `out [R, N]` (contiguous f32, every row written) from `a [R, K]`, `b` (`[E, K, N]`, or
 /// `[E, N, K]` with `transpose_b`) and `offsets [E + 1]` (u32).
-pub fn launch_grouped_matmul<R: CubeRuntime>(
-    a: CubeTensor<R>,
-    b: CubeTensor<R>,
-    offsets: CubeTensor<R>,
-    out: CubeTensor<R>,
-    transpose_b: bool,
-    staging: Staging,
-) {
+pub fn launch_grouped_matmul<R: CubeRuntime>(a: CubeTensor<R>, b: CubeTensor<R>, offsets: CubeTensor<R>, out: CubeTensor<R>, transpose_b: bool, staging: Staging) {
     let client = a.client.clone();
     let [rows, k] = [a.meta.shape()[0], a.meta.shape()[1]];
     let n = out.meta.shape()[1];
@@ -304,8 +297,8 @@ pub fn launch_grouped_wgrad<R: CubeRuntime>(a: CubeTensor<R>, d: CubeTensor<R>, 
 #[cfg(test)]
 mod tests {
     use super::{launch_grouped_matmul, launch_grouped_wgrad, Staging};
-    use burn::tensor::{Distribution, Int, Tensor, TensorData, TensorPrimitive};
     use burn::backend::NdArray;
+    use burn::tensor::{Distribution, Int, Tensor, TensorData, TensorPrimitive};
 
     type Cube = burn_cubecl::CubeBackend<burn::backend::wgpu::WgpuRuntime, f32, i32, u32>;
 
@@ -335,7 +328,12 @@ mod tests {
         let counts = [0usize, 1, 37, 0, 5, 80];
         let e = counts.len();
         let rows: usize = counts.iter().sum();
-        let offsets: Vec<i64> = std::iter::once(0).chain(counts.iter().scan(0, |acc, &c| { *acc += c; Some(*acc as i64) })).collect();
+        let offsets: Vec<i64> = std::iter::once(0)
+            .chain(counts.iter().scan(0, |acc, &c| {
+                *acc += c;
+                Some(*acc as i64)
+            }))
+            .collect();
         let random = |shape: Vec<usize>| Tensor::<NdArray, 1>::random([shape.iter().product::<usize>()], Distribution::Normal(0.0, 1.0), &Default::default());
         let a = random(vec![rows, k]);
         let b = random(vec![e, k, n]);

@@ -232,7 +232,6 @@ pub fn direct_wgrad_kernel<N: Size>(
     }
 }
 
-
 /// Column vectors per unit of [`direct_matmul_kernel`](fn@direct_matmul_kernel): 4 (8 rows × 4 vectors: 9.7 GFLOP/s
 /// on lavapipe for v3-slim's up projection, against 7.6 with 2).
 const TILE_N: usize = 4;

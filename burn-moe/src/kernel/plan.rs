@@ -10,14 +10,7 @@ use burn_cubecl::{tensor::CubeTensor, CubeRuntime};
 use cubecl::prelude::*;
 
 #[cube(launch)]
-fn plan_kernel(
-    indices: &Array<u32>,
-    counts: &Array<u32>,
-    positions: &mut Array<u32>,
-    row_slots: &mut Array<u32>,
-    offsets: &mut Array<u32>,
-    n_experts: usize,
-) {
+fn plan_kernel(indices: &Array<u32>, counts: &Array<u32>, positions: &mut Array<u32>, row_slots: &mut Array<u32>, offsets: &mut Array<u32>, n_experts: usize) {
     let e = ABSOLUTE_POS;
     if e >= n_experts {
         terminate!();
@@ -45,13 +38,7 @@ fn plan_kernel(
 /// Fills `positions [S]`, `row_slots [S]` and `offsets [E + 1]` (all u32, contiguous) from
 /// the flat expert `indices [S]` and `counts [E]` (u32). Counts must be those of the
 /// indices (the router computes both); slots of out-of-range experts are not written.
-pub fn launch_plan<R: CubeRuntime>(
-    indices: CubeTensor<R>,
-    counts: CubeTensor<R>,
-    positions: CubeTensor<R>,
-    row_slots: CubeTensor<R>,
-    offsets: CubeTensor<R>,
-) {
+pub fn launch_plan<R: CubeRuntime>(indices: CubeTensor<R>, counts: CubeTensor<R>, positions: CubeTensor<R>, row_slots: CubeTensor<R>, offsets: CubeTensor<R>) {
     let client = indices.client.clone();
     let n_experts = counts.meta.shape()[0];
     if n_experts == 0 {

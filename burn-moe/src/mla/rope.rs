@@ -79,4 +79,3 @@ impl RotaryTable {
         Tensor::cat(vec![x1.clone() * cos.clone() - x2.clone() * sin.clone(), x2 * cos + x1 * sin], 3)
     }
 }
-

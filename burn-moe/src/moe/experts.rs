@@ -3,10 +3,10 @@
 
 use crate::backend::MoeBackend;
 use crate::dispatch::{grouped_matmul, grouped_matmul_fp8, DispatchPlan};
-use burn_fp8::linear::{Fp8Recipe, LinearLayer};
 use burn::module::{Module, Param};
 use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::tensor::{activation::silu, backend::Backend, Tensor};
+use burn_fp8::linear::{Fp8Recipe, LinearLayer};
 
 /// `E` SwiGLU experts `x ↦ (silu(x·W_gate) ⊙ (x·W_up)) · W_down`, stacked, run in f32 or,
 /// with an FP8 recipe, through the FP8 grouped GEMM ([`grouped_matmul_fp8`]).

@@ -35,10 +35,10 @@ use crate::backend::MoeBackend;
 use crate::dispatch::{combine, dispatch, DispatchPlan};
 use crate::router::{route, scores, sequence_balance_loss, update_bias, RouterConfig, RouterError, Routing};
 use burn::config::Config;
-use burn_fp8::linear::Fp8Recipe;
 use burn::module::{Module, Param, ParamId};
 use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::tensor::{backend::Backend, Int, Tensor};
+use burn_fp8::linear::Fp8Recipe;
 
 /// Configuration of a [`Moe`] layer. Presets: [`MoeConfig::deepseek_v3`], [`MoeConfig::tiny`].
 #[derive(Config, Debug)]

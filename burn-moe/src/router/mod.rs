@@ -92,16 +92,7 @@ impl RouterConfig {
     /// DeepSeek-V3: 256 experts, 8 per token, 8 groups of which 4 may be used, sigmoid
     /// scores, top-2-sum group score, normalized weights scaled by 2.5.
     pub const fn deepseek_v3() -> Self {
-        Self {
-            n_experts: 256,
-            top_k: 8,
-            n_groups: 8,
-            topk_groups: 4,
-            score_fn: ScoreFn::Sigmoid,
-            group_score: GroupScore::TopTwoSum,
-            normalize: true,
-            route_scale: 2.5,
-        }
+        Self { n_experts: 256, top_k: 8, n_groups: 8, topk_groups: 4, score_fn: ScoreFn::Sigmoid, group_score: GroupScore::TopTwoSum, normalize: true, route_scale: 2.5 }
     }
 
     /// DeepSeek-V3's rules at toy size: 16 experts, 4 per token, 4 groups of which 2.
@@ -188,10 +179,7 @@ impl core::fmt::Display for RouterError {
             Self::TopK { top_k, n_experts } => write!(f, "top_k {top_k} must be in 1..={n_experts} (the routed experts)"),
             Self::Groups { n_groups, n_experts } => write!(f, "n_groups {n_groups} must divide n_experts {n_experts}"),
             Self::TopKGroups { topk_groups, n_groups } => write!(f, "topk_groups {topk_groups} must be in 1..={n_groups} (n_groups)"),
-            Self::Unreachable { top_k, reachable, topk_groups, group_size } => write!(
-                f,
-                "top_k {top_k} exceeds the {reachable} experts of {topk_groups} groups of {group_size}"
-            ),
+            Self::Unreachable { top_k, reachable, topk_groups, group_size } => write!(f, "top_k {top_k} exceeds the {reachable} experts of {topk_groups} groups of {group_size}"),
             Self::Shape { what, got, expected } => write!(f, "router {what} has shape {got:?}, expected {expected:?}"),
             Self::NonFinite { positions, count } => {
                 write!(f, "{count} router logit(s) are NaN or infinite; first at [token, expert] {positions:?}")
