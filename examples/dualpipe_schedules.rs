@@ -12,30 +12,41 @@
 
 use burn_dualpipe::schedule::{validate, Schedule, ScheduleKind};
 use burn_dualpipe::{simulate, Costs};
+use clap::Parser;
 use std::path::PathBuf;
 
-fn main() {
-    let (mut ranks, mut micro_batches, mut out) = (8usize, 20usize, PathBuf::from("target/dualpipe"));
-    let mut costs = Costs { forward: 1.0, backward: 2.0, weight: 1.0, forward_backward: 2.5 };
-    let mut args = std::env::args().skip(1);
-    while let Some(flag) = args.next() {
-        let mut value = || args.next().unwrap_or_else(|| panic!("{flag} needs a value"));
-        match flag.as_str() {
-            "--ranks" => ranks = value().parse().expect("rank count"),
-            "--micro-batches" => micro_batches = value().parse().expect("micro-batch count"),
-            "--out" => out = value().into(),
-            "--costs" => {
-                let v: Vec<f64> = value().split(',').map(|x| x.parse().expect("a time")).collect();
-                assert_eq!(v.len(), 4, "--costs takes F,B,W,FB");
-                costs = Costs { forward: v[0], backward: v[1], weight: v[2], forward_backward: v[3] };
-            }
-            "--help" | "-h" => {
-                println!("dualpipe_schedules [--ranks P] [--micro-batches M] [--costs F,B,W,FB] [--out DIR]");
-                return;
-            }
-            other => panic!("unknown flag {other}; see --help"),
-        }
+#[path = "common/flags.rs"]
+mod flags;
+use flags::at_least_one;
+
+/// Every pipeline schedule's program for `--ranks` ranks, validated, simulated and drawn.
+#[derive(Parser, Debug)]
+struct Args {
+    /// Pipeline ranks.
+    #[arg(long, default_value_t = 8, value_parser = at_least_one)]
+    ranks: usize,
+    /// Micro-batches per step.
+    #[arg(long = "micro-batches", default_value_t = 20, value_parser = at_least_one)]
+    micro_batches: usize,
+    /// Pass times F,B,W,FB (forward, input backward, weight backward, overlapped forward and backward).
+    #[arg(long, default_value = "1,2,1,2.5", value_parser = pass_costs, allow_hyphen_values = true)]
+    costs: Costs,
+    /// Output directory (SVG timelines).
+    #[arg(long, default_value = "target/dualpipe")]
+    out: PathBuf,
+}
+
+/// `F,B,W,FB`: four non-negative finite times.
+fn pass_costs(s: &str) -> Result<Costs, String> {
+    let v: Vec<f64> = s.split(',').map(|x| x.trim().parse::<f64>().map_err(|e| format!("{x:?}: {e}"))).collect::<Result<_, _>>()?;
+    match v[..] {
+        [forward, backward, weight, forward_backward] if v.iter().all(|t| t.is_finite() && *t >= 0.0) => Ok(Costs { forward, backward, weight, forward_backward }),
+        _ => Err(format!("{s:?}: four non-negative times F,B,W,FB")),
     }
+}
+
+fn main() {
+    let Args { ranks, micro_batches, costs, out } = Args::parse();
     std::fs::create_dir_all(&out).expect("output directory");
     println!("{ranks} ranks, {micro_batches} micro-batches, {costs:?}");
     println!("{:>10} | {:>7} | {:>9} | {:>11} | {:>13} | {:>8}", "schedule", "stages", "makespan", "max bubble", "Table 2 bound", "idle");

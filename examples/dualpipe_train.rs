@@ -28,42 +28,41 @@ use burn::tensor::{Distribution, Tensor, TensorData};
 use burn_dualpipe::executor::{Pipeline, PipelineStage};
 use burn_dualpipe::schedule::{Schedule, ScheduleKind};
 use burn_dualpipe::{predict, simulate, Costs, Timeline};
+use clap::Parser;
 use std::path::PathBuf;
 use std::time::Instant;
 
-struct Args {
-    backend: String,
-    ranks: usize,
-    micro_batches: usize,
-    steps: usize,
-    width: usize,
-    rows: usize,
-    blocks: usize,
-    out: PathBuf,
-}
+#[path = "common/flags.rs"]
+mod flags;
+use flags::at_least_one;
 
-fn args() -> Args {
-    let mut a = Args { backend: "ndarray".into(), ranks: 2, micro_batches: 8, steps: 12, width: 256, rows: 64, blocks: 2, out: "target/dualpipe".into() };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
-        match flag.as_str() {
-            "--backend" => a.backend = value(),
-            "--ranks" => a.ranks = value().parse().expect("rank count"),
-            "--micro-batches" => a.micro_batches = value().parse().expect("micro-batch count"),
-            "--steps" => a.steps = value().parse().expect("step count"),
-            "--width" => a.width = value().parse().expect("width"),
-            "--rows" => a.rows = value().parse().expect("rows per micro-batch"),
-            "--blocks" => a.blocks = value().parse().expect("blocks per DualPipeV stage"),
-            "--out" => a.out = value().into(),
-            "--help" | "-h" => {
-                println!("dualpipe_train [--backend ndarray|wgpu|cuda] [--ranks P] [--micro-batches M] [--steps N] [--width D] [--rows R] [--blocks K] [--out DIR]");
-                std::process::exit(0);
-            }
-            other => panic!("unknown flag {other}; see --help"),
-        }
-    }
-    a
+/// Every pipeline schedule trained on the same stage modules over several devices.
+#[derive(Parser, Debug)]
+struct Args {
+    /// Burn backend.
+    #[arg(long, default_value = "ndarray", value_parser = ["ndarray", "wgpu", "cuda"])]
+    backend: String,
+    /// Pipeline ranks.
+    #[arg(long, default_value_t = 2, value_parser = at_least_one)]
+    ranks: usize,
+    /// Micro-batches per step.
+    #[arg(long = "micro-batches", default_value_t = 8, value_parser = at_least_one)]
+    micro_batches: usize,
+    /// Training steps per schedule.
+    #[arg(long, default_value_t = 12, value_parser = at_least_one)]
+    steps: usize,
+    /// Model width.
+    #[arg(long, default_value_t = 256, value_parser = at_least_one)]
+    width: usize,
+    /// Rows per micro-batch.
+    #[arg(long, default_value_t = 64, value_parser = at_least_one)]
+    rows: usize,
+    /// Blocks per DualPipeV stage.
+    #[arg(long, default_value_t = 2, value_parser = at_least_one)]
+    blocks: usize,
+    /// Output directory (timelines).
+    #[arg(long, default_value = "target/dualpipe")]
+    out: PathBuf,
 }
 
 /// A pre-norm residual MLP block.
@@ -213,7 +212,7 @@ fn measure<B: AutodiffBackend<Gradients = Gradients>>(a: &Args, devices: Vec<B::
 }
 
 fn main() {
-    let a = args();
+    let a = Args::parse();
     match a.backend.as_str() {
         "ndarray" => measure::<burn::backend::Autodiff<burn::backend::NdArray>>(&a, vec![Default::default(); a.ranks]),
         "wgpu" => measure::<burn::backend::Autodiff<burn::backend::Wgpu>>(&a, vec![Default::default(); a.ranks]),

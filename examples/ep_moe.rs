@@ -31,40 +31,47 @@ use std::time::{Duration, Instant};
 #[path = "common/timing.rs"]
 mod timing;
 use timing::time;
+#[path = "common/flags.rs"]
+mod flags;
+use clap::Parser;
+use flags::at_least_one;
 
+/// Expert parallelism in one process against one device on the whole batch.
+#[derive(Parser, Debug)]
 struct Args {
+    /// Burn backend.
+    #[arg(long, default_value = "ndarray", value_parser = ["ndarray", "wgpu", "cuda"])]
     backend: String,
+    /// Rank counts to measure, comma-separated, each 2 or more and dividing the layer's
+    /// experts (default 2 and 4, as the backend's devices allow).
+    #[arg(long, value_delimiter = ',', value_parser = expert_ranks)]
     ranks: Vec<usize>,
+    /// Tokens per rank.
+    #[arg(long, default_value_t = 256, value_parser = at_least_one)]
     tokens: usize,
+    /// Steps timed per measurement.
+    #[arg(long, default_value_t = 5, value_parser = at_least_one)]
     steps: usize,
+    /// How rows move between ranks: through host memory or device to device.
+    #[arg(long, default_value = "host", value_parser = transport)]
     transport: Transport,
 }
 
-fn parse_args() -> Args {
-    let mut args = Args { backend: "ndarray".into(), ranks: Vec::new(), tokens: 256, steps: 5, transport: Transport::Host };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
-        match flag.as_str() {
-            "--backend" => args.backend = value(),
-            "--ranks" => args.ranks = value().split(',').map(|r| r.parse().expect("rank count")).collect(),
-            "--tokens" => args.tokens = value().parse().expect("tokens per rank"),
-            "--steps" => args.steps = value().parse().expect("steps"),
-            "--transport" => {
-                args.transport = match value().as_str() {
-                    "host" => Transport::Host,
-                    "device" => Transport::Device,
-                    other => panic!("transport {other:?}: host or device"),
-                }
-            }
-            "--help" | "-h" => {
-                println!("ep_moe [--backend ndarray|wgpu|cuda] [--ranks N,...] [--tokens T] [--steps S] [--transport host|device]");
-                std::process::exit(0);
-            }
-            other => panic!("unknown flag {other}; see --help"),
-        }
+fn expert_ranks(s: &str) -> Result<usize, String> {
+    let (n, experts) = (at_least_one(s)?, config().router.n_experts);
+    if n >= 2 && experts.is_multiple_of(n) {
+        Ok(n)
+    } else {
+        Err(format!("{n} ranks: expert parallelism needs 2 or more ranks that divide the layer's {experts} experts"))
     }
-    args
+}
+
+fn transport(s: &str) -> Result<Transport, String> {
+    match s {
+        "host" => Ok(Transport::Host),
+        "device" => Ok(Transport::Device),
+        _ => Err("host or device".into()),
+    }
 }
 
 /// DeepSeek-V3's routing rules at a CPU-friendly size: d_model 512, 16 experts of width
@@ -171,7 +178,7 @@ where
 }
 
 fn main() {
-    let args = parse_args();
+    let args = Args::parse();
     match args.backend.as_str() {
         #[cfg(feature = "ndarray")]
         "ndarray" => bench::<Autodiff<burn::backend::NdArray>>("ndarray (reference ops, ranks share the CPU)", vec![Default::default(); 4], &args),

@@ -12,56 +12,37 @@
 //! `matmul` on the unquantized tensors, with effective throughput (2·M·N·K / time) and the
 //! ratio of Burn's time to ours. It first checks the result against the f32 product.
 
-use burn::tensor::{backend::Backend, Distribution, Tensor};
+use burn::tensor::{Distribution, Tensor};
+use burn_fp8::host::calc_diff;
 use burn_fp8::{fp8_gemm, Fp8Backend, Fp8Tensor, QuantConfig};
-use std::time::{Duration, Instant};
+use clap::Parser;
+use std::time::Duration;
 
+#[path = "common/timing.rs"]
+mod timing;
+use timing::time;
+
+/// FP8 tile-scaled GEMM against Burn's f32 matmul on the same device.
+#[derive(Parser, Debug)]
 struct Args {
+    /// Burn backend.
+    #[arg(long, default_value = "wgpu", value_parser = ["wgpu", "cuda", "ndarray"])]
     backend: String,
+    /// GEMM shapes MxNxK, comma-separated (default per backend).
+    #[arg(long, value_delimiter = ',', value_parser = shape)]
     shapes: Vec<[usize; 3]>,
-    min_time: Duration,
+    /// Minimum measuring time per figure, in milliseconds.
+    #[arg(long = "min-time-ms", default_value_t = 1500, value_parser = clap::value_parser!(u64).range(1..))]
+    min_time_ms: u64,
 }
 
-fn parse_args() -> Args {
-    let mut args = Args { backend: "wgpu".into(), shapes: Vec::new(), min_time: Duration::from_millis(1500) };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
-        match flag.as_str() {
-            "--backend" => args.backend = value(),
-            "--shapes" => {
-                args.shapes = value()
-                    .split(',')
-                    .map(|s| {
-                        let dims: Vec<usize> = s.split('x').map(|d| d.parse().expect("shape MxNxK")).collect();
-                        assert_eq!(dims.len(), 3, "shape {s:?} is not MxNxK");
-                        [dims[0], dims[1], dims[2]]
-                    })
-                    .collect()
-            }
-            "--min-time-ms" => args.min_time = Duration::from_millis(value().parse().expect("milliseconds")),
-            "--help" | "-h" => {
-                println!("fp8_gemm [--backend wgpu|cuda|ndarray] [--shapes MxNxK,...] [--min-time-ms N]");
-                std::process::exit(0);
-            }
-            other => panic!("unknown flag {other}; see --help"),
-        }
+/// `MxNxK`, each at least 1.
+fn shape(s: &str) -> Result<[usize; 3], String> {
+    let dims: Vec<usize> = s.split('x').map(|d| d.parse::<usize>().map_err(|e| format!("{s:?}: {e}"))).collect::<Result<_, _>>()?;
+    match dims[..] {
+        [m, n, k] if m > 0 && n > 0 && k > 0 => Ok([m, n, k]),
+        _ => Err(format!("{s:?} is not MxNxK with every dimension at least 1")),
     }
-    args
-}
-
-/// Mean time of `f` over at least 3 runs and `min_time`, after one warm-up run.
-fn time<B: Backend>(device: &B::Device, min_time: Duration, mut f: impl FnMut()) -> Duration {
-    f();
-    B::sync(device).expect("device sync");
-    let start = Instant::now();
-    let mut runs = 0u32;
-    while runs < 3 || start.elapsed() < min_time {
-        f();
-        B::sync(device).expect("device sync");
-        runs += 1;
-    }
-    start.elapsed() / runs
 }
 
 /// Throughput unit: TFLOP/s on GPUs, GFLOP/s where a CPU runs the kernels.
@@ -82,21 +63,15 @@ fn bench<B: Fp8Backend>(device: B::Device, name: &str, unit: Unit, args: &Args, 
         let xq = Fp8Tensor::quantize(x.clone(), QuantConfig::activation());
 
         // Correctness on this very data: DeepGEMM's whole-output difference vs f32.
-        let ours = fp8_gemm(&xq, &wq);
-        let exact = x.clone().matmul(wt.clone());
-        let xy = (ours.clone() * exact.clone()).sum().into_scalar().elem::<f64>();
-        let sq = (ours.clone() * ours + exact.clone() * exact).sum().into_scalar().elem::<f64>();
-        let diff = if sq == 0.0 { 0.0 } else { 1.0 - 2.0 * xy / sq };
+        let host = |t: Tensor<B, 2>| t.into_data().convert::<f64>().to_vec::<f64>().expect("f64 values");
+        let diff = calc_diff(&host(fp8_gemm(&xq, &wq)), &host(x.clone().matmul(wt.clone())));
 
-        let t_gemm = time::<B>(&device, args.min_time, || {
-            let _ = fp8_gemm(&xq, &wq);
-        });
-        let t_quant_gemm = time::<B>(&device, args.min_time, || {
-            let _ = fp8_gemm(&Fp8Tensor::quantize(x.clone(), QuantConfig::activation()), &wq);
-        });
-        let t_f32 = time::<B>(&device, args.min_time, || {
-            let _ = x.clone().matmul(wt.clone());
-        });
+        // Each product is kept until the device sync (a fused backend may skip work whose
+        // result is dropped unread).
+        let min_time = Duration::from_millis(args.min_time_ms);
+        let t_gemm = time::<B, _>(&device, min_time, usize::MAX, || fp8_gemm(&xq, &wq));
+        let t_quant_gemm = time::<B, _>(&device, min_time, usize::MAX, || fp8_gemm(&Fp8Tensor::quantize(x.clone(), QuantConfig::activation()), &wq));
+        let t_f32 = time::<B, _>(&device, min_time, usize::MAX, || x.clone().matmul(wt.clone()));
         let flops = 2.0 * (m * n * k) as f64;
         let tflops = |t: Duration| flops / t.as_secs_f64() / unit.1;
         let ms = |t: Duration| format!("{:.3} ms", t.as_secs_f64() * 1e3);
@@ -114,12 +89,11 @@ fn bench<B: Fp8Backend>(device: B::Device, name: &str, unit: Unit, args: &Args, 
         );
     }
     println!("speedup = f32 matmul time / fp8 gemm time (pre-quantized operands); calc_diff vs the f32 product.");
+    println!("Without FP8 matrix units (a CPU, lavapipe) FP8 decodes in software: its payoff there is memory (1 byte per operand element instead of 4), not time.");
 }
 
-use burn::tensor::ElementConversion;
-
 fn main() {
-    let args = parse_args();
+    let args = Args::parse();
     match args.backend.as_str() {
         #[cfg(feature = "wgpu")]
         "wgpu" => bench::<burn::backend::Wgpu>(

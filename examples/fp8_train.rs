@@ -38,43 +38,50 @@ use std::time::{Duration, Instant};
 #[path = "common/corpus.rs"]
 mod corpus;
 use corpus::{corpus, Batches};
+#[path = "common/flags.rs"]
+mod flags;
+use clap::error::ErrorKind;
+use clap::{CommandFactory, Parser};
+use flags::{at_least_one, positive};
 
-#[derive(Clone, Debug)]
+/// A small transformer language model trained with f32 `Linear` and with `Fp8Linear`
+/// from the same weights on the same batches.
+#[derive(Parser, Clone, Debug)]
 struct Args {
+    /// Burn backend.
+    #[arg(long, default_value = "ndarray", value_parser = ["ndarray", "wgpu", "cuda"])]
     backend: String,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 300, value_parser = at_least_one)]
     steps: usize,
+    /// Rows per step.
+    #[arg(long, default_value_t = 8, value_parser = at_least_one)]
     batch: usize,
+    /// Tokens per row.
+    #[arg(long, default_value_t = 64, value_parser = at_least_one)]
     seq: usize,
+    /// Model width (a multiple of --heads).
+    #[arg(long = "d-model", default_value_t = 256, value_parser = at_least_one)]
     d_model: usize,
+    /// Transformer blocks.
+    #[arg(long, default_value_t = 2, value_parser = at_least_one)]
     layers: usize,
+    /// Attention heads.
+    #[arg(long, default_value_t = 4, value_parser = at_least_one)]
     heads: usize,
+    /// Learning rate.
+    #[arg(long, default_value_t = 2e-3, value_parser = positive, allow_hyphen_values = true)]
     lr: f64,
+    /// Seed of the weights and batches.
+    #[arg(long, default_value_t = 7)]
     seed: u64,
 }
 
 fn parse_args() -> Args {
-    let mut a = Args { backend: "ndarray".into(), steps: 300, batch: 8, seq: 64, d_model: 256, layers: 2, heads: 4, lr: 2e-3, seed: 7 };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
-        match flag.as_str() {
-            "--backend" => a.backend = value(),
-            "--steps" => a.steps = value().parse().expect("--steps N"),
-            "--batch" => a.batch = value().parse().expect("--batch N"),
-            "--seq" => a.seq = value().parse().expect("--seq N"),
-            "--d-model" => a.d_model = value().parse().expect("--d-model N"),
-            "--layers" => a.layers = value().parse().expect("--layers N"),
-            "--heads" => a.heads = value().parse().expect("--heads N"),
-            "--lr" => a.lr = value().parse().expect("--lr X"),
-            "--seed" => a.seed = value().parse().expect("--seed N"),
-            "--help" | "-h" => {
-                println!("fp8_train [--backend ndarray|wgpu|cuda] [--steps N] [--batch N] [--seq N] [--d-model N] [--layers N] [--heads N] [--lr X] [--seed N]");
-                std::process::exit(0);
-            }
-            other => panic!("unknown flag {other}; see --help"),
-        }
+    let a = Args::parse();
+    if !a.d_model.is_multiple_of(a.heads) {
+        Args::command().error(ErrorKind::ArgumentConflict, format!("--d-model {} is not a multiple of --heads {}", a.d_model, a.heads)).exit();
     }
-    assert!(a.d_model.is_multiple_of(a.heads), "--d-model {} is not a multiple of --heads {}", a.d_model, a.heads);
     a
 }
 

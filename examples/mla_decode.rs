@@ -25,34 +25,29 @@ use std::time::Duration;
 #[path = "common/timing.rs"]
 mod timing;
 use timing::{time, time_step};
+#[path = "common/flags.rs"]
+mod flags;
+use clap::Parser;
+use flags::at_least_one;
 
+/// MLA decode over the paged latent cache: the layer, the kernel and the same op in Burn's ops.
+#[derive(Parser, Debug)]
 struct Args {
+    /// Burn backend.
+    #[arg(long, default_value = "wgpu", value_parser = ["wgpu", "cuda", "ndarray"])]
     backend: String,
+    /// Attention sizes.
+    #[arg(long, default_value = "small", value_parser = ["tiny", "small", "v3-slim", "v3"])]
     config: String,
+    /// Cached tokens per sequence, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "128,512", value_parser = at_least_one)]
     contexts: Vec<usize>,
+    /// Sequences decoded together.
+    #[arg(long, default_value_t = 4, value_parser = at_least_one)]
     batch: usize,
-    min_time: Duration,
-}
-
-fn parse_args() -> Args {
-    let mut a = Args { backend: "wgpu".into(), config: "small".into(), contexts: vec![128, 512], batch: 4, min_time: Duration::from_millis(1000) };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
-        match flag.as_str() {
-            "--backend" => a.backend = value(),
-            "--config" => a.config = value(),
-            "--contexts" => a.contexts = value().split(',').map(|t| t.parse().expect("context length")).collect(),
-            "--batch" => a.batch = value().parse().expect("batch"),
-            "--min-time-ms" => a.min_time = Duration::from_millis(value().parse().expect("milliseconds")),
-            "--help" | "-h" => {
-                println!("mla_decode [--backend wgpu|cuda|ndarray] [--config tiny|small|v3-slim|v3] [--contexts L,...] [--batch N] [--min-time-ms N]");
-                std::process::exit(0);
-            }
-            other => panic!("unknown flag {other}; see --help"),
-        }
-    }
-    a
+    /// Minimum measuring time per figure, in milliseconds.
+    #[arg(long = "min-time-ms", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    min_time_ms: u64,
 }
 
 fn config(name: &str) -> MlaConfig {
@@ -70,7 +65,7 @@ fn config(name: &str) -> MlaConfig {
             .with_qk_rope_head_dim(32)
             .with_v_head_dim(64)
             .with_rope_scaling(None),
-        other => panic!("unknown config {other} (tiny, small, v3-slim, v3)"),
+        other => unreachable!("clap accepts tiny, small, v3-slim and v3, not {other:?}"),
     }
 }
 
@@ -107,7 +102,7 @@ fn bench<B: MoeBackend>(a: &Args, device: &B::Device) {
             mla.prefill(Tensor::random([l, d], Distribution::Normal(0.0, 1.0), device), id, &mut cache).unwrap();
         }
         let x = Tensor::<B, 2>::random([n, d], Distribution::Normal(0.0, 1.0), device);
-        let t_mla = time::<B, _>(device, a.min_time, MAX_RUNS - 1, || mla.decode(x.clone(), &ids, &mut cache).unwrap());
+        let t_mla = time::<B, _>(device, Duration::from_millis(a.min_time_ms), MAX_RUNS - 1, || mla.decode(x.clone(), &ids, &mut cache).unwrap());
 
         // The attention op alone, on the cache as it is now.
         let q = Tensor::<B, 3>::random([n, h, config.cache_width()], Distribution::Normal(0.0, 0.05), device);
@@ -118,7 +113,7 @@ fn bench<B: MoeBackend>(a: &Args, device: &B::Device) {
         let lens = Tensor::<B, 1, Int>::from_data(TensorData::new(vec![len as i64; n], [n]), device);
         let rows = cache.rows();
         let r = config.kv_lora_rank;
-        let t_kernel = time::<B, _>(device, a.min_time, MAX_RUNS - 1, || {
+        let t_kernel = time::<B, _>(device, Duration::from_millis(a.min_time_ms), MAX_RUNS - 1, || {
             Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(B::mla_decode(
                 q.clone().into_primitive().tensor(),
                 rows.clone().into_primitive().tensor(),
@@ -127,7 +122,9 @@ fn bench<B: MoeBackend>(a: &Args, device: &B::Device) {
                 r,
             )))
         });
-        let t_ops = time::<B, _>(device, a.min_time, MAX_RUNS - 1, || reference::mla_decode(q.clone(), rows.clone(), page_table.clone(), lens.clone(), r, PAGE_SIZE));
+        let t_ops = time::<B, _>(device, Duration::from_millis(a.min_time_ms), MAX_RUNS - 1, || {
+            reference::mla_decode(q.clone(), rows.clone(), page_table.clone(), lens.clone(), r, PAGE_SIZE)
+        });
 
         // Burn's MHA with its cache: the whole sequence is passed, the cache computes the
         // new position's projections and attends over all keys. Each run fills a fresh
@@ -136,7 +133,7 @@ fn bench<B: MoeBackend>(a: &Args, device: &B::Device) {
         let seq = Tensor::<B, 3>::random([n, l + 1, d], Distribution::Normal(0.0, 1.0), device);
         let t_mha = time_step::<B, _, _>(
             device,
-            a.min_time,
+            Duration::from_millis(a.min_time_ms),
             || {
                 let mut cache = MhaCache::autoregressive();
                 let warm = mha.forward_cache(MhaInput::self_attn(seq.clone().slice([0..n, 0..l, 0..d])), &mut cache).context;
@@ -167,7 +164,7 @@ fn bench<B: MoeBackend>(a: &Args, device: &B::Device) {
 }
 
 fn main() {
-    let a = parse_args();
+    let a = Args::parse();
     match a.backend.as_str() {
         "wgpu" => bench::<burn::backend::Wgpu>(&a, &Default::default()),
         "ndarray" => bench::<burn::backend::NdArray>(&a, &Default::default()),

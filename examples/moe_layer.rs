@@ -20,7 +20,8 @@
 //!   of token rows; `select` of expert rows, weight and `sum_dim`), in GB/s of rows moved.
 
 use burn::backend::Autodiff;
-use burn::tensor::{backend::Backend, Distribution, ElementConversion, Int, Tensor};
+use burn::tensor::{Distribution, ElementConversion, Int, Tensor};
+use burn_fp8::host::calc_diff;
 use burn_fp8::linear::Fp8Recipe;
 use burn_fp8::{fp8_grouped_gemm, Fp8Tensor};
 use burn_moe::dispatch::{combine, dispatch, grouped_matmul, grouped_matmul_fp8, DispatchPlan};
@@ -28,45 +29,32 @@ use burn_moe::moe::forward_naive;
 use burn_moe::reference;
 use burn_moe::router::{route, RouterConfig};
 use burn_moe::{Moe, MoeBackend, MoeConfig};
+use clap::Parser;
 use std::time::Duration;
 
 #[path = "common/timing.rs"]
 mod timing;
 use timing::time;
 
+/// The DeepSeekMoE layer against the naive loop over experts, its expert GEMM and its
+/// dispatch/combine kernels against Burn's ops.
+#[derive(Parser, Debug)]
 struct Args {
+    /// Burn backend.
+    #[arg(long, default_value = "wgpu", value_parser = ["wgpu", "cuda", "ndarray", "flex"])]
     backend: String,
-    config: String,
-    tokens: Vec<usize>,
-    min_time: Duration,
+    /// Layer sizes (default v3-slim).
+    #[arg(long, value_parser = ["tiny", "v3-slim", "v3"])]
+    config: Option<String>,
+    /// Token counts, comma-separated (default per backend).
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..))]
+    tokens: Vec<u32>,
+    /// Minimum measuring time per figure, in milliseconds.
+    #[arg(long = "min-time-ms", default_value_t = 1500, value_parser = clap::value_parser!(u64).range(1..))]
+    min_time_ms: u64,
+    /// Tables to print, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "layer,gemm,movement", value_parser = ["layer", "gemm", "movement"])]
     tables: Vec<String>,
-}
-
-fn parse_args() -> Args {
-    let mut args = Args {
-        backend: "wgpu".into(),
-        config: String::new(),
-        tokens: Vec::new(),
-        min_time: Duration::from_millis(1500),
-        tables: vec!["layer".into(), "gemm".into(), "movement".into()],
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
-        match flag.as_str() {
-            "--backend" => args.backend = value(),
-            "--config" => args.config = value(),
-            "--tokens" => args.tokens = value().split(',').map(|t| t.parse().expect("token count")).collect(),
-            "--min-time-ms" => args.min_time = Duration::from_millis(value().parse().expect("milliseconds")),
-            "--tables" => args.tables = value().split(',').map(String::from).collect(),
-            "--help" | "-h" => {
-                println!("moe_layer [--backend wgpu|cuda|ndarray|flex] [--config tiny|v3-slim|v3] [--tokens T,...] [--min-time-ms N] [--tables layer,gemm,movement]");
-                std::process::exit(0);
-            }
-            other => panic!("unknown flag {other}; see --help"),
-        }
-    }
-    args
 }
 
 /// The layer sizes: `tiny`; `v3-slim`, DeepSeek-V3's routing rules (top-8 of 8 groups,
@@ -76,7 +64,7 @@ fn config(name: &str) -> MoeConfig {
         "tiny" => MoeConfig::tiny(),
         "v3-slim" => MoeConfig::new(896, 256, 1, RouterConfig { n_experts: 64, ..RouterConfig::deepseek_v3() }),
         "v3" => MoeConfig::deepseek_v3(),
-        other => panic!("unknown config {other:?}: tiny, v3-slim or v3"),
+        other => unreachable!("clap accepts tiny, v3-slim and v3, not {other:?}"),
     }
 }
 
@@ -127,13 +115,6 @@ fn layer<B: MoeBackend>(device: &B::Device, config: &MoeConfig, tokens: &[usize]
     println!("fp8 fwd = the layer with FP8 experts (Fp8Recipe::deepseek_v3), against the same naive time.");
 }
 
-/// DeepGEMM's `calc_diff`: `1 − 2Σxy / Σ(x² + y²)`.
-fn calc_diff<B: Backend>(x: Tensor<B, 2>, y: Tensor<B, 2>) -> f64 {
-    let xy = (x.clone() * y.clone()).sum().into_scalar().elem::<f64>();
-    let sq = (x.powi_scalar(2) + y.powi_scalar(2)).sum().into_scalar().elem::<f64>();
-    1.0 - 2.0 * xy / sq
-}
-
 fn expert_gemm<B: MoeBackend>(device: &B::Device, config: &MoeConfig, tokens: &[usize], min_time: Duration) {
     let (d, f, k, e) = (config.d_model, config.d_expert, config.router.top_k, config.router.n_experts);
     let recipe = Fp8Recipe::deepseek_v3();
@@ -149,7 +130,8 @@ fn expert_gemm<B: MoeBackend>(device: &B::Device, config: &MoeConfig, tokens: &[
         let w = Tensor::<B, 3>::random([e, d, f], Distribution::Normal(0.0, 0.02), device);
         let rows_q = Fp8Tensor::quantize(rows.clone(), recipe.input);
         let w_q = Fp8Tensor::quantize(w.clone().swap_dims(1, 2).reshape([e * f, d]), recipe.weight);
-        let diff = calc_diff(grouped_matmul_fp8(rows.clone(), w.clone(), &plan, recipe), grouped_matmul(rows.clone(), w.clone(), &plan));
+        let host = |t: Tensor<B, 2>| t.into_data().convert::<f64>().to_vec::<f64>().expect("f64 values");
+        let diff = calc_diff(&host(grouped_matmul_fp8(rows.clone(), w.clone(), &plan, recipe)), &host(grouped_matmul(rows.clone(), w.clone(), &plan)));
 
         let t_f32 = time::<B, _>(device, min_time, usize::MAX, || grouped_matmul(rows.clone(), w.clone(), &plan));
         let t_fp8 = time::<B, _>(device, min_time, usize::MAX, || grouped_matmul_fp8(rows.clone(), w.clone(), &plan, recipe));
@@ -212,22 +194,24 @@ fn movement<B: MoeBackend>(device: &B::Device, config: &MoeConfig, tokens: &[usi
 }
 
 fn bench<B: MoeBackend>(device: B::Device, name: &str, args: &Args, default_config: &str, default_tokens: &[usize]) {
-    let name_config = if args.config.is_empty() { default_config } else { &args.config };
-    let tokens = if args.tokens.is_empty() { default_tokens } else { &args.tokens };
+    let name_config = args.config.as_deref().unwrap_or(default_config);
+    let given: Vec<usize> = args.tokens.iter().map(|&t| t as usize).collect();
+    let tokens = if given.is_empty() { default_tokens } else { &given };
     let config = config(name_config);
+    let min_time = Duration::from_millis(args.min_time_ms);
     println!("burn-moe on {name} ({device:?}), config {name_config}");
     for table in &args.tables {
         match table.as_str() {
-            "layer" => layer::<B>(&device, &config, tokens, args.min_time),
-            "gemm" => expert_gemm::<B>(&device, &config, tokens, args.min_time),
-            "movement" => movement::<B>(&device, &config, tokens, args.min_time),
-            other => panic!("unknown table {other:?}: layer, gemm or movement"),
+            "layer" => layer::<B>(&device, &config, tokens, min_time),
+            "gemm" => expert_gemm::<B>(&device, &config, tokens, min_time),
+            "movement" => movement::<B>(&device, &config, tokens, min_time),
+            other => unreachable!("clap accepts layer, gemm and movement, not {other:?}"),
         }
     }
 }
 
 fn main() {
-    let args = parse_args();
+    let args = Args::parse();
     match args.backend.as_str() {
         #[cfg(feature = "wgpu")]
         "wgpu" => bench::<burn::backend::Wgpu>(burn::backend::wgpu::WgpuDevice::DefaultDevice, "wgpu", &args, "v3-slim", &[64, 512]),

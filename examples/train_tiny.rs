@@ -95,7 +95,7 @@ use burn_deepseek::checkpoint::StateNames;
 use burn_deepseek::dualpipe::executor::{materialize, Pipeline};
 use burn_deepseek::dualpipe::schedule::{Schedule, ScheduleKind};
 use burn_deepseek::model::{DeepSeekV3, DeepSeekV3Config, LossOutput, ModelStage, Sampling, Session, Speculative, SpeculativeStats};
-use burn_dp::{AdamW as DpAdamW, AdamWConfig, Ddp, DpError, FsdpBackend, Layout, MomentDType, Zero1};
+use burn_dp::{AdamW as DpAdamW, AdamWConfig, Ddp, DpError, FsdpBackend, Layout, Zero1};
 use burn_moe::comm::{launch, Comm, DeviceMesh, Transport};
 use burn_moe::MoeBackend;
 use std::io::Write;
@@ -104,137 +104,16 @@ use std::time::{Duration, Instant};
 
 #[path = "train_tiny/ckpt.rs"]
 mod ckpt;
+#[path = "train_tiny/cli.rs"]
+mod cli;
 #[path = "common/corpus.rs"]
 mod corpus;
+#[path = "common/flags.rs"]
+mod flags;
 #[path = "train_tiny/fsdp.rs"]
 mod fsdp;
+use cli::Args;
 use corpus::{corpus, global_rows};
-
-#[derive(Clone, Debug)]
-struct Args {
-    backend: String,
-    steps: usize,
-    batch: usize,
-    seq: usize,
-    d_model: usize,
-    layers: usize,
-    /// MTP depth (0: next-token prediction only).
-    mtp: usize,
-    lr: f64,
-    fp8: bool,
-    resume: bool,
-    ep: usize,
-    pp: usize,
-    dp: usize,
-    zero: usize,
-    dp_replicate: usize,
-    /// `--zero 3`: one FSDP unit per block (and embedding, norm, head, MTP module), or the whole model one unit.
-    fsdp_per_block: bool,
-    moments: MomentDType,
-    micro_batches: Option<usize>,
-    out: PathBuf,
-    save_every: usize,
-    /// `--save-mode async` (default): checkpoints written by a background thread.
-    save_mode_async: bool,
-    sample: usize,
-    seed: u64,
-}
-
-fn parse_args() -> Args {
-    let mut a = Args {
-        backend: "flex".into(),
-        steps: 1000,
-        batch: 8,
-        seq: 64,
-        d_model: 64,
-        layers: 3,
-        mtp: 1,
-        lr: 3e-3,
-        fp8: false,
-        resume: false,
-        ep: 1,
-        pp: 0,
-        dp: 1,
-        zero: 0,
-        dp_replicate: 1,
-        fsdp_per_block: true,
-        moments: MomentDType::F32,
-        micro_batches: None,
-        out: PathBuf::from("target/train_tiny"),
-        save_every: 250,
-        save_mode_async: true,
-        sample: 200,
-        seed: 42,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
-        match flag.as_str() {
-            "--backend" => a.backend = value(),
-            "--steps" => a.steps = value().parse().expect("--steps N"),
-            "--batch" => a.batch = value().parse().expect("--batch N"),
-            "--seq" => a.seq = value().parse().expect("--seq N"),
-            "--d-model" => a.d_model = value().parse().expect("--d-model N"),
-            "--layers" => a.layers = value().parse().expect("--layers N"),
-            "--mtp" => a.mtp = value().parse().unwrap_or_else(|_| panic!("--mtp D: a multi-token-prediction depth (0 turns MTP off)")),
-            "--lr" => a.lr = value().parse().expect("--lr X"),
-            "--fp8" => a.fp8 = true,
-            "--resume" => a.resume = true,
-            "--ep" => a.ep = value().parse().expect("--ep N"),
-            "--dp" => a.dp = value().parse().expect("--dp N: a number of data-parallel ranks"),
-            "--zero" => {
-                a.zero =
-                    value().parse().ok().filter(|z| [0, 1, 3].contains(z)).unwrap_or_else(|| {
-                        panic!("--zero 0|1|3: 0 replicates the optimizer state (DDP), 1 shards it (ZeRO-1), 3 shards the parameters, gradients and state (FSDP)")
-                    })
-            }
-            "--dp-replicate" => {
-                a.dp_replicate = value().parse().ok().filter(|&r| r >= 1).unwrap_or_else(|| panic!("--dp-replicate R: a number (at least 1) of groups holding the same shards"))
-            }
-            "--fsdp-unit" => {
-                a.fsdp_per_block = match value().as_str() {
-                    "block" => true,
-                    "model" => false,
-                    other => panic!("--fsdp-unit {other}: block (each block gathered just before its forward) or model (the whole model gathered at once)"),
-                }
-            }
-            "--moments" => {
-                a.moments = match value().as_str() {
-                    "f32" => MomentDType::F32,
-                    "bf16" => MomentDType::Bf16,
-                    other => panic!("--moments {other}: f32 or bf16"),
-                }
-            }
-            "--pp" | "--dualpipe" => a.pp = value().parse().unwrap_or_else(|_| panic!("{flag} N: a number of pipeline ranks")),
-            "--micro-batches" => a.micro_batches = Some(value().parse().expect("--micro-batches M")),
-            "--out" => a.out = PathBuf::from(value()),
-            "--save-every" => a.save_every = value().parse().ok().filter(|&n| n >= 1).unwrap_or_else(|| panic!("--save-every N: a number of steps, at least 1")),
-            "--save-mode" => {
-                a.save_mode_async = match value().as_str() {
-                    "async" => true,
-                    "sync" => false,
-                    other => panic!("--save-mode {other}: async (files written by a background thread) or sync"),
-                }
-            }
-            "--sample" => a.sample = value().parse().expect("--sample N"),
-            "--seed" => a.seed = value().parse().expect("--seed N"),
-            "--help" | "-h" => {
-                println!("train_tiny [--backend flex|ndarray|wgpu|cuda] [--steps N] [--batch N] [--seq N] [--d-model N] [--layers N] [--mtp D] [--lr X] [--fp8] [--resume] [--ep E] [--dp D [--zero 0|1|3] [--dp-replicate R] [--fsdp-unit block|model]] [--moments f32|bf16] [--pp N [--micro-batches M]] [--out DIR] [--save-every N] [--save-mode async|sync] [--sample N] [--seed N]");
-                std::process::exit(0);
-            }
-            other => panic!("unknown flag {other}; see --help"),
-        }
-    }
-    assert!(a.ep >= 1, "--ep {}: at least one rank", a.ep);
-    assert!(a.dp >= 1, "--dp {}: at least one rank", a.dp);
-    assert!(a.zero != 3 || a.pp == 0, "--zero 3 with --pp {}: FSDP inside the pipeline is not built yet (--pp takes --dp with --zero 0 or 1)", a.pp);
-    assert!(a.dp_replicate == 1 || a.pp == 0, "--dp-replicate {} with --pp {}: hybrid sharding inside the pipeline is not built yet", a.dp_replicate, a.pp);
-    assert!(a.dp.is_multiple_of(a.dp_replicate), "--dp-replicate {} does not divide --dp {}", a.dp_replicate, a.dp);
-    assert!(a.dp_replicate == 1 || a.zero > 0, "--dp-replicate {} with --zero 0: replicas are for sharded state (--zero 1 or 3)", a.dp_replicate);
-    assert!(a.micro_batches.is_none() || a.pp > 0, "--micro-batches goes with --pp");
-    assert!(a.fsdp_per_block || a.zero == 3, "--fsdp-unit goes with --zero 3");
-    a
-}
 
 /// The ranks the flags ask for: `--pp N --ep E` → `N · E`; `--dp D --ep E` → `D · E`.
 fn world_size(args: &Args) -> usize {
@@ -1119,7 +998,7 @@ fn loss_svg(state: &TrainState) -> String {
 }
 
 fn main() {
-    let args = parse_args();
+    let args = Args::parse_checked(PROMPT.len());
     match args.backend.as_str() {
         #[cfg(feature = "ndarray")]
         "ndarray" => train::<burn::backend::Autodiff<burn::backend::NdArray>>(&args, &vec![Default::default(); world_size(&args)], "ndarray (reference CPU backend)"),
