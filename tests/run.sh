@@ -26,6 +26,14 @@ fi
 # only on NVIDIA) and MPI (its tests run ranks as processes under mpirun on this machine).
 FEATURES="cuda,mpi,nccl"
 
+# rustfmt and clippy come with rustup's default profile; a minimal one lacks them.
+for tool in fmt clippy; do
+    if ! cargo "$tool" --version >/dev/null 2>&1; then
+        echo "cargo $tool not found: rustup component add rustfmt clippy" >&2
+        exit 1
+    fi
+done
+
 echo "== cargo fmt --all --check (rustfmt.toml)"
 cargo fmt --all -- --check
 

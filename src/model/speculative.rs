@@ -169,7 +169,8 @@ impl<'a, B: MoeBackend> Speculative<'a, B> {
             let (first_row, second_row) = rows.split_at(rows.len() / 2);
             let verified = greedy(first_row);
             let hidden = fed.hidden;
-            let confirmed = if verified == d {
+            // The positions this step confirmed, with the token after each.
+            let (hidden, next) = if verified == d {
                 self.stats.accepted += 1;
                 if emit(d, &mut out) {
                     return Ok(out);
@@ -191,7 +192,7 @@ impl<'a, B: MoeBackend> Speculative<'a, B> {
                 let [_, d_model] = hidden.dims();
                 (hidden.slice([0..1, 0..d_model]), vec![verified])
             };
-            draft = self.draft(confirmed.0, &confirmed.1, n - out.len())?;
+            draft = self.draft(hidden, &next, n - out.len())?;
         }
         // One token left: the main model alone, without a draft.
         let last = *out.last().expect("a token was drawn");
