@@ -75,7 +75,7 @@ struct Sequence {
 
 /// Where appended tokens went: per token its sequence's position and its cache row.
 #[derive(Clone, Debug, Default)]
-pub(crate) struct Placement {
+pub(crate) struct CacheSlots {
     pub positions: Vec<usize>,
     pub rows: Vec<usize>,
     pub sequences: Vec<SeqId>,
@@ -198,7 +198,7 @@ impl<B: Backend> LatentCache<B> {
 
     /// Reserves rows for `ids[i]`'s next token, in order (an id may repeat: its tokens
     /// take consecutive positions). All or nothing.
-    pub(crate) fn place(&mut self, ids: &[SeqId]) -> Result<Placement, CacheError> {
+    pub(crate) fn place(&mut self, ids: &[SeqId]) -> Result<CacheSlots, CacheError> {
         let mut grow: BTreeMap<SeqId, usize> = BTreeMap::new();
         for &id in ids {
             *grow.entry(id).or_default() += 1;
@@ -215,7 +215,7 @@ impl<B: Backend> LatentCache<B> {
         if needed > self.free.len() {
             return Err(CacheError::Full { needed, free: self.free.len() });
         }
-        let mut placement = Placement::default();
+        let mut placement = CacheSlots::default();
         for &id in ids {
             let seq = self.sequences.get_mut(&id).expect("checked above");
             if seq.len == seq.pages.len() * PAGE_SIZE {
@@ -231,7 +231,7 @@ impl<B: Backend> LatentCache<B> {
 
     /// Writes `values [n, width]` to the placed rows (fresh rows hold zeros: the add
     /// stores the values exactly).
-    pub(crate) fn write(&mut self, placement: &Placement, values: Tensor<B, 2>) {
+    pub(crate) fn write(&mut self, placement: &CacheSlots, values: Tensor<B, 2>) {
         let device = self.rows.device();
         let rows: Vec<i64> = placement.rows.iter().map(|&r| r as i64).collect();
         let index = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [placement.rows.len()]), &device);
