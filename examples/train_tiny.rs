@@ -127,21 +127,16 @@ fn check_layout(args: &Args, config: &DeepSeekV3Config, world: usize) {
     let layout = format!("--pp {} --dp {} --ep {}", args.pp.max(1), args.dp, args.ep);
     DeviceMesh::validate(&[("pp", args.pp.max(1)), ("dp", args.dp), ("ep", args.ep)], world)
         .unwrap_or_else(|e| panic!("{layout}: {e} (start {} processes, or as many threads without mpirun)", world_size(args)));
-    let experts = config.moe.router.n_experts;
-    assert!(experts.is_multiple_of(args.ep), "--ep {}: does not divide the {experts} experts of each MoE layer", args.ep);
-    if args.pp > 0 {
-        let stages = 2 * args.pp;
-        assert!(
-            stages <= config.n_layers + 1,
-            "--pp {}: DualPipeV cuts {stages} stages, the model has {} blocks and the tail ({} stages at most; --layers N gives it N blocks)",
-            args.pp,
-            config.n_layers,
-            config.n_layers + 1
-        );
-        let m = args.micro_batches.unwrap_or(2 * args.pp);
-        assert!(m > 0 && args.batch.is_multiple_of(m), "--batch {} does not split into {m} equal micro-batches", args.batch);
-        Schedule::new(ScheduleKind::DualPipeV, args.pp, m).unwrap_or_else(|e| panic!("--pp {} --micro-batches {m}: {e}", args.pp));
-    }
+    // The stages against the blocks of the model trained (a resumed run's are the saved
+    // config's); every check of the flags alone is in `cli`.
+    let stages = 2 * args.pp;
+    assert!(
+        args.pp == 0 || stages <= config.n_layers + 1,
+        "--pp {}: DualPipeV cuts {stages} stages, the model has {} blocks and the tail ({} stages at most; --layers N gives it N blocks)",
+        args.pp,
+        config.n_layers,
+        config.n_layers + 1
+    );
 }
 
 /// What a run keeps besides the records: the step reached and the loss history.
@@ -212,7 +207,6 @@ where
         println!("resuming from {} at step {} (saved by {} ranks)", reader.dir().display(), state.step, reader.metadata().world_size);
         (model, state, Some(reader))
     } else {
-        assert!(args.layers >= 2, "--layers {}: the tiny model has a dense block and at least one MoE block", args.layers);
         let config = DeepSeekV3Config { n_layers: args.layers, mtp_depth: args.mtp, ..DeepSeekV3Config::tiny() }
             .with_width(args.d_model)
             .with_fp8_everywhere(args.fp8.then(Default::default));
@@ -226,9 +220,6 @@ where
     let names = StateNames::of(&model, &state.model).expect("every parameter of the tiny model has a Hugging Face name");
     let reader = reader.as_ref();
     let config = &state.model;
-    let max = config.mla.max_seq_len;
-    assert!(args.seq < max, "--seq {}: the model covers {max} positions", args.seq);
-    assert!(PROMPT.len() + args.sample <= max, "--sample {}: the prompt ({} bytes) and the sample must fit the model's {max} positions", args.sample, PROMPT.len());
     println!(
         "tiny DeepSeek-V3 on {name}: {} parameters, width {}, {} layers ({} dense), {} experts top-{}, MTP depth {}, FP8 {}",
         config.param_count(),

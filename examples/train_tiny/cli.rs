@@ -2,6 +2,7 @@
 //! refused with a message naming it.
 
 use super::flags::{at_least_one, positive};
+use burn_deepseek::dualpipe::schedule::{Schedule, ScheduleKind};
 use burn_deepseek::model::DeepSeekV3Config;
 use burn_dp::MomentDType;
 use clap::error::ErrorKind;
@@ -144,23 +145,14 @@ impl Args {
         fail(self.micro_batches.is_none() || self.pp > 0, "--micro-batches goes with --pp".into())?;
         fail(self.fsdp_per_block || self.zero == 3, "--fsdp-unit model goes with --zero 3".into())?;
         fail(experts.is_multiple_of(self.ep), format!("--ep {}: does not divide the {experts} experts of each MoE layer", self.ep))?;
-        fail(self.seq < max, format!("--seq {}: the model covers {max} positions", self.seq))?;
         fail(self.seq + self.mtp <= max, format!("--seq {} with --mtp {}: the model would read {} positions of its {max}", self.seq, self.mtp, self.seq + self.mtp))?;
         fail(prompt_len + self.sample <= max, format!("--sample {}: the prompt ({prompt_len} bytes) and the sample must fit the model's {max} positions", self.sample))?;
         if self.pp > 0 {
             let m = self.micro_batches.unwrap_or(2 * self.pp);
             fail(self.batch.is_multiple_of(m), format!("--batch {} does not split into {m} equal micro-batches", self.batch))?;
-            // A resumed run has the saved model's blocks (checked again once it is read).
-            let stages = 2 * self.pp;
-            fail(
-                self.resume || stages <= self.layers + 1,
-                format!(
-                    "--pp {}: DualPipeV cuts {stages} stages, the model has {} blocks and the tail ({} stages at most; --layers N gives it N blocks)",
-                    self.pp,
-                    self.layers,
-                    self.layers + 1
-                ),
-            )?;
+            Schedule::new(ScheduleKind::DualPipeV, self.pp, m).map_err(|e| format!("--pp {} --micro-batches {m}: {e}", self.pp))?;
+            // The stages against the model's blocks: `check_layout`, once the model (a
+            // resumed run's saved one) is known.
         }
         Ok(())
     }

@@ -134,7 +134,8 @@ pub(crate) fn last_row<B: MoeBackend>(logits: &Tensor<B, 2>, row: usize) -> Vec<
     host_rows(logits.clone(), &[row])
 }
 
-/// Rows `rows` of `logits [n, vocab]` on the host, in that order, in one read.
+/// Rows `rows` of `logits [n, vocab]` on the host, in that order, in one read: the
+/// host read a decode step needs (its samplers draw on the host).
 pub(crate) fn host_rows<B: MoeBackend>(logits: Tensor<B, 2>, rows: &[usize]) -> Vec<f32> {
     let device = logits.device();
     let picked = match rows {
