@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command of the README: installs what the tests need, checks that everything
-# compiles with the CUDA backend, and runs every test of the workspace. The kernel tests run
+# compiles with the CUDA backend (and every kernel to CUDA PTX with NVRTC), and runs every
+# test of the workspace. The kernel tests run
 # on the wgpu runtime; on a machine without a GPU that is Mesa's lavapipe (Vulkan on the
 # CPU), which this script installs when no Vulkan driver is present. Without an adapter they
 # fail.
@@ -42,6 +43,10 @@ cargo check --workspace --all-targets --features "$FEATURES"
 
 echo "== cargo clippy --workspace --all-targets --features $FEATURES -D warnings"
 cargo clippy --workspace --all-targets --features "$FEATURES" -- -D warnings
+
+# The CUDA compile check (tests/cuda) compiles every kernel for sm_80/89/90 with NVRTC, which
+# comes from NVIDIA's PyPI wheels (no CUDA toolkit, no driver).
+source tests/nvrtc.sh
 
 echo "== cargo test --workspace --features $FEATURES --lib --tests (unit and integration tests)"
 cargo test --workspace --features "$FEATURES" --lib --tests --no-fail-fast -- --test-threads=2

@@ -13,6 +13,8 @@
 //! - [`linear::Fp8Linear`]: a Burn `Linear` whose forward, input-gradient and
 //!   weight-gradient GEMMs run in FP8, with a backward that can be split into an
 //!   input step and a deferred weight step ([`linear::WeightGradQueue`]);
+//! - [`codegen`]: every kernel at every launch configuration, defined without a launch,
+//!   and (feature `cuda`) compiled to CUDA PTX with NVRTC on a machine without a GPU;
 //! - [`Fp8Backend`]: the backend extension trait. CubeCL backends (wgpu, CUDA, and Burn's
 //!   fused versions of them) run custom kernels; every other backend, e.g. `NdArray`, runs
 //!   the reference implementation written in plain Burn tensor ops ([`reference`](mod@reference)).
@@ -36,6 +38,7 @@
 //! ```
 
 pub mod backend;
+pub mod codegen;
 pub mod config;
 pub mod format;
 pub mod host;

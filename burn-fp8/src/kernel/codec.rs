@@ -3,6 +3,7 @@
 //! FP8 types (wgpu, lavapipe). On runtimes with native FP8 conversions the decode can use
 //! them instead ([`Fp8Decode::Native`]).
 
+use crate::codegen::{array, settings, CodegenTarget, KernelVariant};
 use crate::Fp8Format;
 use cubecl::prelude::*;
 use cubecl::{e4m3, e5m2};
@@ -179,4 +180,17 @@ pub fn decode_on_device<R: Runtime>(client: &ComputeClient<R>, codes: &[u8], for
     );
     let bytes = client.read_one_unchecked(output);
     Some(f32::from_bytes(&bytes).to_vec())
+}
+
+/// The codec kernels at every configuration: both formats, each decode the target has.
+pub fn variants<R: Runtime>(client: &ComputeClient<R>, target: &CodegenTarget) -> Vec<KernelVariant> {
+    let mut out = Vec::new();
+    let settings = || settings(target.elementwise_cube_dim());
+    for format in [Fp8Format::E4M3, Fp8Format::E5M2] {
+        out.push(KernelVariant::new("encode_kernel", format, encode_kernel::EncodeKernel::<R>::new(settings(), client.clone(), array(), array(), format)));
+        for decode in target.decodes() {
+            out.push(KernelVariant::new("decode_kernel", (format, decode), decode_kernel::DecodeKernel::<R>::new(settings(), client.clone(), array(), array(), format, decode)));
+        }
+    }
+    out
 }

@@ -2,7 +2,9 @@
 //! One unit per packed word.
 
 use super::codec::{decode_fp8, Fp8Decode};
+use crate::codegen::{array, quant_configs, settings, CodegenTarget, KernelVariant};
 use crate::config::{QuantConfig, TILE_K, WORDS_PER_TILE};
+use crate::ScaleMode;
 use burn_cubecl::{tensor::CubeTensor, CubeRuntime};
 use cubecl::prelude::*;
 
@@ -41,4 +43,18 @@ pub fn launch_dequantize<R: CubeRuntime>(data: CubeTensor<R>, scales: CubeTensor
     let cube_dim = CubeDim::new(&client, words);
     let cube_count = cubecl::calculate_cube_count_elemwise(&client, words, cube_dim);
     dequantize_kernel::launch::<R>(&client, cube_count, cube_dim, data.into_array_arg(), scales.into_array_arg(), output.into_array_arg(), shape[0], shape[1], config, decode);
+}
+
+/// The dequantization kernel at every configuration [`launch_dequantize`] can choose on
+/// `target`: both formats, both tilings, each decode the target has (the scale rounding plays no part
+/// in decoding).
+pub fn variants<R: Runtime>(client: &ComputeClient<R>, target: &CodegenTarget) -> Vec<KernelVariant> {
+    let mut out = Vec::new();
+    for config in quant_configs().into_iter().filter(|c| c.scale_mode == ScaleMode::Exact) {
+        for decode in target.decodes() {
+            let kernel = dequantize_kernel::DequantizeKernel::<R>::new(settings(target.elementwise_cube_dim()), client.clone(), array(), array(), array(), (), (), config, decode);
+            out.push(KernelVariant::new("dequantize_kernel", (config, decode), kernel));
+        }
+    }
+    out
 }

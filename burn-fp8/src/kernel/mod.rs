@@ -29,7 +29,7 @@ pub mod groups;
 pub mod quantize;
 
 pub use codec::Fp8Decode;
-pub use gemm::{select_gemm_config, GemmConfig, GemmProblem};
+pub use gemm::{select_gemm_config, GemmConfig, GemmProblem, RegisterFile};
 
 use burn::tensor::{DType, Shape};
 use burn_cubecl::{ops::numeric, tensor::CubeTensor, CubeRuntime};

@@ -11,6 +11,7 @@
 //! re-tiling that the weight-gradient GEMM needs) without a copy.
 
 use super::codec::{encode_fp8, NAN_BITS};
+use crate::codegen::{array, quant_configs, settings, CodegenTarget, KernelVariant};
 use crate::config::{QuantConfig, ScaleMode, TILE_K, WORDS_PER_TILE};
 use burn_cubecl::{tensor::CubeTensor, CubeRuntime};
 use cubecl::prelude::*;
@@ -93,9 +94,12 @@ fn quantize_kernel(input: &Tensor<f32>, data: &mut Array<u32>, scales: &mut Arra
     };
     let nonfinite = tile_amax >= 0x7F80_0000;
     let zero = tile_amax == 0;
-    let nan = f32::from_bits(NAN_BITS);
-    let scale = select(nonfinite, nan, select(zero, 1.0, scale));
-    let multiplier = select(nonfinite, nan, select(zero, 1.0, multiplier));
+    // Chosen as bits and reinterpreted once: CubeCL's CUDA compiler writes the bit cast of a
+    // constant (`f32::from_bits(NAN_BITS)`) as a `reinterpret_cast` of an rvalue, which
+    // NVRTC rejects (found by the CUDA compile check, tests/cuda).
+    let one_bits = 0x3F80_0000u32;
+    let scale = f32::from_bits(select(nonfinite, NAN_BITS, select(zero, one_bits, scale.to_bits())));
+    let multiplier = f32::from_bits(select(nonfinite, NAN_BITS, select(zero, one_bits, multiplier.to_bits())));
 
     let scale_row = row_base / tile_rows;
     let writes_scale = if comptime!(tile_rows > 1) { slot == 0 } else { x == 0 };
@@ -137,4 +141,24 @@ pub fn launch_quantize<R: CubeRuntime>(input: CubeTensor<R>, data: CubeTensor<R>
     let rows_per_cube = config.tile.rows().max(UNITS_Y as usize);
     let cube_count = CubeCount::Static(scale_cols as u32, rows.div_ceil(rows_per_cube) as u32, 1);
     quantize_kernel::launch::<R>(&client, cube_count, CubeDim::new_2d(UNITS_X, UNITS_Y), input.into_tensor_arg(), data.into_array_arg(), scales.into_array_arg(), config);
+}
+
+/// The quantization kernel at every configuration [`launch_quantize`] can get: both
+/// formats, both tilings, both scale roundings (it decodes nothing, so the target plays
+/// no part).
+pub fn variants<R: Runtime>(client: &ComputeClient<R>, _target: &CodegenTarget) -> Vec<KernelVariant> {
+    quant_configs()
+        .into_iter()
+        .map(|config| {
+            let kernel = quantize_kernel::QuantizeKernel::<R>::new(
+                settings(CubeDim::new_2d(UNITS_X, UNITS_Y)),
+                client.clone(),
+                TensorCompilationArg { inplace: None },
+                array(),
+                array(),
+                config,
+            );
+            KernelVariant::new("quantize_kernel", config, kernel)
+        })
+        .collect()
 }

@@ -18,6 +18,7 @@
 
 use super::grouped_direct;
 use burn_cubecl::{tensor::CubeTensor, CubeRuntime};
+use burn_fp8::codegen::{array, settings, CodegenTarget, KernelVariant};
 use burn_fp8::kernel::groups::{grouped_row_tile, grouped_tile_count};
 use cubecl::prelude::*;
 
@@ -292,6 +293,23 @@ pub fn launch_grouped_wgrad<R: CubeRuntime>(a: CubeTensor<R>, d: CubeTensor<R>, 
     }
     let cube_count = CubeCount::Static(n.div_ceil(BLOCK_N) as u32, k.div_ceil(BLOCK_N) as u32, n_experts as u32);
     grouped_wgrad_kernel::launch::<R>(&client, cube_count, CubeDim::new_2d(UNITS as u32, UNITS as u32), a, d, offsets, out, k, n);
+}
+
+/// The shared-staging grouped GEMM kernels at every configuration their launchers choose on
+/// a GPU: the three tilings of [`Tiling::select`], with `b` as stored and transposed, and
+/// the weight gradient.
+pub fn variants<R: Runtime>(client: &ComputeClient<R>, _target: &CodegenTarget) -> Vec<KernelVariant> {
+    let dim = CubeDim::new_2d(UNITS as u32, UNITS as u32);
+    let mut out = Vec::new();
+    for tile_m in [2, 4, 8] {
+        for transpose_b in [false, true] {
+            let kernel = grouped_matmul_kernel::GroupedMatmulKernel::<R>::new(settings(dim), client.clone(), array(), array(), array(), array(), (), (), (), transpose_b, tile_m);
+            out.push(KernelVariant::new("grouped_matmul_kernel", (tile_m, transpose_b), kernel));
+        }
+    }
+    let wgrad = grouped_wgrad_kernel::GroupedWgradKernel::<R>::new(settings(dim), client.clone(), array(), array(), array(), array(), (), ());
+    out.push(KernelVariant::new("grouped_wgrad_kernel", (), wgrad));
+    out
 }
 
 #[cfg(test)]

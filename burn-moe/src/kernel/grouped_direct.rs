@@ -26,6 +26,7 @@
 
 use super::grouped::UNITS;
 use super::vector_width;
+use burn_fp8::codegen::{array, settings, CodegenTarget, KernelVariant};
 use burn_fp8::kernel::groups::grouped_row_tile;
 use cubecl::prelude::*;
 
@@ -273,4 +274,25 @@ pub fn launch_direct_wgrad<R: cubecl::Runtime>(client: &ComputeClient<R>, a: Arr
     let [tile_m, tile_n] = WGRAD_TILE;
     let count = CubeCount::Static((n / width).div_ceil(UNITS * tile_n) as u32, (k / width).div_ceil(UNITS * tile_m) as u32, n_experts as u32);
     direct_wgrad_kernel::launch::<R>(client, count, CubeDim::new_2d(UNITS as u32, UNITS as u32), width, a, d, offsets, out, k, n, tile_m, tile_n);
+}
+
+/// The direct-staging kernels (the CPU adapters' path, also chosen on a GPU with
+/// [`super::grouped::Staging::Direct`]) at every configuration their launchers choose:
+/// vectors of 4, 2 and 1 floats, the three row tilings, and the weight gradient.
+pub fn variants<R: Runtime>(client: &ComputeClient<R>, _target: &CodegenTarget) -> Vec<KernelVariant> {
+    let dim = CubeDim::new_2d(UNITS as u32, UNITS as u32);
+    let mut out = Vec::new();
+    for width in [4, 2, 1] {
+        for tile_m in [2, 4, 8] {
+            let plain = direct_matmul_kernel::DirectMatmulKernel::<R>::new(settings(dim), client.clone(), array(), array(), array(), array(), (), (), (), width, tile_m, TILE_N);
+            out.push(KernelVariant::new("direct_matmul_kernel", (width, tile_m), plain));
+            let bt =
+                direct_matmul_bt_kernel::DirectMatmulBtKernel::<R>::new(settings(dim), client.clone(), array(), array(), array(), array(), (), (), (), width, tile_m, TILE_N_BT);
+            out.push(KernelVariant::new("direct_matmul_bt_kernel", (width, tile_m), bt));
+        }
+        let [tile_m, tile_n] = WGRAD_TILE;
+        let wgrad = direct_wgrad_kernel::DirectWgradKernel::<R>::new(settings(dim), client.clone(), array(), array(), array(), array(), (), (), width, tile_m, tile_n);
+        out.push(KernelVariant::new("direct_wgrad_kernel", width, wgrad));
+    }
+    out
 }

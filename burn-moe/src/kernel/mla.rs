@@ -17,6 +17,7 @@
 //! order and `lens [n]` its tokens. Scores are finite: masked and empty use `-3e38`.
 
 use burn_cubecl::{tensor::CubeTensor, CubeRuntime};
+use burn_fp8::codegen::{array, settings, CodegenTarget, KernelVariant};
 use cubecl::prelude::*;
 
 /// Rows per page of the latent cache (DeepSeek's FlashMLA uses 64).
@@ -301,4 +302,20 @@ pub fn launch_mla_decode<R: CubeRuntime>(q: CubeTensor<R>, cache: CubeTensor<R>,
         kv_lora,
         splits,
     );
+}
+
+/// The MLA decode kernels at the configurations [`launch_mla_decode`] chooses: the column
+/// count per unit follows `kv_lora` (DeepSeek-V3's 512, and the scaled-down models' 64 and
+/// 32), and the combine kernel.
+pub fn variants<R: Runtime>(client: &ComputeClient<R>, _target: &CodegenTarget) -> Vec<KernelVariant> {
+    let dim = CubeDim::new_1d(PAGE as u32);
+    let mut out = Vec::new();
+    for kv_lora in [512, 64, 32] {
+        let cols = kv_lora.div_ceil(PAGE);
+        let split = mla_split_kernel::MlaSplitKernel::<R>::new(settings(dim), client.clone(), array(), array(), array(), array(), array(), array(), (), (), (), (), (), cols);
+        out.push(KernelVariant::new("mla_split_kernel", format!("kv_lora {kv_lora}"), split));
+    }
+    let combine = mla_combine_kernel::MlaCombineKernel::<R>::new(settings(dim), client.clone(), array(), array(), array(), (), (), ());
+    out.push(KernelVariant::new("mla_combine_kernel", (), combine));
+    out
 }

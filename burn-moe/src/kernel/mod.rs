@@ -38,7 +38,20 @@ pub mod rows;
 
 use burn::tensor::{DType, Shape};
 use burn_cubecl::{ops::numeric, tensor::CubeTensor, CubeRuntime};
+use burn_fp8::codegen::{CodegenTarget, KernelVariant};
 use cubecl::client::ComputeClient;
+
+/// Every kernel variant of this crate for `target` (see [`burn_fp8::codegen`]: kernels
+/// defined as their launchers configure them, for compiling without a launch).
+pub fn variants<R: cubecl::Runtime>(client: &ComputeClient<R>, target: &CodegenTarget) -> Vec<KernelVariant> {
+    let mut all = Vec::new();
+    all.extend(plan::variants(client, target));
+    all.extend(rows::variants(client, target));
+    all.extend(grouped::variants(client, target));
+    all.extend(grouped_direct::variants(client, target));
+    all.extend(mla::variants(client, target));
+    all
+}
 
 /// A contiguous tensor with uninitialised memory (the kernels write every element).
 pub fn empty<R: CubeRuntime, const D: usize>(client: &ComputeClient<R>, device: &R::Device, shape: [usize; D], dtype: DType) -> CubeTensor<R> {

@@ -7,6 +7,7 @@
 //! written twice. Work is `O(E · T·k)` spread over `E` units, with no atomics.
 
 use burn_cubecl::{tensor::CubeTensor, CubeRuntime};
+use burn_fp8::codegen::{array, settings, CodegenTarget, KernelVariant};
 use cubecl::prelude::*;
 
 #[cube(launch)]
@@ -57,4 +58,11 @@ pub fn launch_plan<R: CubeRuntime>(indices: CubeTensor<R>, counts: CubeTensor<R>
         offsets.into_array_arg(),
         n_experts,
     );
+}
+
+/// The dispatch-plan kernel as [`launch_plan`] launches it on `target` (one variant: it
+/// has no configuration).
+pub fn variants<R: Runtime>(client: &ComputeClient<R>, target: &CodegenTarget) -> Vec<KernelVariant> {
+    let kernel = plan_kernel::PlanKernel::<R>::new(settings(target.elementwise_cube_dim()), client.clone(), array(), array(), array(), array(), array(), ());
+    vec![KernelVariant::new("plan_kernel", (), kernel)]
 }

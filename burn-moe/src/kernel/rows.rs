@@ -10,6 +10,7 @@
 
 use super::vector_width;
 use burn_cubecl::{tensor::CubeTensor, CubeRuntime};
+use burn_fp8::codegen::{array, settings, CodegenTarget, KernelVariant};
 use cubecl::prelude::*;
 
 // Gather and combine give each output row to one cube, whose units stride over the
@@ -176,4 +177,23 @@ pub fn launch_gate_grad<R: CubeRuntime>(a: CubeTensor<R>, rows: CubeTensor<R>, p
         width,
         top_k,
     );
+}
+
+/// The row kernels at every configuration their launchers choose: vectors of 4, 2 and 1
+/// floats ([`super::vector_width`]), with and without weights.
+pub fn variants<R: Runtime>(client: &ComputeClient<R>, target: &CodegenTarget) -> Vec<KernelVariant> {
+    let mut out = Vec::new();
+    for vector in [4, 2, 1] {
+        for weighted in [false, true] {
+            let gather =
+                gather_kernel::GatherKernel::<R>::new(settings(CubeDim::new_1d(ROW_UNITS)), client.clone(), array(), array(), array(), array(), (), (), (), vector, weighted);
+            out.push(KernelVariant::new("gather_kernel", (vector, weighted), gather));
+            let combine =
+                combine_kernel::CombineKernel::<R>::new(settings(CubeDim::new_1d(ROW_UNITS)), client.clone(), array(), array(), array(), array(), (), (), (), vector, weighted);
+            out.push(KernelVariant::new("combine_kernel", (vector, weighted), combine));
+        }
+        let gate_grad = gate_grad_kernel::GateGradKernel::<R>::new(settings(target.elementwise_cube_dim()), client.clone(), array(), array(), array(), array(), (), (), vector);
+        out.push(KernelVariant::new("gate_grad_kernel", vector, gate_grad));
+    }
+    out
 }
