@@ -69,32 +69,26 @@ fn bytes(case: Case, world: usize) -> f64 {
     (per * case.width * 4 * (world - 1)) as f64
 }
 
-/// `--ranks` and whether `--nccl` was given.
-fn parse_args(args: &[String]) -> (Vec<usize>, bool) {
-    let mut ranks = vec![2, 4];
-    let mut nccl = false;
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--ranks" => {
-                let v = it.next().unwrap_or_else(|| fail("--ranks needs a value, e.g. 2,4"));
-                ranks = v.split(',').map(|r| r.parse().ok().filter(|&r: &usize| r >= 2).unwrap_or_else(|| fail(&format!("--ranks {v}: rank counts of at least 2")))).collect();
-            }
-            "--nccl" if cfg!(feature = "nccl") => nccl = true,
-            "--nccl" => fail("--nccl: build with --features nccl"),
-            "--help" | "-h" => {
-                println!("all_to_all [--ranks 2,4] [--nccl]");
-                std::process::exit(0);
-            }
-            other => fail(&format!("unknown argument {other:?} (see --help)")),
-        }
-    }
-    (ranks, nccl)
+/// The flags, every value checked before anything runs.
+#[derive(clap::Parser)]
+#[command(about = "All-to-all bandwidth and latency: in-process ranks (threads) against MPI processes")]
+struct Args {
+    /// Rank counts to measure, comma-separated, each at least 2.
+    #[arg(long, value_delimiter = ',', default_value = "2,4", value_parser = at_least_two)]
+    ranks: Vec<usize>,
+    /// Add a column: MPI processes with NCCL between CUDA tensors (one GPU per rank).
+    #[arg(long)]
+    nccl: bool,
+    /// Set by this program when it starts itself under mpirun: the rank's engine.
+    #[arg(long, hide = true, value_parser = ["mpi", "nccl"])]
+    child: Option<String>,
 }
 
-fn fail(msg: &str) -> ! {
-    eprintln!("all_to_all: {msg}");
-    std::process::exit(2)
+fn at_least_two(v: &str) -> Result<usize, String> {
+    match v.parse::<usize>() {
+        Ok(r) if r >= 2 => Ok(r),
+        _ => Err(format!("{v}: a rank count of at least 2")),
+    }
 }
 
 const MIN_TIME: Duration = Duration::from_millis(400);
@@ -161,12 +155,19 @@ fn over_mpi(_world: usize, _nccl: bool) -> Option<Vec<f64>> {
 }
 
 fn main() {
+    let Args { ranks, nccl, child } = clap::Parser::parse();
     #[cfg(feature = "mpi")]
     if mpi_child() {
-        return run_child(std::env::args().any(|a| a == "nccl"));
+        return run_child(child.as_deref() == Some("nccl"));
     }
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let (ranks, nccl) = parse_args(&args);
+    if child.is_some() {
+        eprintln!("all_to_all: --child is set by this program under mpirun, not by hand");
+        std::process::exit(2);
+    }
+    if nccl && !cfg!(feature = "nccl") {
+        eprintln!("all_to_all: --nccl: build with --features nccl");
+        std::process::exit(2);
+    }
     println!("all-to-all per rank, f32 rows, NdArray tensors (host), {} cores", std::thread::available_parallelism().map_or(1, |n| n.get()));
     println!("{:<34} {:>5} {:>12} {:>14} {:>14} {:>10}{}", "case", "ranks", "bytes out", "threads", "MPI procs", "MPI/thr", if nccl { "  NCCL (CUDA)" } else { "" });
     for &world in &ranks {

@@ -2,9 +2,9 @@
 //! same bytes, and the step stall of an asynchronous save against a blocking one.
 //!
 //! ```sh
-//! cargo run --release -p burn-dcp --example dcp_throughput -- [MB] [DIR]
+//! cargo run --release -p burn-dcp --example dcp_throughput -- [--mb 256] [--dir DIR]
 //! ```
-//! `MB` (default 256) of f32 state: one replicated tensor of 1/8 of it and seven
+//! `--mb` (default 256) of f32 state: one replicated tensor of 1/8 of it and seven
 //! tensors sharded over the ranks, saved by 1, 2 and 4 in-process ranks (threads) and
 //! loaded back by another number of ranks (resharding). The baseline writes the same
 //! bytes to one file and flushes it (`File::write_all` + `sync_all`), and reads them back
@@ -61,11 +61,22 @@ fn baseline(dir: &Path, bytes: usize) -> (f64, f64) {
     (write, read)
 }
 
+/// The flags, every value checked before anything runs.
+#[derive(clap::Parser)]
+#[command(about = "Save and load throughput of burn-dcp against a plain write and read of the same bytes")]
+struct Args {
+    /// Megabytes of f32 state (at least 1).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..))]
+    mb: u64,
+    /// Directory for the checkpoints (emptied first); default: a folder in the temp dir.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
 fn main() {
-    let mut args = std::env::args().skip(1);
-    let mb: usize = args.next().map(|a| a.parse().expect("MB: a number")).unwrap_or(256);
-    let dir = args.next().map(PathBuf::from).unwrap_or_else(|| std::env::temp_dir().join("burn-dcp-bench"));
-    assert!(mb >= 1, "MB must be at least 1");
+    let args: Args = clap::Parser::parse();
+    let mb = args.mb as usize;
+    let dir = args.dir.unwrap_or_else(|| std::env::temp_dir().join("burn-dcp-bench"));
     let per_tensor = mb * 1_000_000 / 4 / TENSORS;
     let bytes = per_tensor * 4 * TENSORS;
     let _ = std::fs::remove_dir_all(&dir);

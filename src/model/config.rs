@@ -8,7 +8,7 @@ use burn::config::Config;
 use burn::nn::{EmbeddingConfig, Initializer, LinearConfig, RmsNormConfig};
 use burn::tensor::backend::Backend;
 use burn_fp8::linear::Fp8Recipe;
-use burn_moe::router::RouterConfig;
+use burn_moe::router::{RouterConfig, RouterError};
 use burn_moe::{MlaConfig, MoeConfig};
 
 /// A DeepSeek-V3-shaped decoder: token embedding, `n_layers` blocks of RMSNorm → MLA →
@@ -115,21 +115,30 @@ impl DeepSeekV3Config {
     /// Checks that the parts fit together.
     ///
     /// # Errors
-    /// A message naming the values: a zero size, MLA and MoE widths that differ, more
-    /// dense layers than layers, or routing rules that contradict each other.
-    pub fn validate(&self) -> Result<(), String> {
-        for (name, v) in [("vocab_size", self.vocab_size), ("n_layers", self.n_layers), ("d_ffn", self.d_ffn)] {
+    /// [`ConfigError`], naming the values: a zero size, MLA and MoE widths that differ,
+    /// more dense layers than layers, or routing rules that contradict each other.
+    ///
+    /// ```
+    /// use burn_deepseek::model::{ConfigError, DeepSeekV3Config};
+    ///
+    /// let mut config = DeepSeekV3Config::tiny();
+    /// assert_eq!(config.validate(), Ok(()));
+    /// config.n_dense_layers = config.n_layers + 1;
+    /// assert_eq!(config.validate(), Err(ConfigError::DenseLayers { n_dense_layers: config.n_layers + 1, n_layers: config.n_layers }));
+    /// ```
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (field, v) in [("vocab_size", self.vocab_size), ("n_layers", self.n_layers), ("d_ffn", self.d_ffn)] {
             if v == 0 {
-                return Err(format!("DeepSeekV3Config: {name} must be positive, got 0"));
+                return Err(ConfigError::Zero { field });
             }
         }
         if self.moe.d_model != self.mla.d_model {
-            return Err(format!("DeepSeekV3Config: moe.d_model {} differs from mla.d_model {}", self.moe.d_model, self.mla.d_model));
+            return Err(ConfigError::Width { moe: self.moe.d_model, mla: self.mla.d_model });
         }
         if self.n_dense_layers > self.n_layers {
-            return Err(format!("DeepSeekV3Config: n_dense_layers {} exceeds n_layers {}", self.n_dense_layers, self.n_layers));
+            return Err(ConfigError::DenseLayers { n_dense_layers: self.n_dense_layers, n_layers: self.n_layers });
         }
-        RouterConfig::validate(&self.moe.router).map_err(|e| format!("DeepSeekV3Config: {e}"))
+        RouterConfig::validate(&self.moe.router).map_err(ConfigError::Router)
     }
 
     /// Builds the model on `device`.
@@ -167,3 +176,42 @@ impl DeepSeekV3Config {
         Block { attn_norm: norm(), attn: self.mla.init(device), ffn_norm: norm(), ffn }
     }
 }
+
+/// Why a [`DeepSeekV3Config`] does not describe a model.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ConfigError {
+    /// A size that must be positive is 0.
+    Zero {
+        /// The field.
+        field: &'static str,
+    },
+    /// The MoE layer and MLA disagree on the model width.
+    Width {
+        /// `moe.d_model`.
+        moe: usize,
+        /// `mla.d_model`.
+        mla: usize,
+    },
+    /// More dense layers than layers.
+    DenseLayers {
+        /// `n_dense_layers`.
+        n_dense_layers: usize,
+        /// `n_layers`.
+        n_layers: usize,
+    },
+    /// Routing rules that contradict each other.
+    Router(RouterError),
+}
+
+impl core::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Zero { field } => write!(f, "DeepSeekV3Config: {field} must be positive, got 0"),
+            Self::Width { moe, mla } => write!(f, "DeepSeekV3Config: moe.d_model {moe} differs from mla.d_model {mla}"),
+            Self::DenseLayers { n_dense_layers, n_layers } => write!(f, "DeepSeekV3Config: n_dense_layers {n_dense_layers} exceeds n_layers {n_layers}"),
+            Self::Router(e) => write!(f, "DeepSeekV3Config: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}

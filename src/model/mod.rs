@@ -57,7 +57,7 @@ mod units;
 
 pub use batch::{Batch, Drawn, Request};
 pub use block::{Block, DenseMlp, Ffn, Projection};
-pub use config::DeepSeekV3Config;
+pub use config::{ConfigError, DeepSeekV3Config};
 pub use ep::ExpertShard;
 pub use generate::{Sampling, Session};
 pub use mtp::MtpModule;

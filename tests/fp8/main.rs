@@ -2,8 +2,8 @@
 //! f64 GEMM of the dequantized operands, on the wgpu runtime (lavapipe on a CPU-only
 //! machine: the tests fail, not skip, when no adapter exists) and on the reference backend.
 //!
-//! Inputs are fresh random values each run; the seed is printed and `FP8_TEST_SEED=<n>`
-//! replays a run.
+//! Inputs are random values drawn from a seed (the test's name by default, printed);
+//! `TEST_SEED=<n>` draws others (tests/support/rng.rs).
 
 mod backends;
 mod codec;

@@ -1,7 +1,7 @@
 //! The assembled model (burn-deepseek `model`) and its Hugging Face weights (`hf::weights`)
 //! against host references, on the reference backend and on the wgpu runtime (lavapipe on
 //! a CPU-only machine). Random tokens come from a seed printed by each test (the test's
-//! name by default, `MOE_TEST_SEED=<n>` to draw others); the weights from Burn's
+//! name by default, `TEST_SEED=<n>` to draw others); the weights from Burn's
 //! initializers, seeded through [`seeded`] where a test compares against tight bounds.
 
 mod checkpoint;

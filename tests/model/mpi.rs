@@ -2,7 +2,7 @@
 //! parallel.rs — DualPipeV on 2 processes, `[pp 2, ep 2]` and `[dp 2, ep 2]` (DDP, then FSDP) on 4 — each checked against one
 //! device on the whole batch. Each `mpi_worker_*` test is one rank's program, started by
 //! the test beside it under `mpirun`; every process draws the same weights and tokens
-//! from the seed the driver passes in `MOE_TEST_SEED`.
+//! from the seed the driver passes in `TEST_SEED`.
 
 use crate::common::{mpi_workers, Rng};
 use crate::parallel::{dp_ep_rank, dualpipe_v_rank, fsdp_rank, pp_ep_rank, reference, DP_EP_ROWS, DUALPIPE_ROWS, PP_EP_ROWS};
@@ -36,7 +36,7 @@ fn data_and_expert_parallelism_on_four_processes_take_the_single_device_step() {
 #[ignore = "an MPI rank: run by data_and_expert_parallelism_on_four_processes_take_the_single_device_step under mpirun"]
 fn mpi_worker_dp_ep() {
     mpi::launch(Duration::from_secs(120), |world| {
-        let reference = reference(Rng::new("mpi_worker_dp_ep").next(), DP_EP_ROWS);
+        let reference = reference(Rng::new("mpi_worker_dp_ep").next_u64(), DP_EP_ROWS);
         dp_ep_rank(&world, &reference)?;
         // And FSDP over the same [dp 2, ep 2] mesh, one shard group per unit, on the same
         // batch.
@@ -101,7 +101,7 @@ fn done(comm: &Comm) {
 #[ignore = "an MPI rank: run by dualpipe_v_on_two_processes_takes_the_single_device_step under mpirun"]
 fn mpi_worker_dualpipe_v() {
     mpi::launch(Duration::from_secs(120), |comm| {
-        dualpipe_v_rank(&comm, &reference(Rng::new("mpi_worker_dualpipe_v").next(), DUALPIPE_ROWS))?;
+        dualpipe_v_rank(&comm, &reference(Rng::new("mpi_worker_dualpipe_v").next_u64(), DUALPIPE_ROWS))?;
         done(&comm);
         Ok::<_, String>(())
     })
@@ -112,7 +112,7 @@ fn mpi_worker_dualpipe_v() {
 #[ignore = "an MPI rank: run by pipeline_and_expert_parallelism_on_four_processes_take_the_single_device_step under mpirun"]
 fn mpi_worker_pp_ep() {
     mpi::launch(Duration::from_secs(120), |world| {
-        pp_ep_rank(&world, &reference(Rng::new("mpi_worker_pp_ep").next(), PP_EP_ROWS))?;
+        pp_ep_rank(&world, &reference(Rng::new("mpi_worker_pp_ep").next_u64(), PP_EP_ROWS))?;
         done(&world);
         Ok::<_, String>(())
     })

@@ -36,25 +36,25 @@ fn as_comm(rank: usize, e: String) -> CommError {
 
 #[test]
 fn dualpipe_v_one_rank_at_a_time_takes_the_single_device_step() {
-    let reference = reference(Rng::new("dualpipe_v_one_rank_at_a_time").next(), DUALPIPE_ROWS);
+    let reference = reference(Rng::new("dualpipe_v_one_rank_at_a_time").next_u64(), DUALPIPE_ROWS);
     launch(Comm::group(2, Transport::Host), |comm| dualpipe_v_rank(&comm, &reference).map_err(|e| as_comm(comm.rank(), e))).unwrap();
 }
 
 #[test]
 fn pipeline_and_expert_parallelism_on_four_threads_take_the_single_device_step() {
-    let reference = reference(Rng::new("pipeline_and_expert_parallelism_on_four_threads").next(), PP_EP_ROWS);
+    let reference = reference(Rng::new("pipeline_and_expert_parallelism_on_four_threads").next_u64(), PP_EP_ROWS);
     launch(Comm::group(4, Transport::Host), |world| pp_ep_rank(&world, &reference).map_err(|e| as_comm(world.rank(), e))).unwrap();
 }
 
 #[test]
 fn data_and_expert_parallelism_on_four_threads_take_the_single_device_step() {
-    let reference = reference(Rng::new("data_and_expert_parallelism_on_four_threads").next(), DP_EP_ROWS);
+    let reference = reference(Rng::new("data_and_expert_parallelism_on_four_threads").next_u64(), DP_EP_ROWS);
     launch(Comm::group(4, Transport::Host), |world| dp_ep_rank(&world, &reference).map_err(|e| as_comm(world.rank(), e))).unwrap();
 }
 
 #[test]
 fn fsdp_on_two_threads_takes_the_single_device_step() {
-    let reference = reference(Rng::new("fsdp_on_two_threads").next(), FSDP_ROWS);
+    let reference = reference(Rng::new("fsdp_on_two_threads").next_u64(), FSDP_ROWS);
     launch(Comm::group(2, Transport::Host), |world| {
         for per_block in [false, true] {
             fsdp_rank(&world, &reference, 1, per_block).map_err(|e| as_comm(world.rank(), e))?;
@@ -66,7 +66,7 @@ fn fsdp_on_two_threads_takes_the_single_device_step() {
 
 #[test]
 fn fsdp_with_expert_parallelism_on_four_threads_takes_the_single_device_step() {
-    let reference = reference(Rng::new("fsdp_with_ep_on_four_threads").next(), DP_EP_ROWS);
+    let reference = reference(Rng::new("fsdp_with_ep_on_four_threads").next_u64(), DP_EP_ROWS);
     launch(Comm::group(4, Transport::Host), |world| {
         for per_block in [false, true] {
             fsdp_rank(&world, &reference, 2, per_block).map_err(|e| as_comm(world.rank(), e))?;
@@ -218,7 +218,7 @@ pub(crate) fn reference(seed: u64, rows: usize) -> Reference {
     let device = Default::default();
     let mut config = DeepSeekV3Config::tiny();
     config.moe.balance_loss_weight = 0.05;
-    let model = crate::seeded::<B>(&config, rng.next(), &device);
+    let model = crate::seeded::<B>(&config, rng.next_u64(), &device);
     let n = 13;
     let ids: Vec<i64> = (0..rows * n).map(|_| rng.below(256) as i64).collect();
     let out = model.loss(Tensor::from_data(TensorData::new(ids.clone(), [rows, n]), &device));

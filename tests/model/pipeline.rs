@@ -29,7 +29,7 @@ fn pipelines_take_the_single_device_step() {
     let mut config = DeepSeekV3Config::tiny();
     // A balance loss large enough to show in the gate's gradients.
     config.moe.balance_loss_weight = 0.05;
-    let model = crate::seeded::<B>(&config, rng.next(), &device);
+    let model = crate::seeded::<B>(&config, rng.next_u64(), &device);
     let (rows, n) = (4, 13);
     let ids: Vec<i64> = (0..rows * n).map(|_| rng.below(256) as i64).collect();
     let row = |m: usize| TensorData::new(ids[m * n..(m + 1) * n].to_vec(), [1, n]);

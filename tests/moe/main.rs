@@ -1,6 +1,6 @@
 //! burn-moe against naive host references, on the wgpu runtime (lavapipe on a CPU-only
 //! machine) and on the reference backend. Inputs are fresh random values each run; the
-//! seed is printed and `MOE_TEST_SEED=<n>` replays a run.
+//! seed is printed and `TEST_SEED=<n>` replays a run.
 
 mod common;
 mod dispatch;

@@ -3,7 +3,7 @@
 //! `mpirun -np 2` and `-np 4` on this machine (the ranks share its cores). The workers
 //! run the same per-rank code as the in-process tests of ep.rs and check the same
 //! values; every process draws the same inputs from the seed the driver passes in
-//! `MOE_TEST_SEED`. The workers are `#[ignore]`d: alone, outside `mpirun`, they would be a
+//! `TEST_SEED`. The workers are `#[ignore]`d: alone, outside `mpirun`, they would be a
 //! world of one.
 
 use std::time::Duration;
@@ -153,7 +153,7 @@ fn mpi_worker_ep_layer() {
         let mut rng = Rng::new("mpi_worker_ep_layer");
         let device = Default::default();
         // Every process initialises the same layer.
-        Ad::seed(&device, rng.next());
+        Ad::seed(&device, rng.next_u64());
         let moe: Moe<Ad> = config().init(&device);
         // With 4 ranks, one rank has no tokens.
         let batches = if world == 4 { vec![1, 2, 0, 1] } else { vec![1; world] };
