@@ -44,6 +44,11 @@ cargo check --workspace --all-targets --features "$FEATURES"
 echo "== cargo clippy --workspace --all-targets --features $FEATURES -D warnings"
 cargo clippy --workspace --all-targets --features "$FEATURES" -- -D warnings
 
+# The kernel suites as tests/gpu.sh builds them for an NVIDIA machine (on CUDA instead of
+# wgpu): type-checked here, run there.
+echo "== cargo clippy --tests --features $FEATURES,test-cuda -D warnings (the suites on CUDA)"
+cargo clippy --tests --features "$FEATURES,test-cuda" -- -D warnings
+
 # The CUDA compile check (tests/cuda) compiles every kernel for sm_80/89/90 with NVRTC, which
 # comes from NVIDIA's PyPI wheels (no CUDA toolkit, no driver).
 source tests/nvrtc.sh

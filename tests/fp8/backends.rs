@@ -10,7 +10,7 @@ fn fused_backend_equals_kernels() {
     let mut rng = Rng::new("fused_backend_equals_kernels");
     let (m, n, k) = (70, 130, 300);
     let (a, b) = (rng.matrix(m, k), rng.matrix(n, k));
-    let device = wgpu();
+    let device = kernel_device();
     let run = |a_q: HostFp8, b_q: HostFp8, d: Vec<f32>| (a_q, b_q, d);
     let cube = {
         let qa = quantize::<Cube>(&a, [m, k], QuantConfig::activation(), &device);
@@ -38,13 +38,13 @@ fn autodiff_backends_forward_to_inner() {
     let (m, n, k) = (9, 20, 200);
     let (a, b) = (rng.matrix(m, k), rng.matrix(n, k));
     let plain = {
-        let qa = quantize::<Cube>(&a, [m, k], QuantConfig::activation(), &wgpu());
-        let qb = quantize::<Cube>(&b, [n, k], QuantConfig::weight(), &wgpu());
+        let qa = quantize::<Cube>(&a, [m, k], QuantConfig::activation(), &kernel_device());
+        let qb = quantize::<Cube>(&b, [n, k], QuantConfig::weight(), &kernel_device());
         to_vec(fp8_gemm(&qa, &qb))
     };
     let ad = {
-        let qa = quantize::<Autodiff<Cube>>(&a, [m, k], QuantConfig::activation(), &wgpu());
-        let qb = quantize::<Autodiff<Cube>>(&b, [n, k], QuantConfig::weight(), &wgpu());
+        let qa = quantize::<Autodiff<Cube>>(&a, [m, k], QuantConfig::activation(), &kernel_device());
+        let qb = quantize::<Autodiff<Cube>>(&b, [n, k], QuantConfig::weight(), &kernel_device());
         to_vec(fp8_gemm(&qa, &qb))
     };
     assert_eq!(plain, ad);
@@ -61,7 +61,7 @@ fn autodiff_backends_forward_to_inner() {
 
 #[test]
 fn from_parts_checks_shapes() {
-    let device = wgpu();
+    let device = kernel_device();
     let q = quantize::<Cube>(&vec![0.5; 3 * 200], [3, 200], QuantConfig::weight(), &device);
     let ok = Fp8Tensor::from_parts(q.data().clone(), q.scales().clone(), [3, 200], QuantConfig::weight());
     assert!(ok.is_ok());

@@ -1,7 +1,7 @@
 //! The kernel codec equals the host codec bit for bit.
 
-use crate::common::{wgpu, Rng};
-use burn::backend::wgpu::WgpuRuntime;
+use crate::common::KernelRuntime;
+use crate::common::{kernel_device, Rng};
 use burn_fp8::kernel::codec::{decode_on_device, encode_on_device};
 use burn_fp8::kernel::Fp8Decode;
 use burn_fp8::Fp8Format;
@@ -15,7 +15,7 @@ fn same_f32(a: f32, b: f32) -> bool {
 
 #[test]
 fn software_decode_matches_host_on_all_codes() {
-    let client = WgpuRuntime::client(&wgpu());
+    let client = KernelRuntime::client(&kernel_device());
     let codes: Vec<u8> = (0..=255).collect();
     for format in FORMATS {
         let device = decode_on_device(&client, &codes, format, Fp8Decode::Software).unwrap();
@@ -33,7 +33,7 @@ fn software_decode_matches_host_on_all_codes() {
 
 #[test]
 fn encode_matches_host() {
-    let client = WgpuRuntime::client(&wgpu());
+    let client = KernelRuntime::client(&kernel_device());
     let mut rng = Rng::new("encode_matches_host");
     for format in FORMATS {
         let mut inputs = Vec::new();

@@ -3,16 +3,13 @@
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 use burn_fp8::{Fp8Tensor, QuantConfig};
 
-/// The kernels, unfused.
-pub type Cube = burn_cubecl::CubeBackend<burn::backend::wgpu::WgpuRuntime, f32, i32, u32>;
-/// Burn's default wgpu backend (fused).
-pub type Fused = burn::backend::Wgpu;
+#[path = "../support/runtime.rs"]
+mod runtime;
+#[allow(unused_imports)] // each suite sharing this file uses some
+pub use runtime::{kernel_device, Cube, Fused, KernelRuntime};
+
 /// The pure-CPU reference backend.
 pub type Ref = burn::backend::NdArray<f32>;
-
-pub fn wgpu() -> burn::backend::wgpu::WgpuDevice {
-    burn::backend::wgpu::WgpuDevice::DefaultDevice
-}
 
 #[path = "../support/rng.rs"]
 mod rng;

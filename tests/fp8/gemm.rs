@@ -54,7 +54,7 @@ fn run<B: burn_fp8::Fp8Backend>(case: &Case, ca: QuantConfig, cb: QuantConfig, d
 /// Checks one case against the f64 product of the dequantized operands and against the
 /// reference backend; returns (output, unquantized f64 product) for the pooled check.
 fn check(case: &Case, ca: QuantConfig, cb: QuantConfig, rng_label: &str) -> (Vec<f64>, Vec<f64>) {
-    let (d, qa, qb) = run::<Cube>(case, ca, cb, &wgpu());
+    let (d, qa, qb) = run::<Cube>(case, ca, cb, &kernel_device());
     let what = format!("{rng_label} M={} N={} K={} A {:?} B {:?}", case.m, case.n, case.k, ca.tile, cb.tile);
     let d64: Vec<f64> = d.iter().map(|&v| v as f64).collect();
     assert!(d.iter().all(|v| v.is_finite()), "{what}: non-finite output");
@@ -153,7 +153,7 @@ fn transposed_operands_compute_wgrad() {
     let (m, n, k) = (200, 48, 136);
     let dy = rng.matrix(m, n);
     let x = rng.matrix(m, k);
-    let device = wgpu();
+    let device = kernel_device();
     let dyt = Fp8Tensor::quantize_transposed(tensor::<Cube>(&dy, [m, n], &device), QuantConfig::activation());
     let xt = Fp8Tensor::quantize_transposed(tensor::<Cube>(&x, [m, k], &device), QuantConfig::activation());
     let dw: Vec<f64> = to_vec(fp8_gemm(&dyt, &xt)).iter().map(|&v| v as f64).collect();
@@ -169,7 +169,7 @@ fn transposed_operands_compute_wgrad() {
 #[test]
 fn every_output_is_written_and_empty_k_gives_zeros() {
     let mut rng = Rng::new("gemm_poison");
-    let device = wgpu();
+    let device = kernel_device();
     for (m, n, k) in [(129, 200, 300), (5, 130, 256), (7, 9, 0)] {
         let case = Case::new(&mut rng, (m, n, k));
         let a = quantize::<Cube>(&case.a, [m, k], QuantConfig::activation(), &device);
@@ -190,7 +190,7 @@ fn every_output_is_written_and_empty_k_gives_zeros() {
 
 #[test]
 fn empty_m_or_n() {
-    let device = wgpu();
+    let device = kernel_device();
     let a = quantize::<Cube>(&[], [0, 256], QuantConfig::activation(), &device);
     let b = quantize::<Cube>(&vec![1.0; 3 * 256], [3, 256], QuantConfig::weight(), &device);
     assert_eq!(fp8_gemm(&a, &b).dims(), [0, 3]);
@@ -200,7 +200,7 @@ fn empty_m_or_n() {
 #[test]
 #[should_panic(expected = "got A [4, 256] and B [8, 128]")]
 fn mismatched_k_names_the_shapes() {
-    let device = wgpu();
+    let device = kernel_device();
     let a = quantize::<Cube>(&vec![1.0; 4 * 256], [4, 256], QuantConfig::activation(), &device);
     let b = quantize::<Cube>(&vec![1.0; 8 * 128], [8, 128], QuantConfig::weight(), &device);
     let _ = fp8_gemm(&a, &b);

@@ -69,7 +69,7 @@ fn f64s(v: &[f32]) -> Vec<f64> {
 /// Launches the kernel straight into a NaN-poisoned output, so that an unwritten row fails.
 fn launch_poisoned(a: &Fp8Tensor<Cube>, b: &Fp8Tensor<Cube>, offsets: &Tensor<Cube, 1, Int>, n: usize) -> Vec<f32> {
     let [rows, k] = a.shape();
-    let out = poisoned::<Cube>([rows, n], &wgpu());
+    let out = poisoned::<Cube>([rows, n], &kernel_device());
     let int = |t: &Tensor<Cube, 2, Int>| t.clone().into_primitive();
     let float = |t: &Tensor<Cube, 2>| t.clone().into_primitive().tensor();
     let offsets = burn_cubecl::kernel::cast(offsets.clone().into_primitive(), burn::tensor::DType::U32);
@@ -79,7 +79,7 @@ fn launch_poisoned(a: &Fp8Tensor<Cube>, b: &Fp8Tensor<Cube>, offsets: &Tensor<Cu
 
 fn check(case: &Case, ca: QuantConfig, cb: QuantConfig, label: &str) {
     let what = format!("{label}: groups {:?} N={} K={} A {:?} B {:?}", case.sizes, case.n, case.k, ca.tile, cb.tile);
-    let device = wgpu();
+    let device = kernel_device();
     let (a, b, offsets) = case.operands::<Cube>(ca, cb, &device);
     let d = launch_poisoned(&a, &b, &offsets, case.n);
     assert!(d.iter().all(|v| v.is_finite()), "{what}: unwritten or non-finite output");
@@ -123,14 +123,14 @@ fn one_group_is_the_plain_gemm() {
     let mut rng = Rng::new("grouped_one_group");
     for m in [1, 37, 200] {
         let case = Case::new(&mut rng, vec![m], 96, 384);
-        let (a, b, offsets) = case.operands::<Cube>(QuantConfig::activation(), QuantConfig::weight(), &wgpu());
+        let (a, b, offsets) = case.operands::<Cube>(QuantConfig::activation(), QuantConfig::weight(), &kernel_device());
         assert_eq!(to_vec(fp8_grouped_gemm(&a, &b, offsets)), to_vec(fp8_gemm(&a, &b)), "M={m}");
     }
 }
 
 #[test]
 fn empty_rows_and_named_shape_errors() {
-    let device = wgpu();
+    let device = kernel_device();
     let case = Case { sizes: vec![0, 0], n: 8, k: 256, a: vec![], b: vec![1.0; 16 * 256] };
     let (a, b, offsets) = case.operands::<Cube>(QuantConfig::activation(), QuantConfig::weight(), &device);
     assert_eq!(fp8_grouped_gemm(&a, &b, offsets).dims(), [0, 8]);

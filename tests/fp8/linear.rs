@@ -174,7 +174,7 @@ fn forward_and_gradients_match_f32_linear_on_wgpu_and_reference() {
 
         let fp8_ref = run::<AdRef>(&d, true, false, &Default::default());
         check_against_f64(&format!("Fp8Linear reference bias={bias}"), &d, &fp8_ref, 1e-5, 1e-3);
-        let fp8_wgpu = run::<AdCube>(&d, true, false, &wgpu());
+        let fp8_wgpu = run::<AdCube>(&d, true, false, &kernel_device());
         check_against_f64(&format!("Fp8Linear wgpu bias={bias}"), &d, &fp8_wgpu, 1e-5, 1e-3);
 
         // Same FP8 products on both backends; only the f32 summation order differs.
@@ -190,7 +190,7 @@ fn gradients_are_the_fp8_gemms_of_the_recipe() {
     // dx and dW are exactly the public FP8 ops applied to the quantized operands.
     let mut rng = Rng::new("linear_ops");
     let d = Data::new(&mut rng, [1, 130, 200, 72], false);
-    let device = wgpu();
+    let device = kernel_device();
     let outs = run::<AdCube>(&d, true, false, &device);
     let recipe = Fp8Recipe::deepseek_v3();
     let x = tensor::<Cube>(&d.x, [d.m(), d.k], &device);
@@ -206,9 +206,9 @@ fn gradients_are_the_fp8_gemms_of_the_recipe() {
 fn split_backward_equals_plain_backward() {
     let mut rng = Rng::new("linear_split");
     let d = Data::new(&mut rng, [3, 50, 384, 136], true);
-    let cube = (run::<AdCube>(&d, true, false, &wgpu()), run::<AdCube>(&d, true, true, &wgpu()));
+    let cube = (run::<AdCube>(&d, true, false, &kernel_device()), run::<AdCube>(&d, true, true, &kernel_device()));
     same_outs(&cube.0, &cube.1, "wgpu deferred vs plain");
-    let fused = (run::<AdFused>(&d, true, false, &wgpu()), run::<AdFused>(&d, true, true, &wgpu()));
+    let fused = (run::<AdFused>(&d, true, false, &kernel_device()), run::<AdFused>(&d, true, true, &kernel_device()));
     same_outs(&fused.0, &fused.1, "fused wgpu deferred vs plain");
     let reference = (run::<AdRef>(&d, true, false, &Default::default()), run::<AdRef>(&d, true, true, &Default::default()));
     same_outs(&reference.0, &reference.1, "reference deferred vs plain");
@@ -227,7 +227,7 @@ fn deferred_weight_gradients_of_a_stack_accumulate() {
     // Two layers, the second used twice: the queue holds three GEMMs and the flushed
     // gradients equal the plain backward's.
     let mut rng = Rng::new("linear_stack");
-    let device = wgpu();
+    let device = kernel_device();
     let l1: Fp8Linear<AdCube> = Fp8Linear::from(LinearConfig::new(160, 256).init(&device));
     let l2: Fp8Linear<AdCube> = Fp8Linear::from(LinearConfig::new(256, 256).init(&device));
     let x = tensor::<AdCube>(&rng.matrix(64, 160), [64, 160], &device).require_grad();
@@ -250,7 +250,7 @@ fn deferred_weight_gradients_of_a_stack_accumulate() {
 #[test]
 fn any_rank_and_non_multiple_of_128_dims() {
     let mut rng = Rng::new("linear_shapes");
-    let device = wgpu();
+    let device = kernel_device();
     let layer: Fp8Linear<Cube> = Fp8Linear::from(LinearConfig::new(200, 72).init(&device));
     let w = host(layer.weight.val());
     let b = host(layer.bias.as_ref().unwrap().val());
@@ -289,7 +289,7 @@ fn wrong_input_width_panics_with_the_shapes() {
 fn sgd_step_matches_f32_linear_step() {
     let mut rng = Rng::new("linear_sgd");
     let d = Data::new(&mut rng, [4, 32, 256, 256], true);
-    let device = wgpu();
+    let device = kernel_device();
     let step = |fp8: bool| -> (Vec<f32>, Vec<f32>) {
         let linear = d.linear::<AdCube>(&device);
         let x = Tensor::<AdCube, 3>::from_data(TensorData::new(d.x.clone(), [d.b, d.t, d.k]), &device);
@@ -341,7 +341,7 @@ fn conversions_keep_the_parameters() {
             self.down.forward(self.up.forward(x) * burn::tensor::activation::silu(gate))
         }
     }
-    let device = wgpu();
+    let device = kernel_device();
     let f32_model: Mlp<AdCube, Linear<AdCube>> = Mlp::new(&device);
     let fp8_model = copy_params(&f32_model, Mlp::<AdCube, Fp8Linear<AdCube>>::new(&device)).unwrap();
     let back = copy_params(&fp8_model, Mlp::<AdCube, Linear<AdCube>>::new(&device)).unwrap();
@@ -376,7 +376,7 @@ fn conversions_keep_the_parameters() {
 #[test]
 fn linear_records_load_into_fp8_linear() {
     use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
-    let device = wgpu();
+    let device = kernel_device();
     let linear: Linear<Cube> = LinearConfig::new(130, 70).init(&device);
     let (weight, bias) = (host(linear.weight.val()), host(linear.bias.as_ref().unwrap().val()));
     let recorder = BinBytesRecorder::<FullPrecisionSettings>::default();

@@ -35,7 +35,7 @@ fn assert_same(q_host: &HostFp8, got: &HostFp8, what: &str) {
 #[test]
 fn kernel_and_reference_equal_host() {
     let mut rng = Rng::new("kernel_and_reference_equal_host");
-    let device = wgpu();
+    let device = kernel_device();
     for shape in SHAPES {
         let x = rng.matrix(shape[0], shape[1]);
         for config in configs() {
@@ -55,7 +55,7 @@ fn transposed_quantization_reads_strides() {
     let xt: Vec<f32> = (0..shape[1]).flat_map(|c| (0..shape[0]).map(move |r| (r, c))).map(|(r, c)| x[r * shape[1] + c]).collect();
     for config in [QuantConfig::activation(), QuantConfig::weight()] {
         let host = HostFp8::quantize(&xt, [shape[1], shape[0]], config);
-        let q = Fp8Tensor::quantize_transposed(tensor::<Cube>(&x, shape, &wgpu()), config);
+        let q = Fp8Tensor::quantize_transposed(tensor::<Cube>(&x, shape, &kernel_device()), config);
         assert_same(&host, &HostFp8::from_tensor(&q), "wgpu transposed");
         let q = Fp8Tensor::quantize_transposed(tensor::<Ref>(&x, shape, &Default::default()), config);
         assert_same(&host, &HostFp8::from_tensor(&q), "reference transposed");
@@ -69,7 +69,7 @@ fn every_output_is_written() {
     let x = rng.matrix(shape[0], shape[1]);
     for config in [QuantConfig::activation(), QuantConfig::weight()] {
         let host = HostFp8::quantize(&x, shape, config);
-        let device = wgpu();
+        let device = kernel_device();
         let layout = burn_fp8::Fp8Layout { shape, config };
         // Poison: data words 0xFFFFFFFF (four NaN codes), scales NaN.
         let data = Tensor::<Cube, 2, burn::tensor::Int>::full(layout.data_shape(), -1, &device).cast(burn::tensor::IntDType::U32);
@@ -91,7 +91,7 @@ fn zero_tiles_get_unit_scale() {
     let mut x = vec![0.0f32; shape[0] * shape[1]];
     x[5 * 260 + 200] = 3.0; // one non-zero tile
     for config in [QuantConfig::activation(), QuantConfig::weight()] {
-        for q in [HostFp8::from_tensor(&quantize::<Cube>(&x, shape, config, &wgpu())), HostFp8::from_tensor(&quantize::<Ref>(&x, shape, config, &Default::default()))] {
+        for q in [HostFp8::from_tensor(&quantize::<Cube>(&x, shape, config, &kernel_device())), HostFp8::from_tensor(&quantize::<Ref>(&x, shape, config, &Default::default()))] {
             let nonzero_tile = [5 / config.tile.rows(), 1];
             for (i, s) in q.scales.iter().enumerate() {
                 let tile = [i / 3, i % 3];
@@ -112,12 +112,12 @@ fn non_finite_inputs_are_reported() {
     for config in [QuantConfig::activation(), QuantConfig::weight()] {
         let r = config.tile.rows();
         let expected = vec![[2 / r, 0], [139 / r, 2]];
-        match Fp8Tensor::<Cube>::try_quantize(tensor(&x, shape, &wgpu()), config) {
+        match Fp8Tensor::<Cube>::try_quantize(tensor(&x, shape, &kernel_device()), config) {
             Err(Fp8Error::NonFinite { tiles, count, .. }) => assert_eq!((tiles, count), (expected.clone(), 2), "wgpu {config:?}"),
             Err(other) => panic!("wgpu {config:?}: expected NonFinite, got {other}"),
             Ok(_) => panic!("wgpu {config:?}: non-finite input was accepted"),
         }
-        let q = quantize::<Cube>(&x, shape, config, &wgpu());
+        let q = quantize::<Cube>(&x, shape, config, &kernel_device());
         let err = q.check_finite().unwrap_err();
         assert!(err.to_string().contains("NaN or infinity"), "{err}");
         // The NaN tile dequantizes to NaN, never to a number; other tiles stay exact.
@@ -138,7 +138,7 @@ fn dequantize_matches_host_and_reference() {
     for shape in [[1, 5], [129, 300], [64, 896]] {
         let x = rng.matrix(shape[0], shape[1]);
         for config in [QuantConfig::activation(), QuantConfig::weight().with_format(Fp8Format::E5M2)] {
-            let q = quantize::<Cube>(&x, shape, config, &wgpu());
+            let q = quantize::<Cube>(&x, shape, config, &kernel_device());
             let host = HostFp8::from_tensor(&q).dequantize_f64();
             let got = to_vec(q.dequantize());
             // decode × scale is one f32 product: at most half an ulp from the exact value.

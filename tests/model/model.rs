@@ -1,7 +1,7 @@
 //! The model: the loss against a host cross-entropy of its own logits, causality, cached
 //! generation against the full forward, the balancing update, FP8, training.
 
-use crate::common::{host, wgpu_device, Ref, Rng, Wgpu};
+use crate::common::{host, kernel_device, Fused, Ref, Rng};
 use burn::backend::Autodiff;
 use burn::module::{AutodiffModule, Module};
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
@@ -102,7 +102,7 @@ fn cached_equals_forward<B: MoeBackend>(device: &B::Device, rng: &mut Rng) {
 fn cached_generation_equals_the_full_forward() {
     let mut rng = Rng::new("cached_generation_equals_the_full_forward");
     cached_equals_forward::<Ref>(&Default::default(), &mut rng);
-    cached_equals_forward::<Wgpu>(&wgpu_device(), &mut rng);
+    cached_equals_forward::<Fused>(&kernel_device(), &mut rng);
 }
 
 #[test]

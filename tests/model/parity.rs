@@ -12,7 +12,7 @@
 //! greedy, full-rank queries, 2 shared experts, no balancing bias in the file), V2 with
 //! group-limited greedy routing and a routed scale of 16.
 
-use crate::common::{host, host_int, wgpu_device, Ref, Wgpu};
+use crate::common::{host, host_int, kernel_device, Fused, Ref};
 use burn::tensor::{Int, Tensor, TensorData};
 use burn_deepseek::hf::tokenizer::{HfTokenizer, TokenizerError};
 use burn_deepseek::hf::weights::load_safetensors;
@@ -185,8 +185,8 @@ fn transformers_checkpoints_generate_transformers_tokens() {
 fn transformers_parity_on_the_wgpu_runtime() {
     for name in ["v3_yarn", "v2_group"] {
         let fixture = Fixture::open(name);
-        forward_matches::<Wgpu>(&fixture, &wgpu_device());
-        generation_matches::<Wgpu>(&fixture, &wgpu_device());
+        forward_matches::<Fused>(&fixture, &kernel_device());
+        generation_matches::<Fused>(&fixture, &kernel_device());
     }
 }
 

@@ -3,7 +3,7 @@
 //! MLA decode kernel over several sequences' pages); bad requests are refused before
 //! anything is fed.
 
-use crate::common::{wgpu_device, Ref, Wgpu};
+use crate::common::{kernel_device, Fused, Ref};
 use burn_deepseek::hf::HfModel;
 use burn_deepseek::model::{Batch, Request, Sampling, Session};
 use burn_moe::mla::{CacheError, PAGE_SIZE};
@@ -72,7 +72,7 @@ fn batched_sequences_get_the_tokens_they_get_alone() {
 
 #[test]
 fn batched_sequences_on_the_wgpu_runtime() {
-    batch_equals_alone::<Wgpu>(&wgpu_device());
+    batch_equals_alone::<Fused>(&kernel_device());
 }
 
 #[test]
@@ -132,5 +132,5 @@ fn joined_together_equals_alone<B: MoeBackend>(device: &B::Device) {
 #[test]
 fn prompts_prefilled_together_get_the_tokens_they_get_alone() {
     joined_together_equals_alone::<Ref>(&Default::default());
-    joined_together_equals_alone::<Wgpu>(&wgpu_device());
+    joined_together_equals_alone::<Fused>(&kernel_device());
 }

@@ -5,7 +5,7 @@
 //! MTP module learns the token after next); on the reference backend and on wgpu (the
 //! MLA decode kernel over a truncated cache). Bad input is refused before anything is fed.
 
-use crate::common::{wgpu_device, Flex, Ref, Wgpu};
+use crate::common::{kernel_device, Flex, Fused, Ref};
 use burn::backend::Autodiff;
 use burn::module::AutodiffModule;
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
@@ -69,7 +69,7 @@ fn speculative_decoding_gives_the_greedy_tokens_of_random_checkpoints() {
 
 #[test]
 fn speculative_decoding_on_the_wgpu_runtime() {
-    random_checkpoints::<Wgpu>(&wgpu_device());
+    random_checkpoints::<Fused>(&kernel_device());
 }
 
 /// A text of period 27 whose bytes differ: what follows a byte is determined, so the
@@ -104,10 +104,10 @@ fn drafts_of_a_trained_mtp_module_are_accepted() {
     // On the wgpu runtime too (its kernels), from the same weights.
     let path = std::env::temp_dir().join(format!("burn-deepseek-speculative-{}.safetensors", std::process::id()));
     save_safetensors(&model, &config, &path).unwrap();
-    let wgpu = wgpu_device();
-    let (moved, _) = load_safetensors(config.init::<Wgpu>(&wgpu), &config, &[&path]).unwrap();
+    let wgpu = kernel_device();
+    let (moved, _) = load_safetensors(config.init::<Fused>(&wgpu), &config, &[&path]).unwrap();
     std::fs::remove_file(&path).unwrap();
-    let stats = check::<Wgpu>(&moved, &config.mla, &periodic(5, 9), 60, &[], &wgpu);
+    let stats = check::<Fused>(&moved, &config.mla, &periodic(5, 9), 60, &[], &wgpu);
     assert!(stats.acceptance() > 0.9, "on wgpu: {stats:?}");
 }
 

@@ -2,19 +2,16 @@
 
 use burn::tensor::{backend::Backend, Int, Tensor};
 
-/// The kernels without fusion, on the wgpu runtime.
-pub type Cube = burn_cubecl::CubeBackend<burn::backend::wgpu::WgpuRuntime, f32, i32, u32>;
-/// Burn's `Wgpu` (fusion over the same kernels).
-pub type Wgpu = burn::backend::Wgpu;
+#[path = "../support/runtime.rs"]
+mod runtime;
+#[allow(unused_imports)] // each suite sharing this file uses some
+pub use runtime::{kernel_device, Cube, Fused, KernelRuntime};
+
 /// The reference backend.
 pub type Ref = burn::backend::NdArray<f32>;
 /// Burn's Flex CPU backend (burn-moe's host loops).
 #[allow(dead_code)] // used by tests/moe, not by every file that shares this one
 pub type Flex = burn::backend::Flex;
-
-pub fn wgpu_device() -> burn::backend::wgpu::WgpuDevice {
-    burn::backend::wgpu::WgpuDevice::DefaultDevice
-}
 
 #[path = "../support/rng.rs"]
 mod rng;

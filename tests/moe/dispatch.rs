@@ -14,7 +14,7 @@ use burn_moe::backend::PlanPrimitive;
 use burn_moe::dispatch::{combine, dispatch, grouped_matmul, DispatchPlan};
 use burn_moe::MoeBackend;
 
-use crate::common::{assert_close, host, host_int, wgpu_device, Cube, Flex, Ref, Rng, Wgpu};
+use crate::common::{assert_close, host, host_int, kernel_device, Cube, Flex, Fused, Ref, Rng};
 
 const TOL: f64 = 1e-5;
 
@@ -200,12 +200,12 @@ fn check_grads<B: AutodiffBackend + MoeBackend>(backend: &str, device: &B::Devic
 
 #[test]
 fn dispatch_ops_match_host_on_wgpu_kernels() {
-    check_forward::<Cube>("wgpu kernels", &wgpu_device());
+    check_forward::<Cube>("wgpu kernels", &kernel_device());
 }
 
 #[test]
 fn dispatch_ops_match_host_on_fused_wgpu() {
-    check_forward::<Wgpu>("fused wgpu", &wgpu_device());
+    check_forward::<Fused>("fused wgpu", &kernel_device());
 }
 
 #[test]
@@ -220,8 +220,8 @@ fn dispatch_ops_match_host_on_flex() {
 
 #[test]
 fn dispatch_gradients_match_host_on_wgpu() {
-    check_grads::<burn::backend::Autodiff<Cube>>("wgpu kernels", &wgpu_device());
-    check_grads::<burn::backend::Autodiff<Wgpu>>("fused wgpu", &wgpu_device());
+    check_grads::<burn::backend::Autodiff<Cube>>("wgpu kernels", &kernel_device());
+    check_grads::<burn::backend::Autodiff<Fused>>("fused wgpu", &kernel_device());
 }
 
 #[test]

@@ -18,7 +18,7 @@ use burn_fp8::linear::Fp8Recipe;
 use burn_moe::dispatch::{dispatch, grouped_matmul, grouped_matmul_fp8};
 use burn_moe::{Moe, MoeBackend, MoeConfig, MoeOutput};
 
-use crate::common::{host, host_int, wgpu_device, Cube, Ref, Rng, Wgpu};
+use crate::common::{host, host_int, kernel_device, Cube, Fused, Ref, Rng};
 use crate::dispatch::{float, plan, Case, Inputs};
 use crate::layer::{copy, fit_teacher};
 
@@ -62,10 +62,10 @@ fn fp8_grouped_matmul_matches_reference_and_tracks_f32() {
     for c in CASES {
         let inp = Inputs::new(c, &mut rng);
         let dy_rows = rng.values(c.t * c.k * c.n);
-        let kernel = run::<Autodiff<Cube>>(c, &inp, &dy_rows, true, &wgpu_device());
-        let fused = run::<Autodiff<Wgpu>>(c, &inp, &dy_rows, true, &wgpu_device());
+        let kernel = run::<Autodiff<Cube>>(c, &inp, &dy_rows, true, &kernel_device());
+        let fused = run::<Autodiff<Fused>>(c, &inp, &dy_rows, true, &kernel_device());
         let reference = run::<Autodiff<Ref>>(c, &inp, &dy_rows, true, &Default::default());
-        let f32_path = run::<Autodiff<Cube>>(c, &inp, &dy_rows, false, &wgpu_device());
+        let f32_path = run::<Autodiff<Cube>>(c, &inp, &dy_rows, false, &kernel_device());
         for (i, what) in ["y", "d x", "d w"].iter().enumerate() {
             let what = format!("{}: {what}", c.name);
             rel(&format!("{what} kernel vs reference backend"), &kernel[i], &reference[i], 1e-5);
@@ -98,7 +98,7 @@ fn fp8_layer_tracks_f32_layer_on_kernels_and_reference() {
     let config = MoeConfig { d_model: 256, d_expert: 128, init_std: 0.05, ..MoeConfig::tiny() };
     let shape = [2, 24, 256];
     let x = rng.values(shape.iter().product());
-    let device = wgpu_device();
+    let device = kernel_device();
     let f32_layer: Moe<Autodiff<Cube>> = config.init(&device);
     // Copied through the host: a clone of a freshly initialized module would initialize
     // its (lazy) parameters again, with other random values.
@@ -122,7 +122,7 @@ fn fp8_layer_tracks_f32_layer_on_kernels_and_reference() {
 #[test]
 fn fp8_layer_trains() {
     let config = MoeConfig { init_std: 0.1, fp8: Some(Fp8Recipe::deepseek_v3()), ..MoeConfig::tiny() };
-    let (moe, losses) = fit_teacher::<Autodiff<Cube>>(&config, &wgpu_device());
+    let (moe, losses) = fit_teacher::<Autodiff<Cube>>(&config, &kernel_device());
     assert_eq!(moe.experts.fp8, Some(Fp8Recipe::deepseek_v3()));
     assert!(losses[29] < 0.5 * losses[0], "FP8 training loss {} → {}", losses[0], losses[29]);
 }

@@ -16,7 +16,7 @@ use burn_moe::moe::forward_naive;
 use burn_moe::router::{sequence_balance_loss, RouterConfig, RouterError};
 use burn_moe::{Moe, MoeBackend, MoeConfig, MoeOutput};
 
-use crate::common::{host, host_int, wgpu_device, Cube, Ref, Rng, Wgpu};
+use crate::common::{host, host_int, kernel_device, Cube, Fused, Ref, Rng};
 
 fn assert_rel(what: &str, got: &[f32], want: &[f32], tol: f32) {
     assert_eq!(got.len(), want.len(), "{what}: length");
@@ -95,16 +95,16 @@ fn layer_matches_naive_on_reference_backend() {
 
 #[test]
 fn layer_matches_naive_on_wgpu_kernels() {
-    check_against_naive::<Autodiff<Cube>, Autodiff<Cube>>("wgpu kernels", &wgpu_device(), &wgpu_device());
+    check_against_naive::<Autodiff<Cube>, Autodiff<Cube>>("wgpu kernels", &kernel_device(), &kernel_device());
 }
 
-/// Burn's `Wgpu` (fusion) against the naive loop on the unfused wgpu backend: in Burn
+/// Burn's `Fused` (fusion) against the naive loop on the unfused wgpu backend: in Burn
 /// 0.21, `forward_naive`'s gradients on the fused backend with `k = 1` differ from the
 /// unfused and reference backends (a fusion issue in Burn's ops, not in this crate:
 /// `Moe::forward` on the fused backend agrees with both), so the oracle runs unfused.
 #[test]
 fn fused_wgpu_layer_matches_naive() {
-    check_against_naive::<Autodiff<Wgpu>, Autodiff<Cube>>("fused wgpu", &wgpu_device(), &wgpu_device());
+    check_against_naive::<Autodiff<Fused>, Autodiff<Cube>>("fused wgpu", &kernel_device(), &kernel_device());
 }
 
 #[test]

@@ -1,9 +1,9 @@
 //! Multi-head Latent Attention: the decode op (kernel on wgpu, reference on NdArray, fused
-//! Wgpu) against an f64 host attention over the paged rows; the absorbed forward against
+//! Fused) against an f64 host attention over the paged rows; the absorbed forward against
 //! the decompressing one; cached prefill and decode against the full forward; training
 //! gradients against an f64 run of the same weights; named errors.
 
-use super::common::{host, wgpu_device, Cube, Ref, Rng, Wgpu};
+use super::common::{host, kernel_device, Cube, Fused, Ref, Rng};
 use burn::backend::Autodiff;
 use burn::module::{AutodiffModule, Module};
 use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
@@ -109,7 +109,7 @@ struct DecodeInputs<B: Backend> {
 /// The kernel launched into a NaN-filled output: every element must be written.
 fn run_poisoned(p: &Paged) -> Vec<f32> {
     use burn_cubecl::kernel::cast;
-    let device = wgpu_device();
+    let device = kernel_device();
     let DecodeInputs { q, rows, pages, lens } = p.tensors::<Cube>(&device);
     let out = Tensor::<Cube, 3>::full([p.n, p.heads, p.kv_lora], f32::NAN, &device);
     let prim = |t: Tensor<Cube, 3>| t.into_primitive().tensor();
@@ -147,7 +147,7 @@ fn decode_op_matches_f64_attention_over_pages() {
         let exact = p.exact();
         let what = format!("H={heads} C={width} r={kv_lora} lens={lens:?}");
         check(&format!("{what} kernel (NaN-poisoned output)"), &run_poisoned(&p), &exact, DECODE_TOL);
-        check(&format!("{what} fused Wgpu"), &p.run::<Wgpu>(&wgpu_device()), &exact, DECODE_TOL);
+        check(&format!("{what} fused Fused"), &p.run::<Fused>(&kernel_device()), &exact, DECODE_TOL);
         check(&format!("{what} reference backend"), &p.run::<Ref>(&Default::default()), &exact, DECODE_TOL);
     }
 }
@@ -234,7 +234,7 @@ fn cached_prefill_and_decode_equal_the_full_forward() {
     for (q_lora, yarn) in [(Some(48), true), (None, false)] {
         let config = tiny(q_lora, yarn);
         cached_equals_full::<Ref>(&config, &Default::default(), &mut rng, &format!("reference q_lora {q_lora:?}"));
-        cached_equals_full::<Wgpu>(&config, &wgpu_device(), &mut rng, &format!("wgpu kernel q_lora {q_lora:?}"));
+        cached_equals_full::<Fused>(&config, &kernel_device(), &mut rng, &format!("wgpu kernel q_lora {q_lora:?}"));
     }
 }
 
@@ -315,7 +315,7 @@ fn a_truncated_cache_is_one_that_never_held_the_tokens() {
     let mut rng = Rng::new("a_truncated_cache_is_one_that_never_held_the_tokens");
     let config = tiny(Some(48), true);
     truncated_equals_never_appended::<Ref>(&config, &Default::default(), &mut rng, "reference");
-    truncated_equals_never_appended::<Wgpu>(&config, &wgpu_device(), &mut rng, "wgpu kernel");
+    truncated_equals_never_appended::<Fused>(&config, &kernel_device(), &mut rng, "wgpu kernel");
 }
 
 #[test]

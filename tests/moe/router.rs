@@ -61,8 +61,8 @@ fn run_all<B: Backend>(backend: &str, device: &B::Device) {
 }
 
 #[test]
-fn routing_matches_naive_reference_on_wgpu() {
-    run_all::<Cube>("wgpu", &burn::backend::wgpu::WgpuDevice::DefaultDevice);
+fn routing_matches_naive_reference_on_the_kernels() {
+    run_all::<Cube>("kernels", &crate::common::kernel_device());
 }
 
 #[test]
