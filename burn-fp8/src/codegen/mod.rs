@@ -5,7 +5,7 @@
 //! a runtime's compiler turns the definition into source for its device (WGSL, CUDA C++,
 //! HIP). The first step needs no device of the target's kind, so every kernel can be
 //! compiled for a GPU the machine does not have — which is how CI knows that each kernel
-//! compiles for NVIDIA's architectures on a CPU-only machine ([`cuda`], behind the `cuda`
+//! compiles for NVIDIA's architectures on a CPU-only machine (`codegen::cuda`, behind the `cuda`
 //! feature, runs CubeCL's CUDA compiler and NVRTC on these definitions).
 //!
 //! Each kernel file lists its variants — one [`KernelVariant`] per configuration its launcher
