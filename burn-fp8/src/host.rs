@@ -94,6 +94,22 @@ impl HostFp8 {
         self.scales[(r / self.config.tile.rows()) * scale_cols + c / TILE_K]
     }
 
+    /// Dequantized values in f32, `code · scale` rounded once: e.g. a checkpoint's FP8
+    /// weights (DeepSeek-V3's released `weight` and `weight_scale_inv`, E4M3 in 128×128
+    /// blocks: [`QuantConfig::weight`]).
+    ///
+    /// # Panics
+    /// When `codes` or `scales` do not hold `shape`'s elements and scale grid.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let [rows, cols] = self.shape;
+        let grid = self.config.tile.scale_shape(self.shape);
+        assert_eq!(self.codes.len(), rows * cols, "HostFp8::dequantize: {} codes for shape {:?}", self.codes.len(), self.shape);
+        assert_eq!(self.scales.len(), grid[0] * grid[1], "HostFp8::dequantize: {} scales for the grid {grid:?}", self.scales.len());
+        let table = self.config.format.decode_table();
+        let tile_rows = self.config.tile.rows();
+        self.codes.iter().enumerate().map(|(i, &code)| table[code as usize] * self.scales[(i / cols / tile_rows) * grid[1] + (i % cols) / TILE_K]).collect()
+    }
+
     /// Dequantized values in f64 (exact: an FP8 value times an f32 scale fits in f64).
     pub fn dequantize_f64(&self) -> Vec<f64> {
         let [rows, cols] = self.shape;
@@ -125,5 +141,25 @@ pub fn calc_diff(x: &[f64], y: &[f64]) -> f64 {
         0.0
     } else {
         1.0 - 2.0 * xy / sq
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::TileShape;
+
+    /// The f32 dequantization is the exact product rounded once: the f64 one cast to f32,
+    /// bit for bit, on ragged shapes (tiles cut at both edges) with both tilings.
+    #[test]
+    fn f32_dequantization_is_the_exact_product_rounded() {
+        let shape = [130, 260];
+        let x: Vec<f32> = (0..shape[0] * shape[1]).map(|i| ((i as f32 * 0.61).sin() + 1.5) * 10f32.powi((i % 7) as i32 - 3)).collect();
+        for tile in [TileShape::Row1x128, TileShape::Block128x128] {
+            let q = HostFp8::quantize(&x, shape, QuantConfig::weight().with_tile(tile));
+            let exact: Vec<f32> = q.dequantize_f64().iter().map(|&v| v as f32).collect();
+            let got = q.dequantize();
+            assert!(got.iter().zip(&exact).all(|(a, b)| a.to_bits() == b.to_bits()), "{tile:?}");
+        }
     }
 }

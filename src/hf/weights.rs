@@ -46,7 +46,8 @@
 use crate::model::{DeepSeekV3, DeepSeekV3Config};
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::{backend::Backend, Tensor, TensorData};
-use burn_fp8::Fp8Format;
+use burn_fp8::host::HostFp8;
+use burn_fp8::QuantConfig;
 use safetensors::tensor::{Dtype, Metadata, TensorView};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -297,13 +298,14 @@ impl Files {
             Dtype::F8_E4M3 if shape.len() == 2 => {
                 let scale_key = format!("{key}_scale_inv");
                 let (scales, scale_shape) = self.read(&scale_key, param)?;
-                let [rows, cols] = [shape[0], shape[1]];
-                let blocks = [rows.div_ceil(128), cols.div_ceil(128)];
+                let shape2 = [shape[0], shape[1]];
+                // DeepSeek-V3's released format (`weight_block_size` [128, 128], `fmt` e4m3).
+                let config = QuantConfig::weight();
+                let blocks = config.tile.scale_shape(shape2);
                 if scale_shape != blocks {
                     return Err(WeightsError::Shape { key: scale_key, expected: blocks.to_vec(), got: scale_shape });
                 }
-                let table = Fp8Format::E4M3.decode_table();
-                bytes.iter().enumerate().map(|(i, &code)| table[code as usize] * scales[(i / cols / 128) * blocks[1] + (i % cols) / 128]).collect()
+                HostFp8 { shape: shape2, config, codes: bytes.to_vec(), scales }.dequantize()
             }
             other => return Err(WeightsError::Dtype { key: key.into(), dtype: format!("{other:?}") }),
         };
