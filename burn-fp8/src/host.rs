@@ -106,8 +106,7 @@ impl HostFp8 {
         assert_eq!(self.codes.len(), rows * cols, "HostFp8::dequantize: {} codes for shape {:?}", self.codes.len(), self.shape);
         assert_eq!(self.scales.len(), grid[0] * grid[1], "HostFp8::dequantize: {} scales for the grid {grid:?}", self.scales.len());
         let table = self.config.format.decode_table();
-        let tile_rows = self.config.tile.rows();
-        self.codes.iter().enumerate().map(|(i, &code)| table[code as usize] * self.scales[(i / cols / tile_rows) * grid[1] + (i % cols) / TILE_K]).collect()
+        self.codes.iter().enumerate().map(|(i, &code)| table[code as usize] * self.scale(i / cols, i % cols)).collect()
     }
 
     /// Dequantized values in f64 (exact: an FP8 value times an f32 scale fits in f64).

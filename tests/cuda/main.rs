@@ -48,7 +48,6 @@ fn compile_all(target: &CodegenTarget) -> (Vec<CudaKernel>, Vec<String>) {
         }
     }
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let timed = std::env::var("CUDA_CHECK_TIMES").is_ok();
     let results: Vec<Result<CudaKernel, cuda::CudaCodegenError>> = std::thread::scope(|scope| {
         // Thread `t` takes every `threads`-th variant, so that the slow GEMMs are spread.
         let sources = &sources;
@@ -59,15 +58,7 @@ fn compile_all(target: &CodegenTarget) -> (Vec<CudaKernel>, Vec<String>) {
                         .iter()
                         .skip(t)
                         .step_by(threads)
-                        .map(|(name, source, shared_bytes)| {
-                            let start = std::time::Instant::now();
-                            let nvrtc = cuda::compile_source(name, source, target)?;
-                            if timed {
-                                eprintln!("{:>8.0} ms {name} sm_{}", start.elapsed().as_secs_f64() * 1e3, target.sm);
-                            }
-                            let resources = cuda::parse_ptxas(&nvrtc.log);
-                            Ok(CudaKernel { name: name.clone(), sm: target.sm, source: source.clone(), ptx: nvrtc.ptx, shared_bytes: *shared_bytes, resources })
-                        })
+                        .map(|(name, source, shared_bytes)| cuda::compile_kernel(name, source.clone(), *shared_bytes, target))
                         .collect::<Vec<_>>()
                 })
             })

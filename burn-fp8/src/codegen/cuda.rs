@@ -140,12 +140,15 @@ pub fn include_dirs() -> Vec<String> {
 
 /// Compiles `variant` for `target` with NVRTC: CUDA C++, PTX and `ptxas`'s resource report.
 pub fn compile(variant: &KernelVariant, target: &CodegenTarget) -> Result<CudaKernel, CudaCodegenError> {
-    if !nvrtc_available() {
-        return Err(CudaCodegenError::NvrtcMissing);
-    }
     let (source, shared_bytes) = cuda_source(variant, target)?;
-    let Nvrtc { ptx, log } = compile_source(&variant.name, &source, target)?;
-    Ok(CudaKernel { name: variant.name.clone(), sm: target.sm, source, ptx, shared_bytes, resources: parse_ptxas(&log) })
+    compile_kernel(&variant.name, source, shared_bytes, target)
+}
+
+/// The second half of [`compile`]: NVRTC on the C++ [`cuda_source`] wrote for the variant
+/// `name` (which, unlike the variant, can be sent to another thread).
+pub fn compile_kernel(name: &str, source: String, shared_bytes: usize, target: &CodegenTarget) -> Result<CudaKernel, CudaCodegenError> {
+    let Nvrtc { ptx, log } = compile_source(name, &source, target)?;
+    Ok(CudaKernel { name: name.to_string(), sm: target.sm, source, ptx, shared_bytes, resources: parse_ptxas(&log) })
 }
 
 /// What NVRTC made of a source.

@@ -18,6 +18,7 @@
 
 use super::codec::{decode_fp8, Fp8Decode};
 use super::groups::{grouped_row_tile, grouped_tile_count};
+use super::DeviceClass;
 use crate::codegen::{array, settings, CodegenTarget, KernelVariant};
 use crate::config::{QuantConfig, TILE_K, WORDS_PER_TILE};
 use burn_cubecl::{tensor::CubeTensor, CubeRuntime};
@@ -71,30 +72,6 @@ impl GemmConfig {
     }
 }
 
-/// The register file a unit's tile must fit, as the selector sees the device.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum RegisterFile {
-    /// A GPU (a device with plane operations): at most 255 32-bit registers per thread. A
-    /// unit keeps its tile's f32 accumulators and the K block's unscaled partial sums,
-    /// `2 · tile_m · tile_n` registers: 16×8 tiles spill on every NVIDIA architecture
-    /// (ptxas: 255 registers and 444-480 bytes of spill stores on sm_90, `tests/cuda`), 8×8
-    /// tiles do not (168-188 registers).
-    Gpu,
-    /// A CPU adapter (lavapipe): no such limit, and the largest tiles ran fastest.
-    Cpu,
-}
-
-impl RegisterFile {
-    /// The register file of `client`'s device.
-    pub fn of<R: Runtime>(client: &ComputeClient<R>) -> Self {
-        if client.properties().features.plane.contains(cubecl::features::Plane::Ops) {
-            RegisterFile::Gpu
-        } else {
-            RegisterFile::Cpu
-        }
-    }
-}
-
 /// Picks the tiling for a problem, so that a cube's rows match M where M is small and
 /// units own large register tiles where it is not (measured on lavapipe, where fewer units
 /// with more outputs each beat 256 units of 4×4; see docs/benchmarks.md):
@@ -106,15 +83,18 @@ impl RegisterFile {
 /// | ≤ 64 | 8×8 | 8×8 | 64×64 | 16 KiB |
 /// | > 64 | 8×8 | 16×8 (8×8 on a GPU) | 128×64 (64×64) | 24 KiB (16 KiB) |
 ///
-/// On a GPU ([`RegisterFile::Gpu`]) tiles stay within 8×8, which fits the register file
-/// without spilling. Pure: the same problem and device class always get the same config.
+/// On a GPU ([`DeviceClass::Gpu`]) tiles stay within 8×8: a unit keeps its tile's f32
+/// accumulators and the K block's unscaled partial sums, `2 · tile_m · tile_n` registers of
+/// at most 255, and 16×8 tiles spill on every NVIDIA architecture (ptxas: 255 registers and
+/// 444-480 bytes of spill stores on sm_90, `tests/cuda`) where 8×8 do not (168-188
+/// registers). A CPU adapter (lavapipe) has no such limit and ran the largest tiles fastest. Pure: the same problem and device class always get the same config.
 /// All fit lavapipe's 32 KiB of shared memory.
-pub fn select_gemm_config(problem: GemmProblem, decode_a: Fp8Decode, decode_b: Fp8Decode, registers: RegisterFile) -> GemmConfig {
-    let (units_n, units_m, tile_m, tile_n) = match (problem.m, registers) {
+pub fn select_gemm_config(problem: GemmProblem, decode_a: Fp8Decode, decode_b: Fp8Decode, device: DeviceClass) -> GemmConfig {
+    let (units_n, units_m, tile_m, tile_n) = match (problem.m, device) {
         (0..=4, _) => (32, 1, 1, 4),
         (5..=16, _) => (8, 4, 4, 8),
-        (17..=64, _) | (_, RegisterFile::Gpu) => (8, 8, 8, 8),
-        (_, RegisterFile::Cpu) => (8, 8, 16, 8),
+        (17..=64, _) | (_, DeviceClass::Gpu) => (8, 8, 8, 8),
+        (_, DeviceClass::CpuAdapter) => (8, 8, 16, 8),
     };
     GemmConfig { units_n, units_m, tile_m, tile_n, decode_a, decode_b }
 }
@@ -302,7 +282,7 @@ pub fn launch_gemm<R: CubeRuntime>(
     }
     // The selector sees the mean rows per group: the M of a typical group's GEMM.
     let problem = GemmProblem { m: m.div_ceil(groups), n, k };
-    let cfg = select_gemm_config(problem, Fp8Decode::select(&client, a_config.format), Fp8Decode::select(&client, b_config.format), RegisterFile::of(&client));
+    let cfg = select_gemm_config(problem, Fp8Decode::select(&client, a_config.format), Fp8Decode::select(&client, b_config.format), DeviceClass::of(&client));
     let row_tiles = match offsets {
         Some(_) => grouped_tile_count(m, groups, cfg.block_m()),
         None => m.div_ceil(cfg.block_m()),
@@ -353,7 +333,7 @@ pub fn variants<R: Runtime>(client: &ComputeClient<R>, target: &CodegenTarget) -
     let mut seen = Vec::new();
     for decode in target.decodes() {
         for &(a_config, b_config, m, grouped) in &cases {
-            let cfg = select_gemm_config(GemmProblem { m, n: 7168, k: 7168 }, decode, decode, RegisterFile::Gpu);
+            let cfg = select_gemm_config(GemmProblem { m, n: 7168, k: 7168 }, decode, decode, DeviceClass::Gpu);
             // M of 64 and 128 share a tiling on a GPU.
             if seen.contains(&(a_config, b_config, cfg, grouped)) {
                 continue;
@@ -393,9 +373,9 @@ mod tests {
     fn gpu_tiles_fit_the_register_file() {
         for m in [1, 4, 5, 16, 17, 64, 65, 4096] {
             let problem = GemmProblem { m, n: 7168, k: 7168 };
-            let gpu = select_gemm_config(problem, Fp8Decode::Native, Fp8Decode::Native, RegisterFile::Gpu);
+            let gpu = select_gemm_config(problem, Fp8Decode::Native, Fp8Decode::Native, DeviceClass::Gpu);
             assert!(gpu.tile_m * gpu.tile_n <= 64, "M {m}: {gpu:?}");
-            let cpu = select_gemm_config(problem, Fp8Decode::Software, Fp8Decode::Software, RegisterFile::Cpu);
+            let cpu = select_gemm_config(problem, Fp8Decode::Software, Fp8Decode::Software, DeviceClass::CpuAdapter);
             assert_eq!(cpu.tile_m * cpu.tile_n, if m > 64 { 128 } else { gpu.tile_m * gpu.tile_n }, "M {m}: {cpu:?}");
         }
     }

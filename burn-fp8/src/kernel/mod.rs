@@ -29,11 +29,33 @@ pub mod groups;
 pub mod quantize;
 
 pub use codec::Fp8Decode;
-pub use gemm::{select_gemm_config, GemmConfig, GemmProblem, RegisterFile};
+pub use gemm::{select_gemm_config, GemmConfig, GemmProblem};
 
 use burn::tensor::{DType, Shape};
 use burn_cubecl::{ops::numeric, tensor::CubeTensor, CubeRuntime};
 use cubecl::client::ComputeClient;
+
+/// What the launchers' pure selection rules know of a device: the one place that tells a
+/// GPU from a CPU adapter (the FP8 GEMM's tiles, burn-moe's grouped GEMM staging).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DeviceClass {
+    /// A GPU: plane (warp) operations, a register file of at most 255 registers per thread,
+    /// shared memory faster than global memory.
+    Gpu,
+    /// A CPU adapter (Mesa's lavapipe): no plane operations; each unit is a SIMD lane.
+    CpuAdapter,
+}
+
+impl DeviceClass {
+    /// The class of `client`'s device: a GPU when it has plane operations.
+    pub fn of<R: cubecl::Runtime>(client: &ComputeClient<R>) -> Self {
+        if client.properties().features.plane.contains(cubecl::features::Plane::Ops) {
+            DeviceClass::Gpu
+        } else {
+            DeviceClass::CpuAdapter
+        }
+    }
+}
 
 /// A contiguous tensor with uninitialised memory (the kernels write every element).
 pub fn empty<R: CubeRuntime>(client: &ComputeClient<R>, device: &R::Device, shape: [usize; 2], dtype: DType) -> CubeTensor<R> {

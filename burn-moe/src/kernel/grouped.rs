@@ -20,6 +20,7 @@ use super::grouped_direct;
 use burn_cubecl::{tensor::CubeTensor, CubeRuntime};
 use burn_fp8::codegen::{array, settings, CodegenTarget, KernelVariant};
 use burn_fp8::kernel::groups::{grouped_row_tile, grouped_tile_count};
+use burn_fp8::kernel::DeviceClass;
 use cubecl::prelude::*;
 
 pub(crate) const UNITS: usize = 8;
@@ -250,7 +251,7 @@ impl Staging {
     /// Whether this staging reads through shared memory on `client`'s device.
     pub(crate) fn shared<R: CubeRuntime>(self, client: &ComputeClient<R>) -> bool {
         match self {
-            Staging::Auto => client.properties().features.plane.contains(cubecl::features::Plane::Ops),
+            Staging::Auto => DeviceClass::of(client) == DeviceClass::Gpu,
             Staging::Shared => true,
             Staging::Direct => false,
         }
