@@ -12,9 +12,8 @@
 //! `3 + (7·b + 13·i) mod (vocab − 3)`.
 
 use burn_deepseek::hf::HfModel;
-use burn_deepseek::model::{Batch, Request};
+use burn_deepseek::model::{Batch, ModelBackend, Request};
 use burn_moe::mla::PAGE_SIZE;
-use burn_moe::MoeBackend;
 use clap::Parser;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -47,7 +46,7 @@ fn prompt(b: usize, len: usize, vocab: usize) -> Vec<u32> {
     (0..len).map(|i| (3 + (7 * b + 13 * i) % (vocab - 3)) as u32).collect()
 }
 
-fn run<B: MoeBackend>(args: &Args, device: &B::Device) {
+fn run<B: ModelBackend>(args: &Args, device: &B::Device) {
     let hf = HfModel::<B>::open(&args.model, device).unwrap_or_else(|e| panic!("{}: {e}", args.model.display()));
     let (len, n) = (args.prompt as usize, args.tokens as usize);
     let max = hf.config.mla.max_seq_len;

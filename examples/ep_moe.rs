@@ -21,7 +21,7 @@ use burn::backend::Autodiff;
 use burn::optim::GradientsParams;
 use burn::tensor::{backend::AutodiffBackend, Distribution, Tensor};
 use burn_fp8::QuantConfig;
-use burn_moe::comm::{launch, Comm, Transport};
+use burn_moe::comm::{launch, Comm, CommBackend, Transport};
 use burn_moe::ep::{EpError, ExpertParallelMoe};
 use burn_moe::eplb::Placement;
 use burn_moe::router::RouterConfig;
@@ -89,11 +89,11 @@ struct EpStep {
 
 fn ep_steps<B>(moe: &Moe<B>, devices: &[B::Device], args: &Args, fp8: Option<QuantConfig>) -> EpStep
 where
-    B: AutodiffBackend + MoeBackend,
-    B::InnerBackend: MoeBackend,
+    B: AutodiffBackend + MoeBackend + CommBackend,
+    B::InnerBackend: MoeBackend + CommBackend,
 {
     let ranks = devices.len();
-    let placement = Placement::identity(moe.experts.n_experts(), ranks);
+    let placement = Placement::identity(moe.experts.n_experts(), ranks).expect("the flags' rank counts divide the experts");
     let d = moe.d_model();
     let per_rank = launch(Comm::group(ranks, args.transport), |comm| {
         let device = &devices[comm.rank()];
@@ -143,8 +143,8 @@ fn kb(bytes: u64) -> String {
 
 fn bench<B>(name: &str, devices: Vec<B::Device>, args: &Args)
 where
-    B: AutodiffBackend + MoeBackend,
-    B::InnerBackend: MoeBackend,
+    B: AutodiffBackend + MoeBackend + CommBackend,
+    B::InnerBackend: MoeBackend + CommBackend,
 {
     let config = config();
     println!(

@@ -15,8 +15,7 @@
 //! beyond the model's context fail with a message naming them.
 
 use burn_deepseek::hf::HfModel;
-use burn_deepseek::model::{Sampling, Session};
-use burn_moe::MoeBackend;
+use burn_deepseek::model::{ModelBackend, Sampling, Session};
 use clap::{Parser, ValueEnum};
 use std::io::Write;
 use std::path::PathBuf;
@@ -59,7 +58,7 @@ struct Args {
     backend: Backend,
 }
 
-fn run<B: MoeBackend>(args: &Args, device: &B::Device) -> Result<(), String> {
+fn run<B: ModelBackend>(args: &Args, device: &B::Device) -> Result<(), String> {
     let start = Instant::now();
     let hf = HfModel::<B>::open(&args.model, device).map_err(|e| format!("{}: {e}", args.model.display()))?;
     let prompt = hf.tokenizer.encode(&args.prompt).map_err(|e| e.to_string())?;

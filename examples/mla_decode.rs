@@ -5,8 +5,9 @@
 //!   decode kernel over the paged latent cache, output projection) against Burn's
 //!   `MultiHeadAttention::forward_cache` at the same model width and head count (its
 //!   cache holds keys and values of every head);
-//! - the attention op: `MoeBackend::mla_decode` (the CubeCL kernel on wgpu/CUDA) against
-//!   the same op in Burn's tensor ops (`reference::mla_decode`) on the same paged cache;
+//! - the attention op: `mla::decode_attention` (`MlaBackend::mla_decode`: the CubeCL kernel
+//!   on wgpu/CUDA) against the same op in Burn's tensor ops (`mla::reference::mla_decode`)
+//!   on the same paged cache;
 //! - cache bytes per token and the bytes a step reads from the cache.
 //!
 //! ```text
@@ -16,10 +17,9 @@
 //! ```
 
 use burn::nn::attention::{MhaCache, MhaInput, MultiHeadAttentionConfig};
-use burn::tensor::{Distribution, Int, Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{Distribution, Int, Tensor, TensorData};
 use burn_moe::kernel::mla::HEADS;
-use burn_moe::mla::{LatentCache, MlaConfig, PAGE_SIZE};
-use burn_moe::{reference, MoeBackend};
+use burn_moe::mla::{decode_attention, reference, LatentCache, MlaBackend, MlaConfig, PAGE_SIZE};
 use std::time::Duration;
 
 #[path = "common/timing.rs"]
@@ -72,7 +72,7 @@ fn config(name: &str) -> MlaConfig {
 /// Most timed steps per measurement (each appends a token per sequence).
 const MAX_RUNS: usize = 64;
 
-fn bench<B: MoeBackend>(a: &Args, device: &B::Device) {
+fn bench<B: MlaBackend>(a: &Args, device: &B::Device) {
     let longest = a.contexts.iter().max().copied().unwrap_or(0) + MAX_RUNS + 1;
     let config = config(&a.config).with_max_seq_len(longest.max(64));
     let (d, h, n) = (config.d_model, config.n_heads, a.batch);
@@ -113,15 +113,7 @@ fn bench<B: MoeBackend>(a: &Args, device: &B::Device) {
         let lens = Tensor::<B, 1, Int>::from_data(TensorData::new(vec![len as i64; n], [n]), device);
         let rows = cache.rows();
         let r = config.kv_lora_rank;
-        let t_kernel = time::<B, _>(device, Duration::from_millis(a.min_time_ms), MAX_RUNS - 1, || {
-            Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(B::mla_decode(
-                q.clone().into_primitive().tensor(),
-                rows.clone().into_primitive().tensor(),
-                page_table.clone().into_primitive(),
-                lens.clone().into_primitive(),
-                r,
-            )))
-        });
+        let t_kernel = time::<B, _>(device, Duration::from_millis(a.min_time_ms), MAX_RUNS - 1, || decode_attention(q.clone(), rows.clone(), page_table.clone(), lens.clone(), r));
         let t_ops = time::<B, _>(device, Duration::from_millis(a.min_time_ms), MAX_RUNS - 1, || {
             reference::mla_decode(q.clone(), rows.clone(), page_table.clone(), lens.clone(), r, PAGE_SIZE)
         });

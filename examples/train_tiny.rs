@@ -94,10 +94,9 @@ use burn_dcp::{Reader, Snapshot};
 use burn_deepseek::checkpoint::StateNames;
 use burn_deepseek::dualpipe::executor::{materialize, Pipeline};
 use burn_deepseek::dualpipe::schedule::{Schedule, ScheduleKind};
-use burn_deepseek::model::{DeepSeekV3, DeepSeekV3Config, LossOutput, ModelStage, Sampling, Session, Speculative, SpeculativeStats};
+use burn_deepseek::model::{DeepSeekV3, DeepSeekV3Config, LossOutput, ModelBackend, ModelStage, Sampling, Session, Speculative, SpeculativeStats};
 use burn_dp::{AdamW as DpAdamW, AdamWConfig, Ddp, DpError, FsdpBackend, Layout, Zero1};
 use burn_moe::comm::{launch, Comm, DeviceMesh, Transport};
-use burn_moe::MoeBackend;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -174,7 +173,7 @@ fn load_ratio<B: burn::tensor::backend::Backend>(counts: &[Tensor<B, 1, Int>]) -
 }
 
 /// Next-token loss on `text` in windows of the training rows' `seq + 1 + mtp` bytes (inference, no gradients).
-fn held_out_loss<B: MoeBackend>(model: &DeepSeekV3<B>, text: &[u8], args: &Args, device: &B::Device) -> f32 {
+fn held_out_loss<B: ModelBackend>(model: &DeepSeekV3<B>, text: &[u8], args: &Args, device: &B::Device) -> f32 {
     let n = args.seq + 1 + args.mtp;
     let windows: Vec<u8> = text.chunks_exact(n).take(16).flatten().copied().collect();
     let b = windows.len() / n;
@@ -189,9 +188,9 @@ const PROMPT: &str = "Phileas Fogg ";
 
 /// Builds (or loads) the model on the first device, then trains it on one device, or with
 /// its experts spread over `--ep N` ranks (one thread and one device each).
-fn train<B: AutodiffBackend<Gradients = Gradients> + MoeBackend + FsdpBackend>(args: &Args, devices: &[B::Device], name: &str)
+fn train<B: AutodiffBackend<Gradients = Gradients> + ModelBackend + FsdpBackend>(args: &Args, devices: &[B::Device], name: &str)
 where
-    B::InnerBackend: MoeBackend,
+    B::InnerBackend: ModelBackend,
 {
     let device = &devices[0];
     adamw(args).check::<B::InnerBackend>(device).unwrap_or_else(|e| panic!("--moments: {e}"));
@@ -399,9 +398,9 @@ fn progress(state: &mut TrainState, args: &Args, (lm, mtp): (f32, f32), tok_s: f
 
 /// Every `--save-every` steps and at the end: the held-out loss, `model.mpk`,
 /// `state.json` and `loss.svg` (the optimizer records are written by the caller).
-fn checkpoint<B: AutodiffBackend + MoeBackend>(args: &Args, state: &mut TrainState, model: &DeepSeekV3<B>, device: &B::Device, start: Instant)
+fn checkpoint<B: AutodiffBackend + ModelBackend>(args: &Args, state: &mut TrainState, model: &DeepSeekV3<B>, device: &B::Device, start: Instant)
 where
-    B::InnerBackend: MoeBackend,
+    B::InnerBackend: ModelBackend,
 {
     let (_, held_text) = corpus();
     let held = held_out_loss(&model.valid(), held_text, args, device);
@@ -413,7 +412,7 @@ where
 }
 
 /// Continues the prompt with the trained model and the latent cache.
-fn sample<B: MoeBackend>(args: &Args, state: &TrainState, model: &DeepSeekV3<B>, device: &B::Device) {
+fn sample<B: ModelBackend>(args: &Args, state: &TrainState, model: &DeepSeekV3<B>, device: &B::Device) {
     println!(
         "wrote {}/{{model.mpk, state.json, loss.svg}} and the distributed checkpoint {}",
         args.out.display(),
@@ -431,7 +430,7 @@ fn sample<B: MoeBackend>(args: &Args, state: &TrainState, model: &DeepSeekV3<B>,
 
 /// Greedy decoding of `--sample` tokens, plain and with the MTP module's drafts
 /// (speculative decoding): the same tokens, the drafts' acceptance and both speeds.
-fn speculative<B: MoeBackend>(args: &Args, state: &TrainState, model: &DeepSeekV3<B>, ids: &[u32], device: &B::Device) {
+fn speculative<B: ModelBackend>(args: &Args, state: &TrainState, model: &DeepSeekV3<B>, ids: &[u32], device: &B::Device) {
     let capacity = ids.len() + args.sample;
     // Best of 3 runs each (the first also warms the allocations up).
     let best = |run: &mut dyn FnMut()| {
@@ -483,17 +482,17 @@ fn adamw(args: &Args) -> AdamWConfig {
 /// The optimizer step of a rank: Burn's adaptor around burn-dp's AdamW (f32 or BF16
 /// moments), the gradients averaged over the `dp` ranks (DDP) or the state sharded over
 /// them (ZeRO-1).
-enum DpOptim<B: AutodiffBackend + MoeBackend>
+enum DpOptim<B: AutodiffBackend + ModelBackend>
 where
-    B::InnerBackend: MoeBackend,
+    B::InnerBackend: ModelBackend,
 {
     Replicated(Option<Ddp>, OptimizerAdaptor<DpAdamW, DeepSeekV3<B>, B>),
     Zero(Zero1<OptimizerAdaptor<DpAdamW, DeepSeekV3<B>, B>>),
 }
 
-impl<B: AutodiffBackend + MoeBackend> DpOptim<B>
+impl<B: AutodiffBackend + ModelBackend> DpOptim<B>
 where
-    B::InnerBackend: MoeBackend,
+    B::InnerBackend: ModelBackend,
 {
     /// `groups`: the whole `dp` group, and its `[dp_shard, dp_replicate]` communicators.
     fn new(args: &Args, groups: Option<&DpGroups>) -> Self {
@@ -590,7 +589,7 @@ fn counts_over<B: burn::tensor::backend::Backend>(counts: Vec<Tensor<B, 1, Int>>
 /// — the MoE layers' experts spread over the `ep` group, the gradients averaged (DDP) or
 /// the optimizer state sharded (ZeRO-1) over the `dp` group. Rank 0 prints, evaluates,
 /// writes the model and samples; every rank checkpoints what it holds.
-fn run<B: AutodiffBackend + MoeBackend + FsdpBackend>(
+fn run<B: AutodiffBackend + ModelBackend + FsdpBackend>(
     args: &Args,
     model: &DeepSeekV3<B>,
     mut state: TrainState,
@@ -599,7 +598,7 @@ fn run<B: AutodiffBackend + MoeBackend + FsdpBackend>(
     device: &B::Device,
 ) -> Result<(), RunError>
 where
-    B::InnerBackend: MoeBackend,
+    B::InnerBackend: ModelBackend,
 {
     let (rank, ranks) = world.as_ref().map_or((0, 1), |c| (c.rank(), c.world_size()));
     let all = world.clone().unwrap_or_else(|| Comm::group(1, Transport::Host).remove(0));
@@ -718,7 +717,7 @@ fn report_held(args: &Args, world: Option<&Comm>, (params, grads, moments): (usi
 /// mesh, the model cut into `2N` stages run by DualPipeV over the `pp` group, the stages
 /// this rank holds sharded over its `ep` group, `--micro-batches M` (default `2N`) per
 /// step. World rank 0 prints, evaluates, writes the model and samples.
-fn run_mesh<B: AutodiffBackend<Gradients = Gradients> + MoeBackend>(
+fn run_mesh<B: AutodiffBackend<Gradients = Gradients> + ModelBackend>(
     args: &Args,
     model: &DeepSeekV3<B>,
     mut state: TrainState,
@@ -727,7 +726,7 @@ fn run_mesh<B: AutodiffBackend<Gradients = Gradients> + MoeBackend>(
     device: &B::Device,
 ) -> Result<(), RunError>
 where
-    B::InnerBackend: MoeBackend,
+    B::InnerBackend: ModelBackend,
 {
     let (pp, dp, ep) = (args.pp, args.dp, args.ep);
     let mesh = DeviceMesh::new(world, &[("pp", pp), ("dp", dp), ("ep", ep)]).map_err(failed)?;
@@ -913,7 +912,7 @@ where
 /// the stages it holds (collective over each stage's group), the pipeline ranks of
 /// replica 0 and `ep` coordinate 0 (`(d, e)`) send theirs to pipeline rank 0 as Burn
 /// records.
-fn gather_model<B: AutodiffBackend<Gradients = Gradients> + MoeBackend>(
+fn gather_model<B: AutodiffBackend<Gradients = Gradients> + ModelBackend>(
     pipeline: &Pipeline<B, ModelStage<B>, 3>,
     held: &[usize],
     pp_comm: &Comm,
@@ -921,7 +920,7 @@ fn gather_model<B: AutodiffBackend<Gradients = Gradients> + MoeBackend>(
     device: &B::Device,
 ) -> Result<Option<DeepSeekV3<B>>, RunError>
 where
-    B::InnerBackend: MoeBackend,
+    B::InnerBackend: ModelBackend,
 {
     let bytes = BinBytesRecorder::<FullPrecisionSettings>::default();
     let mut stages = pipeline.stages().to_vec();

@@ -47,7 +47,7 @@ pub mod linear;
 pub mod reference;
 mod tensor;
 
-pub use backend::{Fp8Backend, Fp8Layout, Fp8Primitive};
-pub use config::{QuantConfig, ScaleMode, TileScale, TileShape, TILE_K};
+pub use backend::{Fp8Backend, Fp8Primitive};
+pub use config::{Fp8Layout, QuantConfig, ScaleMode, TileScale, TileShape, TILE_K};
 pub use format::Fp8Format;
 pub use tensor::{fp8_gemm, fp8_grouped_gemm, Fp8Error, Fp8Tensor};

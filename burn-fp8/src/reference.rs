@@ -22,7 +22,7 @@
 //! assert!(err < 0.07, "{err}"); // E4M3 rounds to within 2⁻⁴ of each value
 //! ```
 
-use crate::backend::Fp8Layout;
+use crate::config::Fp8Layout;
 use crate::config::{ScaleMode, TILE_K, WORDS_PER_TILE};
 use crate::{Fp8Format, QuantConfig};
 use burn::tensor::{backend::Backend, ops::PadMode, ElementConversion, Int, Tensor, TensorData};

@@ -1,7 +1,8 @@
 //! The tensor-level API: [`Fp8Tensor`], quantization, dequantization and the GEMM, with
 //! the shape checks.
 
-use crate::backend::{Fp8Backend, Fp8Layout, Fp8Primitive};
+use crate::backend::{Fp8Backend, Fp8Primitive};
+use crate::config::Fp8Layout;
 use crate::QuantConfig;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorPrimitive};
 

@@ -33,7 +33,7 @@
 //!
 //! let device = Default::default();
 //! let moe = MoeConfig::tiny().init::<NdArray>(&device); // 16 experts
-//! let placement = Placement::identity(16, 2); // 8 experts per rank
+//! let placement = Placement::identity(16, 2).unwrap(); // 8 experts per rank
 //! let outputs = launch(Comm::group(2, Transport::Host), |comm| {
 //!     let shard = ExpertParallelMoe::shard(&moe, placement.clone(), comm.rank(), &device).unwrap();
 //!     let x = Tensor::<NdArray, 3>::random([2, 8, 64], Distribution::Normal(0.0, 1.0), &device);
@@ -45,9 +45,9 @@
 //! ```
 
 use crate::backend::MoeBackend;
-use crate::comm::{all_reduce, all_to_all, Comm, CommError, RankError, Splits};
+use crate::comm::{all_reduce, all_to_all, Comm, CommBackend, CommError, RankError, Splits};
 use crate::dispatch::{combine, dispatch, DispatchPlan};
-use crate::eplb::Placement;
+use crate::eplb::{EplbError, Placement};
 use crate::moe::{Moe, MoeOutput, Routed, RoutedExperts, SwiGluMlp};
 use crate::router::{expert_counts, index_counts, RouterError, Routing};
 use burn::module::{Module, Param, ParamId};
@@ -98,6 +98,12 @@ impl RankError for EpError {
     }
 }
 
+impl From<EplbError> for EpError {
+    fn from(e: EplbError) -> Self {
+        EpError::Placement { detail: e.to_string() }
+    }
+}
+
 impl From<RouterError> for EpError {
     fn from(e: RouterError) -> Self {
         EpError::Router(e)
@@ -142,19 +148,18 @@ impl<B: Backend> ExpertParallelMoe<B> {
     /// the source's parameter ids, so an optimizer record of a shard loads into the same
     /// shard of a later run.
     pub fn shard(moe: &Moe<B>, placement: Placement, rank: usize, device: &B::Device) -> Result<Self, EpError> {
-        let (slots, gpus, experts) = (placement.phys_to_log.len(), placement.gpus, moe.experts.n_experts());
+        // A placement splits its slots evenly and places every expert (its constructors
+        // check): what remains is that it is this layer's.
+        let (gpus, experts) = (placement.gpus(), moe.experts.n_experts());
         let bad = |detail: String| Err(EpError::Placement { detail });
-        if gpus == 0 || slots % gpus != 0 {
-            return bad(format!("{slots} slots do not split evenly over {gpus} ranks"));
-        }
-        if placement.replicas.len() != experts || placement.phys_to_log.iter().any(|&e| e >= experts) {
-            return bad(format!("the placement is for {} experts, the layer has {experts}", placement.replicas.len()));
+        if placement.logical_experts() != experts {
+            return bad(format!("the placement is for {} experts, the layer has {experts}", placement.logical_experts()));
         }
         if rank >= gpus {
             return bad(format!("rank {rank} is outside the placement's {gpus} ranks"));
         }
-        let per = slots / gpus;
-        let mine: Vec<i64> = placement.phys_to_log[rank * per..(rank + 1) * per].iter().map(|&e| e as i64).collect();
+        let per = placement.slots_per_gpu();
+        let mine: Vec<i64> = placement.phys_to_log()[rank * per..(rank + 1) * per].iter().map(|&e| e as i64).collect();
         let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(mine, [per]), &moe.experts.w_gate.device());
         let slots_of = |w: &Param<Tensor<B, 3>>| leaf(w.id, w.val().select(0, ids.clone()), w.is_require_grad(), device);
         let experts = RoutedExperts { w_gate: slots_of(&moe.experts.w_gate), w_up: slots_of(&moe.experts.w_up), w_down: slots_of(&moe.experts.w_down), fp8: moe.experts.fp8 };
@@ -178,7 +183,7 @@ impl<B: Backend> ExpertParallelMoe<B> {
 
     /// Physical slots per rank.
     pub fn slots_per_rank(&self) -> usize {
-        self.placement.phys_to_log.len() / self.placement.gpus
+        self.placement.slots_per_gpu()
     }
 }
 
@@ -196,7 +201,7 @@ fn copy_linear<B: Backend>(linear: &Linear<B>, device: &B::Device) -> Linear<B> 
     Linear { weight: copy(&linear.weight, device), bias: linear.bias.as_ref().map(|b| copy(b, device)) }
 }
 
-impl<B: MoeBackend> ExpertParallelMoe<B> {
+impl<B: MoeBackend + CommBackend> ExpertParallelMoe<B> {
     /// Runs this rank's tokens `x [batch, seq, d_model]` through the layer; every rank of
     /// `comm` must call it together (any batch sizes, zero included).
     ///
@@ -204,8 +209,8 @@ impl<B: MoeBackend> ExpertParallelMoe<B> {
     /// A group that does not match the placement, non-finite router logits, and failed
     /// or stalled ranks ([`EpError::Comm`] names them).
     pub fn forward(&self, x: Tensor<B, 3>, comm: &Comm) -> Result<EpOutput<B>, EpError> {
-        if comm.world_size() != self.placement.gpus || comm.rank() != self.rank {
-            let detail = format!("shard of rank {} of {} used by rank {} of {}", self.rank, self.placement.gpus, comm.rank(), comm.world_size());
+        if comm.world_size() != self.placement.gpus() || comm.rank() != self.rank {
+            let detail = format!("shard of rank {} of {} used by rank {} of {}", self.rank, self.placement.gpus(), comm.rank(), comm.world_size());
             return Err(EpError::Placement { detail });
         }
         let [b, s, d] = x.dims();
@@ -221,7 +226,7 @@ impl<B: MoeBackend> ExpertParallelMoe<B> {
             Some(input) => self.slots(input.routing.indices.clone()),
             None => Tensor::zeros([0, k], &device),
         };
-        let counts = expert_counts(slots.clone(), self.placement.phys_to_log.len());
+        let counts = expert_counts(slots.clone(), self.placement.physical_experts());
         let (local_counts, max_ranks_per_token) = self.read_counts(counts.clone(), slots.clone());
 
         // Every rank's batch size and per-slot counts: the receive sizes of the dispatch.
@@ -258,7 +263,7 @@ impl<B: MoeBackend> ExpertParallelMoe<B> {
         let mut global = vec![0i64; self.moe.router.n_experts];
         for (_, c) in &all {
             for (p, &n) in c.iter().enumerate() {
-                global[self.placement.phys_to_log[p]] += n as i64;
+                global[self.placement.phys_to_log()[p]] += n as i64;
             }
         }
         let counts = Tensor::from_data(TensorData::new(global, [self.moe.router.n_experts]), &device);
@@ -276,19 +281,19 @@ impl<B: MoeBackend> ExpertParallelMoe<B> {
     }
 }
 
-impl<B: MoeBackend> ExpertParallelMoe<B> {
+impl<B: MoeBackend + CommBackend> ExpertParallelMoe<B> {
     /// The whole layer again, on every rank: each logical expert's weights all-gathered
     /// from the rank of its first replica, the replicated parameters this rank's copies
     /// (parameter ids kept). Every rank of the group must call it (checkpoints, and
     /// inference on one device after expert-parallel training).
     pub fn gather(&self, comm: &Comm) -> Result<Moe<B>, EpError> {
         let p = &self.placement;
-        if comm.world_size() != p.gpus {
-            return Err(EpError::Placement { detail: format!("a group of {} ranks gathers a placement over {}", comm.world_size(), p.gpus) });
+        if comm.world_size() != p.gpus() {
+            return Err(EpError::Placement { detail: format!("a group of {} ranks gathers a placement over {}", comm.world_size(), p.gpus()) });
         }
-        let first: Vec<i64> = p.log_to_phys.iter().map(|r| r[0] as i64).collect();
+        let first: Vec<i64> = p.log_to_phys().iter().map(|r| r[0] as i64).collect();
         let device = self.moe.experts.w_gate.device();
-        let first = Tensor::<B, 1, Int>::from_data(TensorData::new(first, [p.replicas.len()]), &device);
+        let first = Tensor::<B, 1, Int>::from_data(TensorData::new(first, [p.logical_experts()]), &device);
         let whole = |w: &Param<Tensor<B, 3>>| -> Result<Param<Tensor<B, 3>>, EpError> {
             let all = crate::comm::all_gather(w.val().detach(), comm)?; // [slots, p, q]
             Ok(Param::initialized(w.id, all.select(0, first.clone()).detach().set_require_grad(w.is_require_grad())))
@@ -307,15 +312,15 @@ impl<B: MoeBackend> ExpertParallelMoe<B> {
         let [t, k] = indices.dims();
         let device = indices.device();
         let p = &self.placement;
-        let width = p.replicas.iter().copied().max().unwrap_or(1);
+        let width = p.replicas().iter().copied().max().unwrap_or(1);
         // `table[e · width + j]`: replica j of expert e (j < replicas[e]).
-        let table: Vec<i64> = p.log_to_phys.iter().flat_map(|r| (0..width).map(move |j| r[j % r.len()] as i64)).collect();
-        let table = Tensor::<B, 1, Int>::from_data(TensorData::new(table, [p.replicas.len() * width]), &device);
+        let table: Vec<i64> = p.log_to_phys().iter().flat_map(|r| (0..width).map(move |j| r[j % r.len()] as i64)).collect();
+        let table = Tensor::<B, 1, Int>::from_data(TensorData::new(table, [p.logical_experts() * width]), &device);
         let experts = indices.reshape([t * k]);
         let turn = if width == 1 {
             Tensor::zeros([t * k], &device)
         } else {
-            let replicas = Tensor::<B, 1, Int>::from_data(TensorData::new(p.replicas.iter().map(|&r| r as i64).collect(), [p.replicas.len()]), &device);
+            let replicas = Tensor::<B, 1, Int>::from_data(TensorData::new(p.replicas().iter().map(|&r| r as i64).collect(), [p.logical_experts()]), &device);
             let token = Tensor::<B, 1, Int>::arange(self.rank as i64..(t + self.rank) as i64, &device).reshape([t, 1]).expand([t, k]).reshape([t * k]);
             token.remainder(replicas.select(0, experts.clone()))
         };
@@ -326,7 +331,7 @@ impl<B: MoeBackend> ExpertParallelMoe<B> {
     /// transfer (the dispatch's receive sizes need them there).
     fn read_counts(&self, counts: Tensor<B, 1, Int>, slots: Tensor<B, 2, Int>) -> (Vec<usize>, usize) {
         let [t, _] = slots.dims();
-        let ranks = self.placement.gpus;
+        let ranks = self.placement.gpus();
         let most = match t {
             0 => Tensor::zeros([1], &counts.device()),
             _ => index_counts(slots.div_scalar(self.slots_per_rank() as i64), ranks).greater_elem(0).int().sum_dim(1).max().reshape([1]),
@@ -353,7 +358,7 @@ fn local_layout(all: &[(usize, Vec<usize>)], mine: std::ops::Range<usize>) -> (V
 
 impl<B: AutodiffBackend> ExpertParallelMoe<B>
 where
-    B::InnerBackend: MoeBackend,
+    B::InnerBackend: MoeBackend + CommBackend,
 {
     /// Makes the gradients of one step those of the whole layer: the replicated
     /// parameters (gate, shared experts) all-reduced over the ranks, and each expert's
@@ -370,7 +375,7 @@ where
             let g = grads.remove::<B::InnerBackend, 2>(id).unwrap_or_else(|| Tensor::zeros(dims, &device));
             grads.register::<B::InnerBackend, 2>(id, all_reduce(g, comm)?);
         }
-        if self.placement.replicas.iter().any(|&r| r > 1) {
+        if self.placement.replicas().iter().any(|&r| r > 1) {
             let experts = &self.moe.experts;
             for w in [&experts.w_gate, &experts.w_up, &experts.w_down] {
                 let g = grads.remove::<B::InnerBackend, 3>(w.id).unwrap_or_else(|| Tensor::zeros(w.dims(), &w.device()));
@@ -385,9 +390,9 @@ where
         let [per, p, q] = g.dims();
         let device = g.device();
         let all = crate::comm::all_gather(g.reshape([per, p * q]), comm)?; // [slots, p·q]
-        let slots = self.placement.phys_to_log.len();
-        let mine = &self.placement.phys_to_log[self.rank * per..(self.rank + 1) * per];
-        let same: Vec<f32> = mine.iter().flat_map(|&e| self.placement.phys_to_log.iter().map(move |&f| if f == e { 1.0 } else { 0.0 })).collect();
+        let slots = self.placement.physical_experts();
+        let mine = &self.placement.phys_to_log()[self.rank * per..(self.rank + 1) * per];
+        let same: Vec<f32> = mine.iter().flat_map(|&e| self.placement.phys_to_log().iter().map(move |&f| if f == e { 1.0 } else { 0.0 })).collect();
         let same = Tensor::<B::InnerBackend, 2>::from_data(TensorData::new(same, [per, slots]), &device);
         Ok(same.matmul(all).reshape([per, p, q]))
     }

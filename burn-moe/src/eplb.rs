@@ -17,7 +17,7 @@
 //! // 8 experts, one very hot; 12 physical slots on 4 GPUs.
 //! let load = [90.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0];
 //! let placement = rebalance(&load, &EplbConfig { physical_experts: 12, groups: 1, nodes: 1, gpus: 4 }).unwrap();
-//! assert_eq!(placement.replicas[0], 5); // the hot expert gets the spare slots
+//! assert_eq!(placement.replicas()[0], 5); // the hot expert gets the spare slots
 //! assert!(placement.imbalance(&load) < 1.2); // max / mean GPU load
 //! ```
 
@@ -58,6 +58,20 @@ pub enum EplbError {
         /// Logical experts.
         logical: usize,
     },
+    /// A slot holds an expert the layer does not have.
+    UnknownExpert {
+        /// The physical slot.
+        slot: usize,
+        /// The logical expert it names.
+        expert: usize,
+        /// Logical experts of the layer.
+        logical: usize,
+    },
+    /// A logical expert has no slot: its tokens would have nowhere to go.
+    Unplaced {
+        /// The expert.
+        expert: usize,
+    },
     /// A load is negative or not finite.
     BadLoad {
         /// The expert.
@@ -72,6 +86,8 @@ impl fmt::Display for EplbError {
         match self {
             EplbError::NotDivisible { what, value, by, divisor } => write!(f, "{what} ({value}) is not a multiple of {by} ({divisor})"),
             EplbError::TooFewSlots { physical, logical } => write!(f, "{physical} physical expert slots cannot hold {logical} logical experts"),
+            EplbError::UnknownExpert { slot, expert, logical } => write!(f, "physical slot {slot} holds expert {expert}, but there are {logical} logical experts"),
+            EplbError::Unplaced { expert } => write!(f, "expert {expert} has no physical slot"),
             EplbError::BadLoad { expert, load } => write!(f, "expert {expert} has load {load}; loads must be finite and non-negative"),
         }
     }
@@ -79,23 +95,82 @@ impl fmt::Display for EplbError {
 
 impl std::error::Error for EplbError {}
 
-/// Where the experts live: physical slot `p` is on GPU `p / (physical / gpus)`.
+/// Where the experts live: physical slot `p` is on GPU `p / (physical / gpus)`. Built by
+/// [`rebalance`], [`Placement::identity`] or [`Placement::new`], which check that every
+/// logical expert has a slot and the GPUs share the slots evenly.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Placement {
     /// `[physical]`: the logical expert each slot holds.
-    pub phys_to_log: Vec<usize>,
-    /// `[logical][replica]`: the slots holding each logical expert.
-    pub log_to_phys: Vec<Vec<usize>>,
+    phys_to_log: Vec<usize>,
+    /// `[logical][replica]`: the slots holding each logical expert, in slot order.
+    log_to_phys: Vec<Vec<usize>>,
     /// `[logical]`: replicas of each expert (≥ 1).
-    pub replicas: Vec<usize>,
+    replicas: Vec<usize>,
     /// GPUs.
-    pub gpus: usize,
+    gpus: usize,
 }
 
 impl Placement {
+    /// The placement holding logical expert `phys_to_log[p]` in physical slot `p`, the
+    /// slots split evenly over `gpus` in order; an expert in several slots is replicated.
+    ///
+    /// # Errors
+    /// Slots not a multiple of `gpus` (or no GPUs), a slot naming an expert `≥ logical`,
+    /// and a logical expert without a slot, each naming the values.
+    pub fn new(phys_to_log: Vec<usize>, logical: usize, gpus: usize) -> Result<Self, EplbError> {
+        divides("physical_experts", phys_to_log.len(), "gpus", gpus)?;
+        if phys_to_log.len() < logical {
+            return Err(EplbError::TooFewSlots { physical: phys_to_log.len(), logical });
+        }
+        let mut log_to_phys = vec![Vec::new(); logical];
+        for (slot, &expert) in phys_to_log.iter().enumerate() {
+            log_to_phys.get_mut(expert).ok_or(EplbError::UnknownExpert { slot, expert, logical })?.push(slot);
+        }
+        if let Some(expert) = log_to_phys.iter().position(Vec::is_empty) {
+            return Err(EplbError::Unplaced { expert });
+        }
+        let replicas = log_to_phys.iter().map(Vec::len).collect();
+        Ok(Self { phys_to_log, log_to_phys, replicas, gpus })
+    }
+
+    /// `[physical]`: the logical expert each slot holds.
+    pub fn phys_to_log(&self) -> &[usize] {
+        &self.phys_to_log
+    }
+
+    /// `[logical][replica]`: the slots holding each logical expert, in slot order.
+    pub fn log_to_phys(&self) -> &[Vec<usize>] {
+        &self.log_to_phys
+    }
+
+    /// `[logical]`: replicas of each expert (≥ 1).
+    pub fn replicas(&self) -> &[usize] {
+        &self.replicas
+    }
+
+    /// GPUs (expert-parallel ranks) the slots are split over.
+    pub fn gpus(&self) -> usize {
+        self.gpus
+    }
+
+    /// Physical slots in all.
+    pub fn physical_experts(&self) -> usize {
+        self.phys_to_log.len()
+    }
+
+    /// Logical experts.
+    pub fn logical_experts(&self) -> usize {
+        self.replicas.len()
+    }
+
+    /// Physical slots per GPU.
+    pub fn slots_per_gpu(&self) -> usize {
+        self.phys_to_log.len() / self.gpus
+    }
+
     /// The GPU of physical slot `p`.
     pub fn gpu_of(&self, p: usize) -> usize {
-        p / (self.phys_to_log.len() / self.gpus)
+        p / self.slots_per_gpu()
     }
 
     /// Load per GPU when each expert's load splits evenly over its replicas.
@@ -121,8 +196,11 @@ impl Placement {
 
     /// The placement without replicas: expert `e` in slot `e` (contiguous blocks per GPU),
     /// as an expert-parallel layer places them before any rebalancing.
-    pub fn identity(experts: usize, gpus: usize) -> Self {
-        Self { phys_to_log: (0..experts).collect(), log_to_phys: (0..experts).map(|e| vec![e]).collect(), replicas: vec![1; experts], gpus }
+    ///
+    /// # Errors
+    /// As [`Placement::new`]: `gpus` must divide `experts`.
+    pub fn identity(experts: usize, gpus: usize) -> Result<Self, EplbError> {
+        Self::new((0..experts).collect(), experts, gpus)
     }
 }
 
@@ -251,9 +329,7 @@ pub fn rebalance(load: &[f64], config: &EplbConfig) -> Result<Placement, EplbErr
             next[gpu] += 1;
         }
     }
-    let mut log_to_phys = vec![Vec::new(); logical];
-    for (p, &e) in phys_to_log.iter().enumerate() {
-        log_to_phys[e].push(p);
-    }
-    Ok(Placement { phys_to_log, log_to_phys, replicas, gpus: config.gpus })
+    let placement = Placement::new(phys_to_log, logical, config.gpus)?;
+    debug_assert_eq!(placement.replicas, replicas);
+    Ok(placement)
 }

@@ -29,6 +29,7 @@
 
 pub mod backend;
 pub mod comm;
+mod custom_op;
 pub mod dispatch;
 pub mod ep;
 pub mod eplb;
@@ -39,5 +40,6 @@ pub mod reference;
 pub mod router;
 
 pub use backend::MoeBackend;
-pub use mla::{Mla, MlaConfig};
+pub use comm::CommBackend;
+pub use mla::{Mla, MlaBackend, MlaConfig};
 pub use moe::{Moe, MoeConfig, MoeOutput};

@@ -25,8 +25,8 @@ pub(super) fn run<B>(
     device: &B::Device,
 ) -> Result<(), RunError>
 where
-    B: AutodiffBackend + MoeBackend + FsdpBackend,
-    B::InnerBackend: MoeBackend,
+    B: AutodiffBackend + ModelBackend + FsdpBackend,
+    B::InnerBackend: ModelBackend,
 {
     let rank = world.rank();
     let mesh = dp_ep_mesh(args, world)?;

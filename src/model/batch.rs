@@ -7,8 +7,8 @@
 
 use super::generate::{Sampler, Sampling};
 use super::DeepSeekV3;
+use super::ModelBackend;
 use burn_moe::mla::{CacheError, LatentCache, MlaConfig, SeqId, PAGE_SIZE};
-use burn_moe::MoeBackend;
 use std::collections::BTreeMap;
 
 /// What a sequence asks for.
@@ -81,7 +81,7 @@ impl Running {
 ///     }
 /// }
 /// ```
-pub struct Batch<'a, B: MoeBackend> {
+pub struct Batch<'a, B: ModelBackend> {
     model: &'a DeepSeekV3<B>,
     caches: Vec<LatentCache<B>>,
     running: BTreeMap<SeqId, Running>,
@@ -89,7 +89,7 @@ pub struct Batch<'a, B: MoeBackend> {
     max_len: usize,
 }
 
-impl<'a, B: MoeBackend> Batch<'a, B> {
+impl<'a, B: ModelBackend> Batch<'a, B> {
     /// A batch whose sequences share `pages` pages of `PAGE_SIZE` tokens in every layer's
     /// cache. `mla` is the config the model was built with.
     ///

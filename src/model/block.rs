@@ -3,6 +3,7 @@
 
 use super::ep::ExpertShard;
 use super::units::Units;
+use super::ModelBackend;
 use burn::module::Module;
 use burn::nn::{Initializer, Linear, LinearConfig, RmsNorm};
 use burn::tensor::{backend::Backend, Int, Tensor};
@@ -11,7 +12,7 @@ use burn_fp8::Fp8Backend;
 use burn_moe::ep::EpError;
 use burn_moe::mla::{CacheError, LatentCache, SeqId};
 use burn_moe::moe::SwiGluMlp;
-use burn_moe::{Mla, Moe, MoeBackend};
+use burn_moe::{Mla, Moe};
 
 /// A bias-free projection in f32 (Burn's `Linear`) or FP8 (`Fp8Linear`); both keep the
 /// f32 master weight `[d_input, d_output]`.
@@ -119,7 +120,7 @@ pub(crate) struct BlocksOutput<B: Backend> {
 
 /// `x [B, S, d_model]` through `blocks` in order (training forward), each block taken
 /// from `units` just before its forward and dropped after it.
-pub(crate) fn run_blocks<B: MoeBackend, U: Units<B>>(blocks: &[Block<B>], x: Tensor<B, 3>, units: &U) -> Result<BlocksOutput<B>, U::Error> {
+pub(crate) fn run_blocks<B: ModelBackend, U: Units<B>>(blocks: &[Block<B>], x: Tensor<B, 3>, units: &U) -> Result<BlocksOutput<B>, U::Error> {
     let mut out = BlocksOutput { hidden: x, counts: Vec::new(), balance_loss: None };
     for block in blocks {
         let (h, stats) = units.unit(block)?.forward(out.hidden)?;
@@ -143,7 +144,7 @@ pub struct Block<B: Backend> {
     pub ffn: Ffn<B>,
 }
 
-impl<B: MoeBackend> Block<B> {
+impl<B: ModelBackend> Block<B> {
     /// Training forward (causal over positions `0..S`).
     ///
     /// # Shapes

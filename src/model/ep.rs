@@ -38,6 +38,7 @@
 use super::block::{Block, Ffn};
 use super::mtp::MtpModule;
 use super::DeepSeekV3;
+use super::ModelBackend;
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -47,7 +48,6 @@ use burn_dualpipe::executor::copy_to_device;
 use burn_moe::comm::Comm;
 use burn_moe::ep::{EpError, ExpertParallelMoe};
 use burn_moe::eplb::Placement;
-use burn_moe::MoeBackend;
 use std::collections::HashSet;
 
 /// `block` on `device` with its MoE layer's experts sharded over `comm`
@@ -55,7 +55,7 @@ use std::collections::HashSet;
 pub(crate) fn shard_block<B: Backend>(block: &Block<B>, comm: &Comm, device: &B::Device) -> Result<Block<B>, EpError> {
     let ffn = match &block.ffn {
         Ffn::Moe(moe) => {
-            let placement = Placement::identity(moe.experts.n_experts(), comm.world_size());
+            let placement = Placement::identity(moe.experts.n_experts(), comm.world_size())?;
             Ffn::ExpertParallel(ExpertShard { layer: ExpertParallelMoe::shard(moe, placement, comm.rank(), device)?, comm: comm.clone() })
         }
         Ffn::ExpertParallel(_) => return Err(EpError::Placement { detail: "the model's experts are already sharded".into() }),
@@ -142,7 +142,7 @@ impl<B: Backend> DeepSeekV3<B> {
     }
 }
 
-impl<B: MoeBackend> DeepSeekV3<B> {
+impl<B: ModelBackend> DeepSeekV3<B> {
     /// The whole model again on every rank (each layer's experts all-gathered, see
     /// [`ExpertParallelMoe::gather`]); the model itself when it is not sharded. Every rank
     /// must call it.
@@ -152,7 +152,7 @@ impl<B: MoeBackend> DeepSeekV3<B> {
 }
 
 /// `block` with its sharded MoE layer's experts all-gathered (collective over its group).
-pub(crate) fn unshard_block<B: MoeBackend>(block: &Block<B>) -> Result<Block<B>, EpError> {
+pub(crate) fn unshard_block<B: ModelBackend>(block: &Block<B>) -> Result<Block<B>, EpError> {
     let ffn = match &block.ffn {
         Ffn::ExpertParallel(shard) => Ffn::Moe(shard.layer.gather(&shard.comm)?),
         other => other.clone(),
@@ -162,7 +162,7 @@ pub(crate) fn unshard_block<B: MoeBackend>(block: &Block<B>) -> Result<Block<B>,
 
 impl<B: AutodiffBackend> DeepSeekV3<B>
 where
-    B::InnerBackend: MoeBackend,
+    B::InnerBackend: ModelBackend,
 {
     /// Makes one step's gradients those of the whole batch on every rank: each MoE layer's
     /// replicated parameters through [`ExpertParallelMoe::sync_grads`], every other
@@ -181,7 +181,7 @@ where
 pub(crate) fn sync_grads<'a, B, M>(module: &M, group: Option<&Comm>, blocks: impl Iterator<Item = &'a Block<B>>, mut grads: GradientsParams) -> Result<GradientsParams, EpError>
 where
     B: AutodiffBackend,
-    B::InnerBackend: MoeBackend,
+    B::InnerBackend: ModelBackend,
     M: Module<B>,
 {
     let Some(comm) = group else { return Ok(grads) };

@@ -45,6 +45,7 @@
 //! # let _ = model;
 //! ```
 
+mod backend;
 mod batch;
 mod block;
 mod config;
@@ -55,6 +56,7 @@ pub mod pipeline;
 mod speculative;
 mod units;
 
+pub use backend::ModelBackend;
 pub use batch::{Batch, Drawn, Request};
 pub use block::{Block, DenseMlp, Ffn, Projection};
 pub use config::{ConfigError, DeepSeekV3Config};
@@ -70,7 +72,6 @@ use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::{Embedding, Linear, RmsNorm};
 use burn::tensor::{backend::Backend, Int, Tensor};
 use burn_moe::ep::EpError;
-use burn_moe::MoeBackend;
 
 /// The model; built by [`DeepSeekV3Config::init`]. See the [module docs](self).
 #[derive(Module, Debug)]
@@ -219,7 +220,7 @@ impl<B: Backend> DeepSeekV3<B> {
     }
 }
 
-impl<B: MoeBackend> DeepSeekV3<B> {
+impl<B: ModelBackend> DeepSeekV3<B> {
     /// Causal forward over positions `0..S`.
     ///
     /// # Shapes

@@ -6,12 +6,12 @@
 use super::add;
 use super::block::{Block, FfnStats};
 use super::units::Units;
+use super::ModelBackend;
 use burn::module::Module;
 use burn::nn::{Linear, RmsNorm};
 use burn::tensor::{backend::Backend, Tensor};
 use burn_moe::ep::EpError;
 use burn_moe::mla::{CacheError, LatentCache, SeqId};
-use burn_moe::MoeBackend;
 
 /// One MTP depth: `h'ᵢ = M [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}ᵢ)]`, then a block, then
 /// its own final norm before the shared head.
@@ -33,7 +33,7 @@ pub struct MtpModule<B: Backend> {
     pub norm: RmsNorm<B>,
 }
 
-impl<B: MoeBackend> MtpModule<B> {
+impl<B: ModelBackend> MtpModule<B> {
     /// # Shapes
     /// `previous [B, L, d]`, `embedded [B, L, d]` (embeddings of the tokens `k` ahead) →
     /// `[B, L, d]`, the representation the head reads after `norm` and the next depth
@@ -72,7 +72,7 @@ pub(crate) struct MtpOutput<B: Backend> {
 /// `shared_head.norm`, as vLLM chains its MTP steps)
 /// and `embedded(k)`, the embeddings of tokens `k..S` (`[B, S − k, d]`), and its logits
 /// come from the shared `head`.
-pub(crate) fn run_depths<B: MoeBackend, U: Units<B>>(
+pub(crate) fn run_depths<B: ModelBackend, U: Units<B>>(
     modules: &[MtpModule<B>],
     head: &Linear<B>,
     hidden: Tensor<B, 3>,

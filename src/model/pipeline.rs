@@ -61,6 +61,7 @@ use super::block::{run_blocks, Block};
 use super::ep::{group_of, shard_block, sync_grads, unshard_block};
 use super::mtp::{run_depths, MtpModule};
 use super::units::Held;
+use super::ModelBackend;
 use super::{add, cross_entropy, language_objective, DeepSeekV3};
 use burn::module::Module;
 use burn::nn::{Embedding, Linear, RmsNorm};
@@ -70,7 +71,6 @@ use burn::tensor::{Int, Tensor, TensorData};
 use burn_dualpipe::executor::{copy_to_device, PipelineStage};
 use burn_moe::comm::Comm;
 use burn_moe::ep::EpError;
-use burn_moe::MoeBackend;
 use core::fmt;
 use std::any::Any;
 use std::sync::{Arc, Mutex};
@@ -410,7 +410,7 @@ impl<B: Backend> ModelStage<B> {
     }
 }
 
-impl<B: MoeBackend> ModelStage<B> {
+impl<B: ModelBackend> ModelStage<B> {
     /// The whole stage again on every rank of its expert group (each MoE layer's experts
     /// all-gathered); the stage itself when it is not sharded. Every rank of the group
     /// calls it.
@@ -428,7 +428,7 @@ impl<B: MoeBackend> ModelStage<B> {
 
 impl<B: AutodiffBackend> ModelStage<B>
 where
-    B::InnerBackend: MoeBackend,
+    B::InnerBackend: ModelBackend,
 {
     /// The step's gradients of a stage with sharded experts made those of all the
     /// expert-parallel ranks' tokens, as [`DeepSeekV3::sync_grads`] does for the whole
@@ -439,7 +439,7 @@ where
     }
 }
 
-impl<B: MoeBackend> ModelStage<B> {
+impl<B: ModelBackend> ModelStage<B> {
     /// The stage's forward on the tensor of the [module docs](self).
     ///
     /// # Shapes
@@ -495,7 +495,7 @@ impl<B: MoeBackend> ModelStage<B> {
     }
 }
 
-impl<B: AutodiffBackend + MoeBackend> PipelineStage<B, 3> for ModelStage<B> {
+impl<B: AutodiffBackend + ModelBackend> PipelineStage<B, 3> for ModelStage<B> {
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         ModelStage::forward(self, x)
     }

@@ -12,9 +12,9 @@
 
 use super::generate::{greedy, last_row, Session, SEQ};
 use super::DeepSeekV3;
+use super::ModelBackend;
 use burn::tensor::Tensor;
 use burn_moe::mla::{CacheError, LatentCache, MlaConfig};
-use burn_moe::MoeBackend;
 
 /// Why speculative decoding could not start or go on.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -84,13 +84,13 @@ impl SpeculativeStats {
 /// let stats = fast.stats();
 /// assert!(stats.accepted <= stats.drafted && stats.steps <= 15);
 /// ```
-pub struct Speculative<'a, B: MoeBackend> {
+pub struct Speculative<'a, B: ModelBackend> {
     session: Session<'a, B>,
     mtp_cache: LatentCache<B>,
     stats: SpeculativeStats,
 }
 
-impl<'a, B: MoeBackend> Speculative<'a, B> {
+impl<'a, B: ModelBackend> Speculative<'a, B> {
     /// A session for `capacity` tokens (prompt and generated), as [`Session::new`].
     ///
     /// # Errors

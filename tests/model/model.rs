@@ -7,8 +7,8 @@ use burn::module::{AutodiffModule, Module};
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::tensor::{Int, Tensor, TensorData};
 use burn_deepseek::hf::weights::{load_safetensors, save_safetensors};
+use burn_deepseek::model::ModelBackend;
 use burn_deepseek::model::{DeepSeekV3Config, Ffn, Sampling, Session};
-use burn_moe::MoeBackend;
 
 fn tokens<B: burn::tensor::backend::Backend>(rng: &mut Rng, b: usize, n: usize, device: &B::Device) -> Tensor<B, 2, Int> {
     let data: Vec<i64> = (0..b * n).map(|_| rng.below(256) as i64).collect();
@@ -77,7 +77,7 @@ fn forward_is_causal() {
     assert_ne!(before[6 * 256..7 * 256], after[6 * 256..7 * 256], "the changed position did not move");
 }
 
-fn cached_equals_forward<B: MoeBackend>(device: &B::Device, rng: &mut Rng) {
+fn cached_equals_forward<B: ModelBackend>(device: &B::Device, rng: &mut Rng) {
     let config = DeepSeekV3Config::tiny();
     let model = config.init::<B>(device);
     let n = 9;
@@ -150,9 +150,9 @@ fn fp8_model_is_close_to_f32() {
 }
 
 /// Adam on one batch of text: the loss of both heads falls well below ln 256.
-fn trains<B: burn::tensor::backend::AutodiffBackend + MoeBackend>(device: &B::Device)
+fn trains<B: burn::tensor::backend::AutodiffBackend + ModelBackend>(device: &B::Device)
 where
-    B::InnerBackend: MoeBackend,
+    B::InnerBackend: ModelBackend,
 {
     let config = DeepSeekV3Config::tiny();
     let mut model = config.init::<B>(device);

@@ -17,10 +17,10 @@ use burn::tensor::{Int, Tensor, TensorData};
 use burn_deepseek::hf::tokenizer::{HfTokenizer, TokenizerError};
 use burn_deepseek::hf::weights::load_safetensors;
 use burn_deepseek::hf::{HfDeepSeekConfig, HfModel};
+use burn_deepseek::model::ModelBackend;
 use burn_deepseek::model::{DeepSeekV3, DeepSeekV3Config, Ffn, Sampling, Session};
 use burn_moe::mla::{CacheError, PAGE_SIZE};
 use burn_moe::router::route;
-use burn_moe::MoeBackend;
 use safetensors::tensor::Dtype;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -81,14 +81,14 @@ impl Fixture {
     }
 
     /// The model, loaded; every tensor of the file used but the defaulted ones.
-    fn model<B: MoeBackend>(&self, device: &B::Device) -> (DeepSeekV3<B>, Vec<String>) {
+    fn model<B: ModelBackend>(&self, device: &B::Device) -> (DeepSeekV3<B>, Vec<String>) {
         let (model, report) =
             load_safetensors(self.config.init::<B>(device), &self.config, &[folder(self.name).join("model.safetensors")]).unwrap_or_else(|e| panic!("{}: {e}", self.name));
         assert!(report.unused.is_empty(), "{}: unused tensors {:?}", self.name, report.unused);
         (model, report.defaulted)
     }
 
-    fn input_ids<B: MoeBackend>(&self, device: &B::Device) -> Tensor<B, 2, Int> {
+    fn input_ids<B: ModelBackend>(&self, device: &B::Device) -> Tensor<B, 2, Int> {
         let (shape, ids) = self.i64("input_ids");
         Tensor::from_data(TensorData::new(ids.to_vec(), [shape[0], shape[1]]), device)
     }
@@ -102,7 +102,7 @@ fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
 
 /// Logits, expert choices (walking the blocks with their public parts, the walk checked
 /// against the model's own forward), MTP logits.
-fn forward_matches<B: MoeBackend>(fixture: &Fixture, device: &B::Device) {
+fn forward_matches<B: ModelBackend>(fixture: &Fixture, device: &B::Device) {
     let name = fixture.name;
     let (model, _) = fixture.model::<B>(device);
     let ids = fixture.input_ids::<B>(device);
@@ -155,7 +155,7 @@ fn forward_matches<B: MoeBackend>(fixture: &Fixture, device: &B::Device) {
     assert_close(&format!("{name}: MTP logits"), &host(mtp[0].clone()), want, LOGITS_TOL);
 }
 
-fn generation_matches<B: MoeBackend>(fixture: &Fixture, device: &B::Device) {
+fn generation_matches<B: ModelBackend>(fixture: &Fixture, device: &B::Device) {
     let (model, _) = fixture.model::<B>(device);
     let prompt: Vec<u32> = fixture.i64("prompt").1.iter().map(|&t| t as u32).collect();
     let want: Vec<u32> = fixture.i64("generated").1.iter().map(|&t| t as u32).collect();

@@ -5,9 +5,9 @@
 
 use crate::common::{kernel_device, Fused, Ref};
 use burn_deepseek::hf::HfModel;
+use burn_deepseek::model::ModelBackend;
 use burn_deepseek::model::{Batch, Request, Sampling, Session};
 use burn_moe::mla::{CacheError, PAGE_SIZE};
-use burn_moe::MoeBackend;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -28,7 +28,7 @@ fn requests(eos: u32) -> Vec<Request> {
     ]
 }
 
-fn batch_equals_alone<B: MoeBackend>(device: &B::Device) {
+fn batch_equals_alone<B: ModelBackend>(device: &B::Device) {
     let hf = HfModel::<B>::open(fixture(), device).unwrap();
     let requests = requests(hf.eos[0]);
     assert!(requests[1].prompt.len() > PAGE_SIZE, "one prompt spans two pages");
@@ -100,7 +100,7 @@ fn bad_requests_are_refused_before_anything_is_fed() {
 /// Prompts joined in one pass (`Batch::join_all`, a batched prefill) draw the tokens
 /// each draws alone, then decode together as before; an id given twice is refused before
 /// anything is fed.
-fn joined_together_equals_alone<B: MoeBackend>(device: &B::Device) {
+fn joined_together_equals_alone<B: ModelBackend>(device: &B::Device) {
     let hf = HfModel::<B>::open(fixture(), device).unwrap();
     let requests = requests(hf.eos[0]);
     let alone: Vec<Vec<u32>> = requests

@@ -12,9 +12,9 @@ use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::tensor::{Tensor, TensorData};
 use burn_deepseek::hf::weights::{load_safetensors, save_safetensors};
 use burn_deepseek::hf::HfModel;
+use burn_deepseek::model::ModelBackend;
 use burn_deepseek::model::{DeepSeekV3, DeepSeekV3Config, Sampling, Session, Speculative, SpeculativeError, SpeculativeStats};
 use burn_moe::mla::{CacheError, MlaConfig};
-use burn_moe::MoeBackend;
 use std::path::PathBuf;
 
 fn fixture(name: &str) -> PathBuf {
@@ -22,14 +22,14 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 /// Greedy tokens of a plain session.
-fn greedy<B: MoeBackend>(model: &DeepSeekV3<B>, mla: &MlaConfig, prompt: &[u32], n: usize, stop: &[u32], device: &B::Device) -> Vec<u32> {
+fn greedy<B: ModelBackend>(model: &DeepSeekV3<B>, mla: &MlaConfig, prompt: &[u32], n: usize, stop: &[u32], device: &B::Device) -> Vec<u32> {
     Session::new(model, mla, prompt.len() + n, Sampling::greedy(), device).generate_until(prompt, n, stop, |_| {}).unwrap()
 }
 
 /// Speculative decoding of `n` tokens equals greedy decoding; the streamed tokens are the
 /// returned ones; every token is the prompt's, a step's, or an accepted draft's. Returns
 /// the stats.
-fn check<B: MoeBackend>(model: &DeepSeekV3<B>, mla: &MlaConfig, prompt: &[u32], n: usize, stop: &[u32], device: &B::Device) -> SpeculativeStats {
+fn check<B: ModelBackend>(model: &DeepSeekV3<B>, mla: &MlaConfig, prompt: &[u32], n: usize, stop: &[u32], device: &B::Device) -> SpeculativeStats {
     let want = greedy(model, mla, prompt, n, stop, device);
     let mut fast = Speculative::new(model, mla, prompt.len() + n, device).unwrap();
     let mut streamed = Vec::new();
@@ -44,7 +44,7 @@ fn check<B: MoeBackend>(model: &DeepSeekV3<B>, mla: &MlaConfig, prompt: &[u32], 
     s
 }
 
-fn random_checkpoints<B: MoeBackend>(device: &B::Device) {
+fn random_checkpoints<B: ModelBackend>(device: &B::Device) {
     for name in ["v3_yarn", "v3_plain"] {
         let hf = HfModel::<B>::open(fixture(name), device).unwrap();
         assert_eq!(hf.model.mtp.len(), 1, "{name} has an MTP layer");

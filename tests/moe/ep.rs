@@ -15,7 +15,7 @@ use burn::optim::GradientsParams;
 use burn::tensor::{backend::AutodiffBackend, Tensor, TensorData};
 use burn_fp8::linear::Fp8Recipe;
 use burn_fp8::QuantConfig;
-use burn_moe::comm::{all_gather, all_reduce, all_to_all, launch, Comm, CommError, Splits, Transport};
+use burn_moe::comm::{all_gather, all_reduce, all_to_all, launch, Comm, CommBackend, CommError, Splits, Transport};
 use burn_moe::ep::{EpError, ExpertParallelMoe};
 use burn_moe::eplb::{rebalance, EplbConfig, Placement};
 use burn_moe::router::RouterConfig;
@@ -48,12 +48,12 @@ pub(crate) fn random_splits(rng: &mut Rng, world: usize) -> Vec<Vec<usize>> {
 /// Sends stamped rows by `sends`, checks each arriving row's stamp (exactly in f32, to
 /// FP8 precision with `fp8`) and that the backward returns `x`'s gradient by the reverse
 /// route. Runs on `devices[rank]`.
-fn stamped_all_to_all<B: burn_moe::MoeBackend + burn::tensor::backend::AutodiffBackend>(devices: &[B::Device], sends: &[Vec<usize>], fp8: Option<QuantConfig>) {
+fn stamped_all_to_all<B: CommBackend + burn::tensor::backend::AutodiffBackend>(devices: &[B::Device], sends: &[Vec<usize>], fp8: Option<QuantConfig>) {
     launch(Comm::group(devices.len(), Transport::Host), |comm| stamped_rank::<B>(&comm, &devices[comm.rank()], sends, fp8)).unwrap();
 }
 
 /// One rank's part of [`stamped_all_to_all`] (also run by MPI processes, see mpi.rs).
-pub(crate) fn stamped_rank<B: burn_moe::MoeBackend + burn::tensor::backend::AutodiffBackend>(
+pub(crate) fn stamped_rank<B: CommBackend + burn::tensor::backend::AutodiffBackend>(
     comm: &Comm,
     device: &B::Device,
     sends: &[Vec<usize>],
@@ -186,8 +186,8 @@ pub(crate) fn single_device(moe: &Moe<Ad>, data: &[(Vec<f32>, Vec<f32>)], s: usi
 /// synchronized.
 fn expert_parallel<B>(moe: &Moe<B>, placement: &Placement, data: &[(Vec<f32>, Vec<f32>)], s: usize, fp8: Option<QuantConfig>, devices: &[B::Device]) -> Vec<Run>
 where
-    B: AutodiffBackend + MoeBackend,
-    B::InnerBackend: MoeBackend,
+    B: AutodiffBackend + MoeBackend + CommBackend,
+    B::InnerBackend: MoeBackend + CommBackend,
 {
     launch(Comm::group(data.len(), Transport::Host), |comm| ep_rank(moe, placement, &data[comm.rank()], s, fp8, &comm, &devices[comm.rank()])).unwrap()
 }
@@ -203,8 +203,8 @@ pub(crate) fn ep_rank<B>(
     device: &B::Device,
 ) -> Result<Run, EpError>
 where
-    B: AutodiffBackend + MoeBackend,
-    B::InnerBackend: MoeBackend,
+    B: AutodiffBackend + MoeBackend + CommBackend,
+    B::InnerBackend: MoeBackend + CommBackend,
 {
     let d = moe.d_model();
     let shard = ExpertParallelMoe::shard(moe, placement.clone(), comm.rank(), device)?.with_dispatch_fp8(fp8);
@@ -240,15 +240,15 @@ pub(crate) fn compare(what: &str, single: &Run, ranks: &[Run], placement: &Place
     assert_rel(&format!("{what}: input gradient"), &dx, &single.dx, tol);
     let balance: f32 = ranks.iter().map(|r| r.balance).sum();
     assert!((balance - single.balance).abs() <= 1e-5 * single.balance.abs(), "{what}: balance loss {balance} vs {}", single.balance);
-    let per = placement.phys_to_log.len() / placement.gpus;
+    let per = placement.physical_experts() / placement.gpus();
     for (rank, run) in ranks.iter().enumerate() {
         assert_eq!(run.counts, single.counts, "{what}: rank {rank} global counts");
         assert_rel(&format!("{what}: rank {rank} gate gradient"), &run.gate, &single.gate, tol);
         assert_rel(&format!("{what}: rank {rank} shared gradient"), &run.shared, &single.shared, tol);
         for (w, (got, want)) in run.experts.iter().zip(&single.experts).enumerate() {
-            let size = want.len() / placement.replicas.len();
+            let size = want.len() / placement.replicas().len();
             for slot in 0..per {
-                let e = placement.phys_to_log[rank * per + slot];
+                let e = placement.phys_to_log()[rank * per + slot];
                 let name = format!("{what}: rank {rank} slot {slot} (expert {e}) weight {w} gradient");
                 let (got, want) = (&got[slot * size..(slot + 1) * size], &want[e * size..(e + 1) * size]);
                 if want.iter().all(|&v| v == 0.0) {
@@ -272,11 +272,11 @@ fn expert_parallel_layer_equals_single_device() {
     for batches in [vec![2, 1], vec![1, 2, 0, 1]] {
         let data = inputs(&mut rng, &batches, s, 64);
         let single = single_device(&moe, &data, s);
-        let placement = Placement::identity(16, batches.len());
+        let placement = Placement::identity(16, batches.len()).unwrap();
         compare(
             &format!("{} ranks", batches.len()),
             &single,
-            &expert_parallel(&moe, &placement, &data, s, None, &vec![Default::default(); placement.gpus]),
+            &expert_parallel(&moe, &placement, &data, s, None, &vec![Default::default(); placement.gpus()]),
             &placement,
             1e-5,
             [1e-5; 3],
@@ -287,8 +287,8 @@ fn expert_parallel_layer_equals_single_device() {
     let single = single_device(&moe, &data, s);
     let load: Vec<f64> = single.counts.iter().map(|&c| c as f64 + 0.5).collect();
     let placement = rebalance(&load, &EplbConfig { physical_experts: 20, groups: 4, nodes: 2, gpus: 4 }).unwrap();
-    assert!(placement.replicas.iter().any(|&r| r > 1));
-    compare("4 ranks, EPLB replicas", &single, &expert_parallel(&moe, &placement, &data, s, None, &vec![Default::default(); placement.gpus]), &placement, 1e-5, [1e-5; 3]);
+    assert!(placement.replicas().iter().any(|&r| r > 1));
+    compare("4 ranks, EPLB replicas", &single, &expert_parallel(&moe, &placement, &data, s, None, &vec![Default::default(); placement.gpus()]), &placement, 1e-5, [1e-5; 3]);
 }
 
 #[test]
@@ -303,7 +303,7 @@ fn expert_parallel_over_two_wgpu_devices() {
     let single = single_device(&moe, &data, 4);
     let devices = [WgpuDevice::DefaultDevice, WgpuDevice::Cpu];
     let on_wgpu = crate::layer::copy(&moe, config().init::<Autodiff<burn::backend::Wgpu>>(&devices[0]), &devices[0]);
-    let placement = Placement::identity(16, 2);
+    let placement = Placement::identity(16, 2).unwrap();
     compare("2 wgpu devices", &single, &expert_parallel(&on_wgpu, &placement, &data, 4, None, &devices), &placement, 1e-5, [1e-5; 3]);
 }
 
@@ -321,7 +321,7 @@ fn fp8_dispatch_matches_the_single_device_fp8_layer() {
     let moe: Moe<Ad> = MoeConfig { fp8: Some(Fp8Recipe::deepseek_v3()), ..config() }.init(&device);
     let data = inputs(&mut rng, &[2, 1], 4, 64);
     let single = single_device(&moe, &data, 4);
-    let placement = Placement::identity(16, 2);
+    let placement = Placement::identity(16, 2).unwrap();
     compare(
         "FP8 dispatch",
         &single,
@@ -336,7 +336,7 @@ fn fp8_dispatch_matches_the_single_device_fp8_layer() {
 fn dispatch_bytes(moe: &Moe<Ref>, d: usize, fp8: Option<QuantConfig>) -> (u64, Splits) {
     let out = launch(Comm::group(2, Transport::Host), |comm| {
         let device = Default::default();
-        let shard = ExpertParallelMoe::shard(moe, Placement::identity(16, 2), comm.rank(), &device)?.with_dispatch_fp8(fp8);
+        let shard = ExpertParallelMoe::shard(moe, Placement::identity(16, 2).unwrap(), comm.rank(), &device)?.with_dispatch_fp8(fp8);
         // The same tokens on both ranks: each sends to the other what it receives back.
         // 32 tokens, so that some route across ranks whatever the random gate (with 6,
         // one CI run's gate sent every token to rank 1's experts).
@@ -357,7 +357,7 @@ fn node_limited_routing_and_bytes_on_the_wire() {
         let router = RouterConfig { topk_groups, ..RouterConfig::tiny() };
         let moe: Moe<Ref> = MoeConfig { router, ..config() }.init(&device);
         let most = launch(Comm::group(4, Transport::Host), |comm| {
-            let shard = ExpertParallelMoe::shard(&moe, Placement::identity(16, 4), comm.rank(), &device)?;
+            let shard = ExpertParallelMoe::shard(&moe, Placement::identity(16, 4).unwrap(), comm.rank(), &device)?;
             let x = Tensor::<Ref, 3>::random([2, 16, 64], burn::tensor::Distribution::Normal(0.0, 1.0), &device);
             Ok::<_, EpError>(shard.forward(x, &comm)?.max_ranks_per_token)
         })
@@ -427,11 +427,11 @@ fn failing_stalling_and_mismatched_ranks_are_named() {
     // A shard used by the wrong group, a placement for other experts.
     let moe: Moe<Ref> = config().init(&device);
     let err = launch(Comm::group(3, Transport::Host), |comm| {
-        let shard = ExpertParallelMoe::shard(&moe, Placement::identity(16, 2), comm.rank().min(1), &device)?;
+        let shard = ExpertParallelMoe::shard(&moe, Placement::identity(16, 2).unwrap(), comm.rank().min(1), &device)?;
         shard.forward(Tensor::ones([1, 2, 64], &device), &comm).map(|_| ())
     })
     .unwrap_err();
     assert!(matches!(&err, EpError::Placement { detail } if detail.contains("of 2") && detail.contains("of 3")), "{err}");
-    let err = ExpertParallelMoe::shard(&moe, Placement::identity(8, 2), 0, &device).unwrap_err();
+    let err = ExpertParallelMoe::shard(&moe, Placement::identity(8, 2).unwrap(), 0, &device).unwrap_err();
     assert!(err.to_string().contains("8 experts"), "{err}");
 }

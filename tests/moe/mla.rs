@@ -8,8 +8,7 @@ use burn::backend::Autodiff;
 use burn::module::{AutodiffModule, Module};
 use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::{backend::Backend, DType, Int, Tensor, TensorData, TensorPrimitive};
-use burn_moe::mla::{CacheError, LatentCache, Mla, MlaConfig, YarnConfig, PAGE_SIZE};
-use burn_moe::MoeBackend;
+use burn_moe::mla::{decode_attention, CacheError, LatentCache, Mla, MlaBackend, MlaConfig, YarnConfig, PAGE_SIZE};
 
 /// A decode problem: queries, the paged storage, each sequence's pages and length.
 struct Paged {
@@ -90,7 +89,7 @@ impl Paged {
         }
     }
 
-    fn run<B: MoeBackend>(&self, device: &B::Device) -> Vec<f32> {
+    fn run<B: MlaBackend>(&self, device: &B::Device) -> Vec<f32> {
         let DecodeInputs { q, rows, pages, lens } = self.tensors::<B>(device);
         let out = B::mla_decode(q.into_primitive().tensor(), rows.into_primitive().tensor(), pages.into_primitive(), lens.into_primitive(), self.kv_lora);
         host(Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(out)))
@@ -188,7 +187,7 @@ fn absorbed_forward_equals_decompressed_forward() {
 
 /// Prefill of the first `split` tokens, then token-by-token decode: each output row equals
 /// the same row of the full forward.
-fn cached_equals_full<B: MoeBackend>(config: &MlaConfig, device: &B::Device, rng: &mut Rng, what: &str) {
+fn cached_equals_full<B: MlaBackend>(config: &MlaConfig, device: &B::Device, rng: &mut Rng, what: &str) {
     let mla = config.init::<B>(device);
     let (len, split) = (70, 50);
     let x = random::<B, 2>(rng, [len, config.d_model], device);
@@ -282,7 +281,7 @@ fn training_gradients_match_an_f64_run() {
 /// Junk tokens appended past a page boundary and truncated away leave the cache as if
 /// they had never been there (bit for bit: the rows are zero again and the page free), so
 /// the decode after it equals the full forward.
-fn truncated_equals_never_appended<B: MoeBackend>(config: &MlaConfig, device: &B::Device, rng: &mut Rng, what: &str) {
+fn truncated_equals_never_appended<B: MlaBackend>(config: &MlaConfig, device: &B::Device, rng: &mut Rng, what: &str) {
     let mla = config.init::<B>(device);
     let (len, split, junk) = (70, 50, 20);
     let x = random::<B, 2>(rng, [len, config.d_model], device);
@@ -350,6 +349,33 @@ fn bad_cache_use_is_named() {
     let err = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| mla.forward(Tensor::zeros([1, 3, 32], &device)))).unwrap_err();
     let message = err.downcast_ref::<String>().cloned().unwrap_or_default();
     assert!(message.contains("input width 32") && message.contains("d_model 64"), "{message}");
+}
+
+#[test]
+fn decode_attention_names_bad_shapes() {
+    let device = Default::default();
+    let q = || Tensor::<Ref, 3>::zeros([2, 4, 40], &device);
+    let cache = |rows: usize, width: usize| Tensor::<Ref, 2>::zeros([rows, width], &device);
+    let pages = |n: usize| Tensor::<Ref, 2, Int>::zeros([n, 1], &device);
+    let lens = |n: usize| Tensor::<Ref, 1, Int>::ones([n], &device);
+    let message = |f: &dyn Fn() -> Tensor<Ref, 3>| {
+        let err = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_err();
+        err.downcast_ref::<String>().cloned().unwrap_or_default()
+    };
+    let m = message(&|| decode_attention(q(), cache(PAGE_SIZE, 24), pages(2), lens(2), 32));
+    assert!(m.contains("q [2, 4, 40]") && m.contains("cache [64, 24]"), "{m}");
+    let m = message(&|| decode_attention(q(), cache(PAGE_SIZE, 40), pages(2), lens(2), 48));
+    assert!(m.contains("kv_lora 48"), "{m}");
+    let m = message(&|| decode_attention(q(), cache(PAGE_SIZE, 40), pages(3), lens(2), 32));
+    assert!(m.contains("pages [3, 1]"), "{m}");
+    let m = message(&|| decode_attention(q(), cache(PAGE_SIZE + 1, 40), pages(2), lens(2), 32));
+    assert!(m.contains("whole pages") && m.contains("cache [65, 40]"), "{m}");
+    // Well-formed: one sequence of one token attends to that token alone (weight 1).
+    let q = Tensor::<Ref, 3>::ones([1, 2, 40], &device);
+    let rows = Tensor::<Ref, 2>::ones([PAGE_SIZE, 40], &device) * 3.0;
+    let out = decode_attention(q, rows, pages(1), lens(1), 32);
+    assert_eq!(out.dims(), [1, 2, 32]);
+    assert_eq!(host(out), vec![3.0; 64]);
 }
 
 #[test]

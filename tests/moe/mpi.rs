@@ -158,7 +158,7 @@ fn mpi_worker_ep_layer() {
         // With 4 ranks, one rank has no tokens.
         let batches = if world == 4 { vec![1, 2, 0, 1] } else { vec![1; world] };
         let data = inputs(&mut rng, &batches, 4, 64);
-        let placement = Placement::identity(16, world);
+        let placement = Placement::identity(16, world).unwrap();
         let mine = ep_rank(&moe, &placement, &data[comm.rank()], 4, None, &comm, &device)?;
         let ranks: Vec<Run> = comm.all_gather_host("runs", parts(mine))?.into_iter().map(run).collect();
         let single = single_device(&moe, &data, 4);

@@ -2,7 +2,8 @@
 //! useful derivative and the GEMM consumes already-quantized operands), while
 //! [`Fp8Backend::fp8_linear`] records a backward whose two GEMMs also run in FP8.
 
-use super::{Fp8Backend, Fp8Layout, Fp8Primitive};
+use super::{Fp8Backend, Fp8Primitive};
+use crate::config::Fp8Layout;
 use crate::linear::{ops, Fp8Recipe, WgradTask};
 use crate::{Fp8Tensor, QuantConfig};
 use burn::backend::autodiff::{

@@ -1,6 +1,7 @@
 //! CubeCL backends (wgpu, CUDA, …): the kernels of [`crate::kernel`].
 
-use super::{Fp8Backend, Fp8Layout, Fp8Primitive};
+use super::{Fp8Backend, Fp8Primitive};
+use crate::config::Fp8Layout;
 use crate::kernel::{dequantize::launch_dequantize, empty, gemm::launch_gemm, quantize::launch_quantize};
 use crate::QuantConfig;
 use burn::tensor::{

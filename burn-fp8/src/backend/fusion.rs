@@ -2,7 +2,8 @@
 //! custom operation in the fusion stream, which runs `B`'s implementation when the stream
 //! is executed. Packed data is declared as `u32`, as the CubeCL implementation produces it.
 
-use super::{Fp8Backend, Fp8Layout, Fp8Primitive};
+use super::{Fp8Backend, Fp8Primitive};
+use crate::config::Fp8Layout;
 use crate::QuantConfig;
 use burn::tensor::{
     ops::{FloatTensor, IntTensor},

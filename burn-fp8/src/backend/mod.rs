@@ -35,33 +35,12 @@ mod fusion;
 
 use crate::linear::{ops, Fp8Recipe};
 use crate::reference;
-use crate::QuantConfig;
+use crate::{Fp8Layout, QuantConfig};
 use burn::tensor::{
     backend::Backend,
     ops::{FloatTensor, IntTensor},
     Int, Tensor, TensorPrimitive,
 };
-
-/// The static description of a quantized 2-D tensor: logical shape and quantization layout.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Fp8Layout {
-    /// Logical `[rows, cols]` of the unquantized tensor.
-    pub shape: [usize; 2],
-    /// Element format, tile shape and scale rounding.
-    pub config: QuantConfig,
-}
-
-impl Fp8Layout {
-    /// Shape of the packed data: `[rows, 32 · ⌈cols / 128⌉]` words.
-    pub const fn data_shape(&self) -> [usize; 2] {
-        [self.shape[0], self.shape[1].div_ceil(crate::TILE_K) * crate::config::WORDS_PER_TILE]
-    }
-
-    /// Shape of the scale grid.
-    pub const fn scale_shape(&self) -> [usize; 2] {
-        self.config.tile.scale_shape(self.shape)
-    }
-}
 
 /// Packed FP8 data and its scales as backend primitives.
 ///

@@ -12,7 +12,6 @@
 //! integer data or only used inside backwards) and run untracked.
 
 use super::{MoeBackend, PlanPrimitive};
-use crate::comm::{ops::Splits, Comm, CommError};
 use burn::backend::autodiff::{
     checkpoint::{base::Checkpointer, strategy::CheckpointStrategy},
     grads::Gradients,
@@ -20,10 +19,8 @@ use burn::backend::autodiff::{
     Autodiff, NodeId,
 };
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::ops::{FloatTensor, FloatTensorOps, IntTensor};
-use burn::tensor::{FloatDType, Shape};
+use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn_fp8::linear::Fp8Recipe;
-use burn_fp8::QuantConfig;
 
 fn inner_plan<B: MoeBackend, C: CheckpointStrategy>(plan: PlanPrimitive<Autodiff<B, C>>) -> PlanPrimitive<B> {
     PlanPrimitive { positions: plan.positions, row_slots: plan.row_slots, offsets: plan.offsets }
@@ -117,36 +114,6 @@ impl<B: MoeBackend> Backward<B, 2> for GroupedBackward {
 }
 
 /// Backward of the all-to-all: the reverse all-to-all of the gradient, in f32.
-#[derive(Debug)]
-struct AllToAllBackward;
-
-#[derive(Clone, Debug)]
-struct AllToAllState {
-    splits: Splits,
-    comm: Comm,
-}
-
-impl<B: MoeBackend> Backward<B, 2> for AllToAllBackward {
-    type State = AllToAllState;
-
-    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
-        let [x_node, _anchor] = ops.parents.map(|p| p.map(|p| p.id));
-        let dy = grads.consume::<B>(&ops.node);
-        let s = ops.state;
-        // The exchange runs even when this rank's input needs no gradient: the other
-        // ranks' gradients pass through it.
-        let dx = B::moe_all_to_all(dy, &s.splits.reversed(), &s.comm, None).unwrap_or_else(|e| {
-            // Burn's backward cannot return errors: unwind with the error itself, which
-            // `comm::launch` reports as this rank's result.
-            eprintln!("all_to_all backward on rank {}: {e}", s.comm.rank());
-            std::panic::panic_any(e)
-        });
-        if let Some(id) = x_node {
-            grads.register::<B>(id, dx);
-        }
-    }
-}
-
 type Ad<B, C> = Autodiff<B, C>;
 
 /// Gather or combine on `Autodiff`: records a [`RowsBackward`] over `x` and the weights.
@@ -234,24 +201,5 @@ impl<B: MoeBackend, C: CheckpointStrategy> MoeBackend for Autodiff<B, C> {
 
     fn moe_grouped_wgrad(a: FloatTensor<Self>, d: FloatTensor<Self>, offsets: IntTensor<Self>) -> FloatTensor<Self> {
         Self::from_inner(B::moe_grouped_wgrad(Self::inner(a), Self::inner(d), offsets))
-    }
-
-    fn moe_all_to_all(x: FloatTensor<Self>, splits: &Splits, comm: &Comm, fp8: Option<QuantConfig>) -> Result<FloatTensor<Self>, CommError> {
-        // The op is always tracked: its backward is a collective, which must run on every
-        // rank whenever it runs on one, also on a rank whose own input needs no gradient
-        // (raw data, or no rows). A tracked empty leaf as second parent makes it so.
-        let device = B::float_device(&x.primitive);
-        let anchor = Self::float_set_require_grad(Self::float_zeros(Shape::new([0]), &device, FloatDType::F32), true);
-        Ok(match AllToAllBackward.prepare::<C>([x.node.clone(), anchor.node]).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => {
-                let out = B::moe_all_to_all(x.primitive, splits, comm, fp8)?;
-                prep.finish(AllToAllState { splits: splits.clone(), comm: comm.clone() }, out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::moe_all_to_all(x.primitive, splits, comm, fp8)?),
-        })
-    }
-
-    fn mla_decode(q: FloatTensor<Self>, cache: FloatTensor<Self>, pages: IntTensor<Self>, lens: IntTensor<Self>, kv_lora: usize) -> FloatTensor<Self> {
-        Self::from_inner(B::mla_decode(Self::inner(q), Self::inner(cache), pages, lens, kv_lora))
     }
 }

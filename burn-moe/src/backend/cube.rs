@@ -1,12 +1,7 @@
 //! CubeCL backends (wgpu, CUDA, …): the kernels of [`crate::kernel`].
 
 use super::{MoeBackend, PlanPrimitive};
-use crate::kernel::{
-    empty, grouped,
-    mla::{launch_mla_decode, MAX_WIDTH},
-    plan::launch_plan,
-    rows,
-};
+use crate::kernel::{empty, grouped, plan::launch_plan, rows};
 use burn::tensor::{
     ops::{FloatTensor, IntTensor},
     DType,
@@ -103,18 +98,6 @@ where
         let e = offsets.meta.shape()[0] - 1;
         let out = empty(&a.client, &a.device, [e, a.meta.shape()[1], d.meta.shape()[1]], DType::F32);
         grouped::launch_grouped_wgrad(a, d, offsets, out.clone(), grouped::Staging::Auto);
-        f32_out::<R, F>(out)
-    }
-
-    fn mla_decode(q: FloatTensor<Self>, cache: FloatTensor<Self>, pages: IntTensor<Self>, lens: IntTensor<Self>, kv_lora: usize) -> FloatTensor<Self> {
-        if q.meta.shape()[2] > MAX_WIDTH {
-            // Rows wider than the kernel stages: Burn's ops.
-            return super::prim(crate::reference::mla_decode::<Self>(super::float(q), super::float(cache), super::int(pages), super::int(lens), kv_lora, crate::mla::PAGE_SIZE));
-        }
-        let (q, cache, pages, lens) = (f32_in(q), f32_in(cache), u32_in(pages), u32_in(lens));
-        let [n, h] = [q.meta.shape()[0], q.meta.shape()[1]];
-        let out = empty(&q.client, &q.device, [n, h, kv_lora], DType::F32);
-        launch_mla_decode(q, cache, pages, lens, out.clone(), kv_lora);
         f32_out::<R, F>(out)
     }
 }

@@ -3,20 +3,14 @@
 //! Plan tensors are declared `u32`, as the CubeCL implementation produces them.
 
 use super::{MoeBackend, PlanPrimitive};
+use crate::custom_op::{register, register_float, CustomOp, Ft, Handles};
 use burn::tensor::{
     ops::{FloatTensor, IntTensor},
-    DType, Element, Shape,
+    DType,
 };
 use burn_fp8::linear::Fp8Recipe;
-use burn_fusion::{
-    stream::{Operation, OperationStreams},
-    Fusion, FusionBackend, FusionRuntime, FusionTensor,
-};
-use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
-use core::marker::PhantomData;
-
-type Handles<B> = HandleContainer<<<B as FusionBackend>::FusionRuntime as FusionRuntime>::FusionHandle>;
-type Ft<B> = FusionTensor<<B as FusionBackend>::FusionRuntime>;
+use burn_fusion::{Fusion, FusionBackend};
+use burn_ir::TensorIr;
 
 /// The op to run when the stream executes, with its static arguments. Inputs are laid
 /// out as: tensors, then the plan's three tensors where the op takes a plan, then the
@@ -30,25 +24,16 @@ enum MoeOp {
     GroupedMatmul { transpose_b: bool },
     GroupedMatmulFp8 { transpose_b: bool, recipe: Fp8Recipe },
     GroupedWgrad,
-    MlaDecode { kv_lora: usize },
-}
-
-#[derive(Clone, Debug)]
-struct MoeCustom<B> {
-    desc: CustomOpIr,
-    op: MoeOp,
-    _backend: PhantomData<B>,
 }
 
 fn plan_at<B: FusionBackend + MoeBackend>(h: &mut Handles<B>, ir: &[TensorIr]) -> PlanPrimitive<B> {
     PlanPrimitive { positions: h.get_int_tensor::<B>(&ir[0]), row_slots: h.get_int_tensor::<B>(&ir[1]), offsets: h.get_int_tensor::<B>(&ir[2]) }
 }
 
-impl<B: FusionBackend + MoeBackend> Operation<B::FusionRuntime> for MoeCustom<B> {
-    fn execute(&self, h: &mut Handles<B>) {
-        let (inp, out) = (&self.desc.inputs, &self.desc.outputs);
+impl<B: FusionBackend + MoeBackend> CustomOp<B> for MoeOp {
+    fn execute(&self, inp: &[TensorIr], out: &[TensorIr], h: &mut Handles<B>) {
         let float = |h: &mut Handles<B>, i: usize| h.get_float_tensor::<B>(&inp[i]);
-        match self.op {
+        match *self {
             MoeOp::Plan => {
                 let p = B::moe_plan(h.get_int_tensor::<B>(&inp[0]), h.get_int_tensor::<B>(&inp[1]));
                 h.register_int_tensor::<B>(&out[0].id, p.positions);
@@ -84,23 +69,8 @@ impl<B: FusionBackend + MoeBackend> Operation<B::FusionRuntime> for MoeCustom<B>
                 let (a, d, offsets) = (float(h, 0), float(h, 1), h.get_int_tensor::<B>(&inp[2]));
                 h.register_float_tensor::<B>(&out[0].id, B::moe_grouped_wgrad(a, d, offsets));
             }
-            MoeOp::MlaDecode { kv_lora } => {
-                let (q, cache) = (float(h, 0), float(h, 1));
-                let (pages, lens) = (h.get_int_tensor::<B>(&inp[2]), h.get_int_tensor::<B>(&inp[3]));
-                h.register_float_tensor::<B>(&out[0].id, B::mla_decode(q, cache, pages, lens, kv_lora));
-            }
         }
     }
-}
-
-/// Registers `op` on `inputs`, producing outputs of the given shapes and dtypes.
-fn register<B: FusionBackend + MoeBackend>(name: &'static str, inputs: Vec<Ft<B>>, outputs: &[(Vec<usize>, DType)], op: MoeOp) -> Vec<Ft<B>> {
-    let client = inputs[0].client.clone();
-    let outputs: Vec<TensorIr> = outputs.iter().map(|(shape, dtype)| TensorIr::uninit(client.create_empty_handle(), Shape::from(shape.clone()), *dtype)).collect();
-    let streams = OperationStreams::with_inputs(inputs.iter());
-    let irs: Vec<TensorIr> = inputs.into_iter().map(|t| t.into_ir()).collect();
-    let desc = CustomOpIr::new(name, &irs, &outputs);
-    client.register(streams, OperationIr::Custom(desc.clone()), MoeCustom::<B> { desc, op, _backend: PhantomData })
 }
 
 fn with_plan<B: FusionBackend>(mut inputs: Vec<Ft<B>>, plan: PlanPrimitive<Fusion<B>>, weights: Option<Ft<B>>) -> Vec<Ft<B>> {
@@ -109,60 +79,47 @@ fn with_plan<B: FusionBackend>(mut inputs: Vec<Ft<B>>, plan: PlanPrimitive<Fusio
     inputs
 }
 
-fn float_dtype<B: FusionBackend>() -> DType {
-    B::FloatElem::dtype()
-}
-
-fn single<B: FusionBackend>(mut out: Vec<Ft<B>>) -> Ft<B> {
-    out.pop().expect("one output")
-}
-
 impl<B: FusionBackend + MoeBackend> MoeBackend for Fusion<B> {
     fn moe_plan(indices: IntTensor<Self>, counts: IntTensor<Self>) -> PlanPrimitive<Self> {
         let (s, e) = (indices.shape[0], counts.shape[0]);
         let outputs = [(vec![s], DType::U32), (vec![s], DType::U32), (vec![e + 1], DType::U32)];
-        let [positions, row_slots, offsets]: [Ft<B>; 3] = register::<B>("moe_plan", vec![indices, counts], &outputs, MoeOp::Plan).try_into().expect("three outputs");
+        let [positions, row_slots, offsets]: [Ft<B>; 3] = register::<B, _>("moe_plan", vec![indices, counts], &outputs, MoeOp::Plan).try_into().expect("three outputs");
         PlanPrimitive { positions, row_slots, offsets }
     }
 
     fn moe_gather(x: FloatTensor<Self>, plan: PlanPrimitive<Self>, top_k: usize, weights: Option<FloatTensor<Self>>) -> FloatTensor<Self> {
         let shape = vec![plan.row_slots.shape[0], x.shape[1]];
         let op = MoeOp::Gather { top_k, weighted: weights.is_some() };
-        single::<B>(register::<B>("moe_gather", with_plan::<B>(vec![x], plan, weights), &[(shape, float_dtype::<B>())], op))
+        register_float::<B, _>("moe_gather", with_plan::<B>(vec![x], plan, weights), shape, op)
     }
 
     fn moe_combine(rows: FloatTensor<Self>, plan: PlanPrimitive<Self>, top_k: usize, weights: Option<FloatTensor<Self>>) -> FloatTensor<Self> {
         let shape = vec![plan.positions.shape[0] / top_k, rows.shape[1]];
         let op = MoeOp::Combine { top_k, weighted: weights.is_some() };
-        single::<B>(register::<B>("moe_combine", with_plan::<B>(vec![rows], plan, weights), &[(shape, float_dtype::<B>())], op))
+        register_float::<B, _>("moe_combine", with_plan::<B>(vec![rows], plan, weights), shape, op)
     }
 
     fn moe_gate_grad(a: FloatTensor<Self>, rows: FloatTensor<Self>, plan: PlanPrimitive<Self>, top_k: usize) -> FloatTensor<Self> {
         let shape = vec![plan.positions.shape[0]];
         let op = MoeOp::GateGrad { top_k };
-        single::<B>(register::<B>("moe_gate_grad", with_plan::<B>(vec![a, rows], plan, None), &[(shape, float_dtype::<B>())], op))
+        register_float::<B, _>("moe_gate_grad", with_plan::<B>(vec![a, rows], plan, None), shape, op)
     }
 
     fn moe_grouped_matmul(a: FloatTensor<Self>, b: FloatTensor<Self>, offsets: IntTensor<Self>, transpose_b: bool) -> FloatTensor<Self> {
         let shape = vec![a.shape[0], b.shape[if transpose_b { 1 } else { 2 }]];
         let op = MoeOp::GroupedMatmul { transpose_b };
-        single::<B>(register::<B>("moe_grouped_matmul", vec![a, b, offsets], &[(shape, float_dtype::<B>())], op))
+        register_float::<B, _>("moe_grouped_matmul", vec![a, b, offsets], shape, op)
     }
 
     /// One custom operation: the inner backend picks the FP8 path for its device.
     fn moe_grouped_matmul_fp8(a: FloatTensor<Self>, b: FloatTensor<Self>, offsets: IntTensor<Self>, transpose_b: bool, recipe: Fp8Recipe) -> FloatTensor<Self> {
         let shape = vec![a.shape[0], b.shape[if transpose_b { 1 } else { 2 }]];
         let op = MoeOp::GroupedMatmulFp8 { transpose_b, recipe };
-        single::<B>(register::<B>("moe_grouped_matmul_fp8", vec![a, b, offsets], &[(shape, float_dtype::<B>())], op))
+        register_float::<B, _>("moe_grouped_matmul_fp8", vec![a, b, offsets], shape, op)
     }
 
     fn moe_grouped_wgrad(a: FloatTensor<Self>, d: FloatTensor<Self>, offsets: IntTensor<Self>) -> FloatTensor<Self> {
         let shape = vec![offsets.shape[0] - 1, a.shape[1], d.shape[1]];
-        single::<B>(register::<B>("moe_grouped_wgrad", vec![a, d, offsets], &[(shape, float_dtype::<B>())], MoeOp::GroupedWgrad))
-    }
-
-    fn mla_decode(q: FloatTensor<Self>, cache: FloatTensor<Self>, pages: IntTensor<Self>, lens: IntTensor<Self>, kv_lora: usize) -> FloatTensor<Self> {
-        let shape = vec![q.shape[0], q.shape[1], kv_lora];
-        single::<B>(register::<B>("mla_decode", vec![q, cache, pages, lens], &[(shape, float_dtype::<B>())], MoeOp::MlaDecode { kv_lora }))
+        register_float::<B, _>("moe_grouped_wgrad", vec![a, d, offsets], shape, MoeOp::GroupedWgrad)
     }
 }

@@ -41,7 +41,6 @@ mod cube;
 mod flex;
 mod fusion;
 
-use crate::comm::{ops::Splits, Comm, CommError};
 use crate::reference;
 use burn::tensor::{
     backend::Backend,
@@ -50,7 +49,7 @@ use burn::tensor::{
 };
 use burn_fp8::config::{TileShape, TILE_K};
 use burn_fp8::linear::Fp8Recipe;
-use burn_fp8::{fp8_grouped_gemm, Fp8Backend, Fp8Tensor, QuantConfig};
+use burn_fp8::{fp8_grouped_gemm, Fp8Backend, Fp8Tensor};
 
 /// Where each routed slot goes, as backend primitives (see [`crate::dispatch::DispatchPlan`]).
 ///
@@ -174,21 +173,6 @@ pub trait MoeBackend: Fp8Backend {
     /// `a [S, K]`, `d [S, N]` → `[E, K, N]`, per expert `a_eᵀ · d_e`.
     fn moe_grouped_wgrad(a: FloatTensor<Self>, d: FloatTensor<Self>, offsets: IntTensor<Self>) -> FloatTensor<Self> {
         prim(reference::grouped_wgrad::<Self>(float(a), float(d), int(offsets)))
-    }
-
-    /// Absorbed MLA decode over the paged latent cache ([`reference::mla_decode`], pages
-    /// of [`crate::mla::PAGE_SIZE`] rows): `q [n, H, C]`, `cache [rows, C]`, `pages [n,
-    /// P]`, `lens [n]` → `[n, H, kv_lora]`. Inference only: `Autodiff` runs it untracked.
-    fn mla_decode(q: FloatTensor<Self>, cache: FloatTensor<Self>, pages: IntTensor<Self>, lens: IntTensor<Self>, kv_lora: usize) -> FloatTensor<Self> {
-        prim(reference::mla_decode::<Self>(float(q), float(cache), int(pages), int(lens), kv_lora, crate::mla::PAGE_SIZE))
-    }
-
-    /// All-to-all of rows between the ranks of `comm` (see [`crate::comm::all_to_all`]):
-    /// `x [Σ send, d]` → `[Σ recv, d]`, FP8 on the wire with `fp8`. `Autodiff` records the
-    /// reverse all-to-all (f32) as its backward; a collective failing there panics with
-    /// the [`CommError`], which [`crate::comm::launch`] reports as that rank's failure.
-    fn moe_all_to_all(x: FloatTensor<Self>, splits: &Splits, comm: &Comm, fp8: Option<QuantConfig>) -> Result<FloatTensor<Self>, CommError> {
-        Ok(prim(crate::comm::ops::all_to_all_rows::<Self>(float(x), splits, comm, fp8)?))
     }
 }
 

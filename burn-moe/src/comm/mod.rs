@@ -24,6 +24,9 @@
 //! assert_eq!(sums, [6.0, 6.0, 6.0]);
 //! ```
 
+mod backend;
 pub mod ops;
+
+pub use backend::{CommBackend, Splits};
 pub use burn_comm::{launch, Comm, CommError, DeviceMesh, MeshError, RankError, Transport};
-pub use ops::{all_gather, all_reduce, all_to_all, Splits};
+pub use ops::{all_gather, all_reduce, all_to_all};

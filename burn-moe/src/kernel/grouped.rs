@@ -16,14 +16,13 @@
 //! [`grouped_row_tile()`], shared with the FP8 grouped GEMM), and surplus cubes exit.
 //! Empty experts get no tile in the forward and a zero gradient.
 
-use super::grouped_direct;
+use super::{grouped_direct, UNITS};
 use burn_cubecl::{tensor::CubeTensor, CubeRuntime};
 use burn_fp8::codegen::{array, settings, CodegenTarget, KernelVariant};
 use burn_fp8::kernel::groups::{grouped_row_tile, grouped_tile_count};
 use burn_fp8::kernel::DeviceClass;
 use cubecl::prelude::*;
 
-pub(crate) const UNITS: usize = 8;
 const TILE_N: usize = 8;
 /// Output columns per cube.
 const BLOCK_N: usize = UNITS * TILE_N;

@@ -24,8 +24,7 @@
 // (the output width), which this lint reads as two arguments of one name.
 #![allow(clippy::duplicate_underscore_argument)]
 
-use super::grouped::UNITS;
-use super::vector_width;
+use super::{vector_width, UNITS};
 use burn_fp8::codegen::{array, settings, CodegenTarget, KernelVariant};
 use burn_fp8::kernel::groups::grouped_row_tile;
 use cubecl::prelude::*;

@@ -41,6 +41,10 @@ use burn_cubecl::{ops::numeric, tensor::CubeTensor, CubeRuntime};
 use burn_fp8::codegen::{CodegenTarget, KernelVariant};
 use cubecl::client::ComputeClient;
 
+/// Units per side of the grouped GEMM kernels' square cubes (8 × 8 = 64 units), with
+/// shared staging ([`grouped`]) and without ([`grouped_direct`]).
+pub(crate) const UNITS: usize = 8;
+
 /// Every kernel variant of this crate for `target` (see [`burn_fp8::codegen`]: kernels
 /// defined as their launchers configure them, for compiling without a launch).
 pub fn variants<R: cubecl::Runtime>(client: &ComputeClient<R>, target: &CodegenTarget) -> Vec<KernelVariant> {

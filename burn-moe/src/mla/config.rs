@@ -1,45 +1,11 @@
 //! [`MlaConfig`]: the dimensions of Multi-head Latent Attention, with DeepSeek-V3's
-//! values as defaults and a tiny preset, and YaRN rope scaling.
+//! values as defaults and a tiny preset.
 
-use super::rope::RotaryTable;
+use super::rope::{yarn_mscale, RotaryTable, YarnConfig};
 use super::Mla;
 use burn::config::Config;
 use burn::nn::{Initializer, LinearConfig, RmsNormConfig};
 use burn::tensor::backend::Backend;
-
-/// YaRN context extension of the rotary embedding (DeepSeek-V3: factor 40 over an
-/// original 4,096 positions, `beta_fast` 32, `beta_slow` 1, `mscale` = `mscale_all_dim`
-/// = 1).
-#[derive(Config, Debug, PartialEq)]
-pub struct YarnConfig {
-    /// How many times the original context the model serves.
-    #[config(default = 40.0)]
-    pub factor: f64,
-    /// The context the rotary frequencies were trained on.
-    #[config(default = 4096)]
-    pub original_max_position: usize,
-    /// Rotations over the original context above which a frequency is kept as is.
-    #[config(default = 32.0)]
-    pub beta_fast: f64,
-    /// Rotations below which a frequency is interpolated (divided by `factor`).
-    #[config(default = 1.0)]
-    pub beta_slow: f64,
-    /// Attention-temperature coefficient of the rotary amplitudes.
-    #[config(default = 1.0)]
-    pub mscale: f64,
-    /// Attention-temperature coefficient of the softmax scale.
-    #[config(default = 1.0)]
-    pub mscale_all_dim: f64,
-}
-
-/// `0.1 · m · ln(factor) + 1` for `factor > 1`, else 1 (YaRN's attention temperature).
-pub(crate) fn yarn_mscale(factor: f64, m: f64) -> f64 {
-    if factor <= 1.0 {
-        1.0
-    } else {
-        0.1 * m * factor.ln() + 1.0
-    }
-}
 
 /// Multi-head Latent Attention (DeepSeek-V2/V3).
 ///
@@ -171,7 +137,7 @@ impl MlaConfig {
             kv_norm: RmsNormConfig::new(self.kv_lora_rank).with_epsilon(self.norm_eps).init(device),
             wkv_b: linear(self.kv_lora_rank, h * (self.qk_nope_head_dim + self.v_head_dim)),
             wo: linear(h * self.v_head_dim, self.d_model),
-            rope: RotaryTable::new(self),
+            rope: RotaryTable::new(self.qk_rope_head_dim, self.rope_theta, self.rope_scaling.as_ref(), self.max_seq_len),
             n_heads: h,
             kv_lora_rank: self.kv_lora_rank,
             qk_nope_head_dim: self.qk_nope_head_dim,

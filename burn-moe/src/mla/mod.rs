@@ -10,7 +10,7 @@
 //! - Serving: a [`LatentCache`] holds only `c_kv ‖ k_rope` per token (576 values at V3
 //!   dims, against `2 · 128 · 128` for keys and values of standard attention), in pages of
 //!   [`PAGE_SIZE`] tokens; [`Mla::prefill`] and [`Mla::decode`] append to it and attend
-//!   with [`crate::MoeBackend::mla_decode`] — on wgpu and CUDA a CubeCL kernel that reads
+//!   with [`decode_attention`] ([`MlaBackend::mla_decode`]) — on wgpu and CUDA a CubeCL kernel that reads
 //!   each cached row once for a group of heads, with an online softmax split over pages
 //!   and a final combine.
 //!
@@ -43,18 +43,21 @@
 //! # let _ = z;
 //! ```
 
+mod backend;
 mod cache;
 mod config;
+pub mod reference;
 mod rope;
 
-pub use cache::{CacheError, LatentCache, SeqId, PAGE_SIZE};
-pub use config::{MlaConfig, YarnConfig};
-pub use rope::RotaryTable;
+pub use backend::{decode_attention, MlaBackend};
 
-use crate::backend::MoeBackend;
+pub use cache::{CacheError, LatentCache, SeqId, PAGE_SIZE};
+pub use config::MlaConfig;
+pub use rope::{RotaryTable, YarnConfig};
+
 use burn::module::Module;
 use burn::nn::{Linear, RmsNorm};
-use burn::tensor::{activation::softmax, backend::Backend, Bool, Tensor, TensorPrimitive};
+use burn::tensor::{activation::softmax, backend::Backend, Bool, Tensor};
 
 /// Multi-head Latent Attention; built by [`MlaConfig::init`].
 #[derive(Module, Debug)]
@@ -217,7 +220,7 @@ impl<B: Backend> Mla<B> {
     }
 }
 
-impl<B: MoeBackend> Mla<B> {
+impl<B: MlaBackend> Mla<B> {
     /// Appends a prompt of sequence `id` to the cache (after what it holds) and returns
     /// its attention output; each token attends to the cached tokens and to the prompt
     /// up to itself.
@@ -273,13 +276,7 @@ impl<B: MoeBackend> Mla<B> {
         let q_lat = q.nope.reshape([n, h, self.qk_nope_head_dim]).swap_dims(0, 1).matmul(w_uk).swap_dims(0, 1); // [n, H, r]
         let q = Tensor::cat(vec![q_lat, q.rope.reshape([n, h, self.qk_rope_head_dim])], 2) * self.scale;
         let (pages, lens) = cache.tables(&placement.sequences, &placement.positions);
-        let o_lat = Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(B::mla_decode(
-            q.into_primitive().tensor(),
-            cache.rows().into_primitive().tensor(),
-            pages.into_primitive(),
-            lens.into_primitive(),
-            r,
-        )));
+        let o_lat = decode_attention(q, cache.rows(), pages, lens, r);
         let out = o_lat.swap_dims(0, 1).matmul(w_uv).swap_dims(0, 1).reshape([n, h * v]);
         Ok(self.wo.forward(out))
     }

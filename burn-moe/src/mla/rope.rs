@@ -6,8 +6,42 @@
 //! released weights store the rotary dimensions interleaved; a loader permutes the
 //! `qk_rope_head_dim` columns of `W_UQ` and `W_DKV` from `(0, 1, 2, 3, …)` pairs to halves.
 
-use super::config::{yarn_mscale, MlaConfig};
+use burn::config::Config;
 use burn::tensor::{backend::Backend, Tensor, TensorData};
+
+/// YaRN context extension of the rotary embedding (DeepSeek-V3: factor 40 over an
+/// original 4,096 positions, `beta_fast` 32, `beta_slow` 1, `mscale` = `mscale_all_dim`
+/// = 1).
+#[derive(Config, Debug, PartialEq)]
+pub struct YarnConfig {
+    /// How many times the original context the model serves.
+    #[config(default = 40.0)]
+    pub factor: f64,
+    /// The context the rotary frequencies were trained on.
+    #[config(default = 4096)]
+    pub original_max_position: usize,
+    /// Rotations over the original context above which a frequency is kept as is.
+    #[config(default = 32.0)]
+    pub beta_fast: f64,
+    /// Rotations below which a frequency is interpolated (divided by `factor`).
+    #[config(default = 1.0)]
+    pub beta_slow: f64,
+    /// Attention-temperature coefficient of the rotary amplitudes.
+    #[config(default = 1.0)]
+    pub mscale: f64,
+    /// Attention-temperature coefficient of the softmax scale.
+    #[config(default = 1.0)]
+    pub mscale_all_dim: f64,
+}
+
+/// `0.1 · m · ln(factor) + 1` for `factor > 1`, else 1 (YaRN's attention temperature).
+pub(crate) fn yarn_mscale(factor: f64, m: f64) -> f64 {
+    if factor <= 1.0 {
+        1.0
+    } else {
+        0.1 * m * factor.ln() + 1.0
+    }
+}
 
 /// Inverse frequencies and amplitude of the rotation.
 #[derive(Clone, Debug)]
@@ -21,11 +55,12 @@ pub struct RotaryTable {
 }
 
 impl RotaryTable {
-    pub(crate) fn new(config: &MlaConfig) -> Self {
-        let dim = config.qk_rope_head_dim;
-        let base = config.rope_theta;
+    /// The table of a `dim`-wide rotary part (even) with base `theta`, YaRN-extended by
+    /// `scaling`, for positions below `max_seq_len`.
+    pub(crate) fn new(dim: usize, theta: f64, scaling: Option<&YarnConfig>, max_seq_len: usize) -> Self {
+        let base = theta;
         let extra: Vec<f64> = (0..dim / 2).map(|i| 1.0 / base.powf((2 * i) as f64 / dim as f64)).collect();
-        let (inv_freq, amplitude) = match &config.rope_scaling {
+        let (inv_freq, amplitude) = match scaling {
             None => (extra, 1.0),
             Some(y) => {
                 let correction = |rotations: f64| (dim as f64 * (y.original_max_position as f64 / (rotations * 2.0 * std::f64::consts::PI)).ln()) / (2.0 * base.ln());
@@ -46,7 +81,7 @@ impl RotaryTable {
                 (freqs, yarn_mscale(y.factor, y.mscale) / yarn_mscale(y.factor, y.mscale_all_dim))
             }
         };
-        Self { inv_freq: inv_freq.into_iter().map(|f| f as f32).collect(), amplitude: amplitude as f32, max_seq_len: config.max_seq_len }
+        Self { inv_freq: inv_freq.into_iter().map(|f| f as f32).collect(), amplitude: amplitude as f32, max_seq_len }
     }
 
     /// Positions covered.
