@@ -94,11 +94,12 @@ use burn_dcp::{Reader, Snapshot};
 use burn_deepseek::checkpoint::StateNames;
 use burn_deepseek::dualpipe::executor::{materialize, Pipeline};
 use burn_deepseek::dualpipe::schedule::{Schedule, ScheduleKind};
-use burn_deepseek::model::{DeepSeekV3, DeepSeekV3Config, LossOutput, ModelBackend, ModelStage, Sampling, Session, Speculative, SpeculativeStats};
+use burn_deepseek::model::{expert_load, DeepSeekV3, DeepSeekV3Config, LossOutput, ModelBackend, ModelStage, Sampling, Session, Speculative, SpeculativeStats};
 use burn_dp::{AdamW as DpAdamW, AdamWConfig, Ddp, DpError, FsdpBackend, Layout, Zero1};
 use burn_moe::comm::{launch, Comm, DeviceMesh, Transport};
-use std::io::Write;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::path::PathBuf;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 #[path = "train_tiny/ckpt.rs"]
@@ -112,7 +113,7 @@ mod flags;
 #[path = "train_tiny/fsdp.rs"]
 mod fsdp;
 use cli::Args;
-use corpus::{corpus, global_rows};
+use corpus::{corpus, global_rows, held_out_rows};
 
 /// The ranks the flags ask for: `--pp N --ep E` → `N · E`; `--dp D --ep E` → `D · E`.
 fn world_size(args: &Args) -> usize {
@@ -159,25 +160,16 @@ fn tokens<B: burn::tensor::backend::Backend>(bytes: Vec<u8>, b: usize, device: &
     Tensor::from_data(TensorData::new(bytes.into_iter().map(i64::from).collect(), [b, n]), device)
 }
 
-/// Max over mean of each MoE layer's counts, averaged over the layers.
+/// Max over mean of each MoE layer's counts, averaged over the layers (read to the host).
 fn load_ratio<B: burn::tensor::backend::Backend>(counts: &[Tensor<B, 1, Int>]) -> f64 {
-    let ratios: Vec<f64> = counts
-        .iter()
-        .map(|c| {
-            let c: Vec<i64> = c.clone().into_data().convert::<i64>().to_vec().expect("counts");
-            let mean = c.iter().sum::<i64>() as f64 / c.len() as f64;
-            *c.iter().max().unwrap_or(&0) as f64 / mean.max(1e-9)
-        })
-        .collect();
-    ratios.iter().sum::<f64>() / ratios.len().max(1) as f64
+    let counts: Vec<Vec<i64>> = counts.iter().map(|c| c.clone().into_data().convert::<i64>().to_vec().expect("counts")).collect();
+    expert_load(&counts)
 }
 
 /// Next-token loss on `text` in windows of the training rows' `seq + 1 + mtp` bytes (inference, no gradients).
 fn held_out_loss<B: ModelBackend>(model: &DeepSeekV3<B>, text: &[u8], args: &Args, device: &B::Device) -> f32 {
-    let n = args.seq + 1 + args.mtp;
-    let windows: Vec<u8> = text.chunks_exact(n).take(16).flatten().copied().collect();
-    let b = windows.len() / n;
-    let out = model.loss(tokens::<B>(windows, b, device));
+    let (bytes, rows) = held_out_rows(text, args.seq + 1 + args.mtp);
+    let out = model.loss(tokens::<B>(bytes, rows, device));
     out.lm_loss.into_scalar().elem::<f32>()
 }
 
@@ -391,9 +383,28 @@ fn progress(state: &mut TrainState, args: &Args, (lm, mtp): (f32, f32), tok_s: f
         String::new()
     };
     state.load.push(load as f32);
-    let filled = 24 * state.step / args.steps;
-    print!("\r[{}{}] {:>5}/{} loss {lm:.3}{mtp} | {tok_s:>6.0} tok/s | load max/mean {load:.2}{extra}  ", "#".repeat(filled), "-".repeat(24 - filled), state.step, args.steps);
-    std::io::stdout().flush().ok();
+    let line = format!("loss {lm:.3}{mtp} | {tok_s:>6.0} tok/s | load max/mean {load:.2}{extra}");
+    let bar = bar(args);
+    bar.set_position(state.step as u64);
+    if bar.is_hidden() {
+        // Not a terminal (a log file, CI): a line every 50 steps.
+        if state.step.is_multiple_of(50) || state.step == args.steps {
+            println!("{:>5}/{} {line}", state.step, args.steps);
+        }
+    } else {
+        bar.set_message(line);
+    }
+}
+
+/// The run's progress bar (indicatif; hidden when stdout is not a terminal), made at the
+/// first step.
+fn bar(args: &Args) -> &'static ProgressBar {
+    static BAR: OnceLock<ProgressBar> = OnceLock::new();
+    BAR.get_or_init(|| {
+        let bar = ProgressBar::with_draw_target(Some(args.steps as u64), ProgressDrawTarget::stdout());
+        bar.set_style(ProgressStyle::with_template("[{bar:24}] {pos:>5}/{len} {msg}").expect("a valid template").progress_chars("#>-"));
+        bar
+    })
 }
 
 /// Every `--save-every` steps and at the end: the held-out loss, `model.mpk`,
@@ -405,7 +416,11 @@ where
     let (_, held_text) = corpus();
     let held = held_out_loss(&model.valid(), held_text, args, device);
     state.held_out.push((state.step, held));
-    println!("\n  step {}: held-out loss {held:.3} ({:.1} s)", state.step, start.elapsed().as_secs_f64());
+    let bar = bar(args);
+    if state.step >= args.steps {
+        bar.finish();
+    }
+    bar.suspend(|| println!("  step {}: held-out loss {held:.3} ({:.1} s)", state.step, start.elapsed().as_secs_f64()));
     model.clone().save_file(args.out.join("model"), &recorder()).expect("write the model record");
     state.save(args.out.join("state.json")).expect("write state.json");
     std::fs::write(args.out.join("loss.svg"), loss_svg(state)).expect("write loss.svg");
@@ -953,38 +968,34 @@ where
 /// The loss curves as an SVG: next-token and MTP loss (mean of every 10 steps) and the
 /// held-out points.
 fn loss_svg(state: &TrainState) -> String {
-    let (w, h, pad) = (720.0, 360.0, 48.0);
+    use plotters::prelude::*;
     let smooth = |v: &[f32]| -> Vec<(f64, f64)> { v.chunks(10).enumerate().map(|(i, c)| ((i * 10 + c.len()) as f64, c.iter().sum::<f32>() as f64 / c.len() as f64)).collect() };
     let (lm, mtp) = (smooth(&state.lm), smooth(&state.mtp));
-    let steps = state.step.max(1) as f64;
-    let top = lm.iter().chain(&mtp).map(|p| p.1).fold(1.0, f64::max).ceil();
-    let x = |s: f64| pad + s / steps * (w - 2.0 * pad);
-    let y = |l: f64| h - pad - l / top * (h - 2.0 * pad);
-    let line = |pts: &[(f64, f64)], color: &str| {
-        let d: Vec<String> = pts.iter().map(|&(s, l)| format!("{:.1},{:.1}", x(s), y(l))).collect();
-        format!("<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>\n", d.join(" "))
+    let top = lm.iter().chain(&mtp).map(|p| p.1).chain(state.held_out.iter().map(|p| p.1 as f64)).fold(1.0, f64::max).ceil();
+    let (blue, orange, green) = (RGBColor(31, 119, 180), RGBColor(255, 127, 14), RGBColor(44, 160, 44));
+    let mut svg = String::new();
+    let draw = || -> Result<(), Box<dyn std::error::Error>> {
+        let root = SVGBackend::with_string(&mut svg, (720, 360)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let mut chart = ChartBuilder::on(&root).margin(16).x_label_area_size(36).y_label_area_size(40).build_cartesian_2d(0f64..state.step.max(1) as f64, 0f64..top)?;
+        chart.configure_mesh().x_desc(format!("step (of {})", state.step)).y_desc("loss").draw()?;
+        let key = |color: RGBColor| move |(x, y): (i32, i32)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2));
+        chart.draw_series(LineSeries::new(lm, blue.stroke_width(2)))?.label("next-token loss").legend(key(blue));
+        if !mtp.is_empty() {
+            chart.draw_series(LineSeries::new(mtp, orange.stroke_width(2)))?.label("MTP loss (2 ahead)").legend(key(orange));
+        }
+        chart
+            .draw_series(state.held_out.iter().map(|&(s, l)| Circle::new((s as f64, l as f64), 4, green.filled())))?
+            .label("held out")
+            .legend(move |(x, y)| Circle::new((x + 8, y), 4, green.filled()));
+        chart.configure_series_labels().background_style(WHITE).border_style(BLACK).draw()?;
+        root.present()?;
+        Ok(())
     };
-    let mut svg = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n");
-    svg += &format!(
-        "<line x1=\"{pad}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n<line x1=\"{pad}\" y1=\"{pad}\" x2=\"{pad}\" y2=\"{}\" stroke=\"black\"/>\n",
-        h - pad,
-        w - pad,
-        h - pad,
-        h - pad
-    );
-    for i in 0..=top as usize {
-        svg += &format!("<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{i}</text>\n", pad - 6.0, y(i as f64) + 4.0);
+    if let Err(e) = draw() {
+        eprintln!("loss.svg: {e}");
     }
-    svg += &format!("<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">step (of {})</text>\n", w / 2.0, h - 12.0, state.step);
-    svg += &line(&lm, "#1f77b4");
-    if !mtp.is_empty() {
-        svg += &line(&mtp, "#ff7f0e");
-    }
-    for &(s, l) in &state.held_out {
-        svg += &format!("<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"4\" fill=\"#2ca02c\"/>\n", x(s as f64), y(l as f64));
-    }
-    svg += &format!("<text x=\"{}\" y=\"20\" fill=\"#1f77b4\">next-token loss</text><text x=\"{}\" y=\"20\" fill=\"#ff7f0e\">MTP loss (2 ahead)</text><text x=\"{}\" y=\"20\" fill=\"#2ca02c\">held out</text>\n", pad, pad + 140.0, pad + 290.0);
-    svg + "</svg>\n"
+    svg
 }
 
 fn main() {

@@ -44,6 +44,9 @@ pub use burn_dp as dp;
 pub use burn_dualpipe as dualpipe;
 pub use burn_fp8 as fp8;
 pub use burn_moe as moe;
+/// burn-train (feature `learner`): Burn's `Learner`, which [`model::learner`] plugs into.
+#[cfg(feature = "learner")]
+pub use burn_train as train;
 
 #[doc = include_str!("../docs/fp8.md")]
 pub mod guide_fp8 {}

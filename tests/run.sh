@@ -24,8 +24,9 @@ fi
 # The examples are type-checked, not built: building eight examples for three backends is
 # most of a cold build, and they are run in release (README) rather than here.
 # One feature set for every step, so that each crate builds once: CUDA (compiled, runs
-# only on NVIDIA) and MPI (its tests run ranks as processes under mpirun on this machine).
-FEATURES="cuda,mpi,nccl"
+# only on NVIDIA), MPI (its tests run ranks as processes under mpirun on this machine) and
+# Burn's Learner (burn-train).
+FEATURES="cuda,mpi,nccl,learner"
 
 # rustfmt and clippy come with rustup's default profile; a minimal one lacks them.
 for tool in fmt clippy; do

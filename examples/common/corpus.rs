@@ -53,3 +53,12 @@ pub fn global_rows(text: &[u8], seed: u64, step: usize, first: usize, rows: usiz
     }
     out
 }
+
+/// The held-out rows every language-model example scores: the first 16 consecutive
+/// windows of `n` bytes of `text` (fewer if it is shorter), as `(bytes, rows)`.
+#[allow(dead_code)] // train_tiny's and train_learner's
+pub fn held_out_rows(text: &[u8], n: usize) -> (Vec<u8>, usize) {
+    let bytes: Vec<u8> = text.chunks_exact(n).take(16).flatten().copied().collect();
+    let rows = bytes.len() / n;
+    (bytes, rows)
+}

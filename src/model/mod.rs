@@ -51,6 +51,8 @@ mod block;
 mod config;
 mod ep;
 mod generate;
+#[cfg(feature = "learner")]
+pub mod learner;
 mod mtp;
 pub mod pipeline;
 mod speculative;
@@ -120,6 +122,19 @@ pub struct LossOutput<B: Backend> {
     /// Tokens per routed expert of every MoE layer: the main model's, then the MTP
     /// modules'; the argument of [`DeepSeekV3::update_bias`].
     pub counts: Vec<Tensor<B, 1, Int>>,
+}
+
+/// Max over mean tokens per expert of each MoE layer's `counts`, averaged over the layers
+/// (1 is perfect balance; 1 without MoE layers).
+pub fn expert_load(counts: &[Vec<i64>]) -> f64 {
+    if counts.is_empty() {
+        return 1.0;
+    }
+    let ratio = |c: &Vec<i64>| {
+        let mean = c.iter().sum::<i64>() as f64 / c.len().max(1) as f64;
+        *c.iter().max().unwrap_or(&0) as f64 / mean.max(1e-9)
+    };
+    counts.iter().map(ratio).sum::<f64>() / counts.len() as f64
 }
 
 /// What the forward over [`Units`] gives: the output, and the embedding and head it

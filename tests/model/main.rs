@@ -10,6 +10,8 @@ mod checkpoint;
 mod common;
 mod continuity;
 mod ep;
+#[cfg(feature = "learner")]
+mod learner;
 mod model;
 #[cfg(feature = "mpi")]
 mod mpi;
