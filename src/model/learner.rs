@@ -44,8 +44,8 @@
 
 use super::{expert_load, DeepSeekV3, LossOutput, ModelBackend};
 use burn::data::dataloader::batcher::Batcher;
-use burn::module::AutodiffModule;
-use burn::optim::{GradientsParams, Optimizer};
+use burn::module::{AutodiffModule, ParamId};
+use burn::optim::{GradientsParams, MultiGradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData, Transaction};
 use burn_train::metric::state::{FormatOptions, NumericMetricState};
@@ -175,17 +175,35 @@ where
         O: Optimizer<Self, BA>,
         Self: AutodiffModule<BA>,
     {
-        let ids: Vec<_> = self.moe_layers().map(|moe| moe.bias.id).collect();
-        let counts: Vec<Tensor<B, 1, Int>> = ids
-            .iter()
-            .map(|&id| {
-                let c = grads
-                    .remove::<B::InnerBackend, 1>(id)
-                    .unwrap_or_else(|| panic!("DeepSeekV3::optimize: no expert counts under the balancing bias {id} (gradients not from DeepSeekV3's TrainStep?)"));
-                Tensor::from_inner(c.int())
-            })
-            .collect();
+        let counts = self.take_counts(|id| grads.remove::<B::InnerBackend, 1>(id));
         optim.step(lr, self, grads).update_bias(&counts)
+    }
+
+    /// With several devices (burn-train's multi-device strategy) each device's step routed
+    /// its own rows: the counts are summed over the devices, as the bias update of the
+    /// whole batch needs.
+    fn optimize_multi<BA, O>(self, optim: &mut O, lr: f64, mut grads: MultiGradientsParams) -> Self
+    where
+        BA: AutodiffBackend,
+        O: Optimizer<Self, BA>,
+        Self: AutodiffModule<BA>,
+    {
+        let counts = self.take_counts(|id| grads.remove::<B::InnerBackend, 1>(id).map(|(c, _)| c));
+        optim.step_multi(lr, self, grads).update_bias(&counts)
+    }
+}
+
+impl<B: AutodiffBackend + ModelBackend> DeepSeekV3<B> {
+    /// The step's expert counts of every MoE layer, taken out of the gradients (`take`
+    /// removes the entry under a parameter id), on the layer's device.
+    fn take_counts(&self, mut take: impl FnMut(ParamId) -> Option<Tensor<B::InnerBackend, 1>>) -> Vec<Tensor<B, 1, Int>> {
+        self.moe_layers()
+            .map(|moe| {
+                let id = moe.bias.id;
+                let c = take(id).unwrap_or_else(|| panic!("DeepSeekV3::optimize: no expert counts under the balancing bias {id} (gradients not from DeepSeekV3's TrainStep?)"));
+                Tensor::from_inner(c.int()).to_device(&moe.bias.val().device())
+            })
+            .collect()
     }
 }
 

@@ -119,7 +119,7 @@ fn a_failing_rank_ends_the_step_with_an_error() {
 
     // Three ranks cannot split 16 experts.
     let err = launch(Comm::group(3, Transport::Host), |comm| model.shard_experts(&comm, &device).map(|_| ())).unwrap_err();
-    assert!(err.to_string().contains("16 slots") && err.to_string().contains("3 ranks"), "{err}");
+    assert!(err.to_string().contains("physical_experts (16)") && err.to_string().contains("gpus (3)"), "{err}");
 
     // The plain `loss` of a sharded model panics with the collective's error.
     let panic = launch(Comm::group_with_timeout(2, Transport::Host, Duration::from_secs(20)), |comm| {

@@ -10,14 +10,14 @@ use burn::data::dataloader::{DataLoaderBuilder, Progress};
 use burn::data::dataset::InMemDataset;
 use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
 use burn::optim::lr_scheduler::constant::ConstantLr;
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::{AdamWConfig, GradientsParams, MultiGradientsParams, Optimizer};
 use burn::record::CompactRecorder;
-use burn::tensor::backend::Backend;
+use burn::tensor::backend::{Backend, DeviceOps};
 use burn::tensor::{Int, Tensor, TensorData};
 use burn_deepseek::model::learner::{LmFigure, LmMetric, LmStats, ObjectiveMetric, TokenBatch, TokenBatcher};
 use burn_deepseek::model::{expert_load, DeepSeekV3, DeepSeekV3Config};
 use burn_deepseek::train::metric::{Metric, MetricMetadata, Numeric};
-use burn_deepseek::train::{ItemLazy, Learner, SupervisedTraining};
+use burn_deepseek::train::{ItemLazy, Learner, SupervisedTraining, TrainStep};
 
 /// Every float parameter's values, in module order.
 fn params<B: Backend, M: Module<B>>(module: &M) -> Vec<Vec<f32>> {
@@ -80,6 +80,28 @@ fn a_learner_step_is_the_manual_step() {
     let bias_after = params(&learner.model().moe_layers().next().unwrap().bias);
     assert_eq!(bias_after, params(&manual.moe_layers().next().unwrap().bias));
     assert_ne!(bias_before, bias_after, "the balancing bias moved (γ · sign(mean − count) per step)");
+}
+
+#[test]
+fn the_multi_device_optimizer_step_takes_the_counts_out_too() {
+    type A = Autodiff<Ref>;
+    let mut rng = Rng::new("the_multi_device_optimizer_step_takes_the_counts_out_too");
+    let device = burn::backend::ndarray::NdArrayDevice::Cpu;
+    let model: DeepSeekV3<A> = seeded(&DeepSeekV3Config::tiny(), 5, &device);
+    let rows = token_rows(&mut rng, 4, 18);
+    let step = || TrainStep::step(&model, TokenBatcher.batch(rows.clone(), &device)).grads;
+    let lr = 1e-3;
+    let single = model.clone().optimize(&mut AdamWConfig::new().init(), lr, step());
+    let grads = MultiGradientsParams { grads: vec![(step(), device.id())] };
+    let multi = model.clone().optimize_multi(&mut AdamWConfig::new().init(), lr, grads);
+    for (i, (a, b)) in params(&single).iter().zip(&params(&multi)).enumerate() {
+        let err = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(err <= 0.01 * lr as f32, "parameter {i}: optimize and optimize_multi differ by {err}");
+    }
+    // The bias moved by ±γ = 1e-3 from zero (or stayed), not by an AdamW step on the counts.
+    let bias = params(&multi.moe_layers().next().unwrap().bias);
+    assert!(bias.iter().flatten().all(|&v| v == 0.0 || v.abs() == 1e-3), "{bias:?}");
+    assert_eq!(bias, params(&single.moe_layers().next().unwrap().bias));
 }
 
 #[test]

@@ -18,6 +18,7 @@
 
 use super::codec::{decode_fp8, Fp8Decode};
 use super::groups::{grouped_row_tile, grouped_tile_count};
+use super::tile::{fma_step, store_tile, RegisterTile};
 use super::DeviceClass;
 use crate::codegen::{array, settings, CodegenTarget, KernelVariant};
 use crate::config::{QuantConfig, TILE_K, WORDS_PER_TILE};
@@ -61,6 +62,10 @@ impl GemmConfig {
     /// Output rows per cube.
     pub const fn block_m(&self) -> usize {
         self.units_m as usize * self.tile_m
+    }
+    /// The units' register tiles ([`super::tile`]).
+    pub const fn register_tile(&self) -> RegisterTile {
+        RegisterTile { tm: self.tile_m, tn: self.tile_n, units_m: self.units_m as usize, units_n: self.units_n as usize }
     }
     /// Output columns per cube.
     pub const fn block_n(&self) -> usize {
@@ -160,6 +165,7 @@ fn fp8_gemm_kernel(
     let tn = comptime!(cfg.tile_n);
     let units_m = comptime!(cfg.units_m as usize);
     let units_n = comptime!(cfg.units_n as usize);
+    let tile = comptime!(cfg.register_tile());
 
     let words_per_row = k_blocks * WORDS_PER_TILE;
     // Rows [m0, m_end) of A and D, against B's rows [b0, b0 + n).
@@ -203,21 +209,7 @@ fn fp8_gemm_kernel(
             load_chunk(b, &mut b_sh, b0 + n0, b0 + n, word0, words_per_row, block_n, units, b_config, cfg.decode_b);
             sync_cube();
             for kk in 0..CHUNK_K {
-                #[unroll]
-                for i in 0..tm {
-                    a_reg[i] = a_sh[kk * block_m + uy + i * units_m];
-                }
-                #[unroll]
-                for j in 0..tn {
-                    b_reg[j] = b_sh[kk * block_n + ux + j * units_n];
-                }
-                #[unroll]
-                for i in 0..tm {
-                    #[unroll]
-                    for j in 0..tn {
-                        partial[i * tn + j] += a_reg[i] * b_reg[j];
-                    }
-                }
+                fma_step(&a_sh, &b_sh, kk, &mut partial, &mut a_reg, &mut b_reg, tile);
             }
             sync_cube();
         }
@@ -241,17 +233,7 @@ fn fp8_gemm_kernel(
         }
     }
 
-    #[unroll]
-    for i in 0..tm {
-        let row = m0 + uy + i * units_m;
-        #[unroll]
-        for j in 0..tn {
-            let col = n0 + ux + j * units_n;
-            if row < m_end && col < n {
-                out[row * n + col] = acc[i * tn + j];
-            }
-        }
-    }
+    store_tile(out, &acc, 0, m0, m_end, n0, n, tile);
 }
 
 /// Launches the GEMM on packed operands: `a` `[M, 32·⌈K/128⌉]` words with its scales,

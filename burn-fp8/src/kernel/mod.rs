@@ -27,6 +27,8 @@ pub mod gemm;
 #[allow(missing_docs)] // `#[derive(CubeType)]` and `#[cube]` expansions.
 pub mod groups;
 pub mod quantize;
+#[allow(missing_docs)] // `#[cube]` expansions.
+pub mod tile;
 
 pub use codec::Fp8Decode;
 pub use gemm::{select_gemm_config, GemmConfig, GemmProblem};

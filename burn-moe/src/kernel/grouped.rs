@@ -20,6 +20,7 @@ use super::{grouped_direct, UNITS};
 use burn_cubecl::{tensor::CubeTensor, CubeRuntime};
 use burn_fp8::codegen::{array, settings, CodegenTarget, KernelVariant};
 use burn_fp8::kernel::groups::{grouped_row_tile, grouped_tile_count};
+use burn_fp8::kernel::tile::{fma_step, store_tile, RegisterTile};
 use burn_fp8::kernel::DeviceClass;
 use cubecl::prelude::*;
 
@@ -57,53 +58,16 @@ impl Tiling {
 }
 
 /// `acc[i][j] += a_reg[i] · b_reg[j]` over the unit's `tile_m × 8` register tile.
-#[cube]
-fn outer_product(acc: &mut Array<f32>, a_reg: &Array<f32>, b_reg: &Array<f32>, #[comptime] tile_m: usize) {
-    #[unroll]
-    for i in 0..tile_m {
-        #[unroll]
-        for j in 0..TILE_N {
-            acc[i * TILE_N + j] += a_reg[i] * b_reg[j];
-        }
-    }
+/// The units' register tiles: `UNITS × UNITS` units of `tile_m × TILE_N` outputs.
+const fn register_tile(tile_m: usize) -> RegisterTile {
+    RegisterTile { tm: tile_m, tn: TILE_N, units_m: UNITS, units_n: UNITS }
 }
 
 /// Accumulates one staged chunk: `acc[i][j] += Σ_kk a_sh[kk][row_i] · b_sh[kk][col_j]`.
 #[cube]
 fn fma_chunk(a_sh: &SharedMemory<f32>, b_sh: &SharedMemory<f32>, acc: &mut Array<f32>, a_reg: &mut Array<f32>, b_reg: &mut Array<f32>, #[comptime] tile_m: usize) {
-    let block_m = comptime!(UNITS * tile_m);
-    let ux = UNIT_POS_X as usize;
-    let uy = UNIT_POS_Y as usize;
     for kk in 0..CHUNK {
-        #[unroll]
-        for i in 0..tile_m {
-            a_reg[i] = a_sh[kk * block_m + uy + i * UNITS];
-        }
-        #[unroll]
-        for j in 0..TILE_N {
-            b_reg[j] = b_sh[kk * BLOCK_N + ux + j * UNITS];
-        }
-        outer_product(acc, a_reg, b_reg, tile_m);
-    }
-}
-
-/// Writes the unit's register tile to rows `[m0, m_end)` and columns `[n0, n)` of a
-/// row-major block with `n` columns starting at `base`.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn store(out: &mut Array<f32>, acc: &Array<f32>, base: usize, m0: usize, m_end: usize, n0: usize, n: usize, #[comptime] tile_m: usize) {
-    let ux = UNIT_POS_X as usize;
-    let uy = UNIT_POS_Y as usize;
-    #[unroll]
-    for i in 0..tile_m {
-        let row = m0 + uy + i * UNITS;
-        #[unroll]
-        for j in 0..TILE_N {
-            let col = n0 + ux + j * UNITS;
-            if row < m_end && col < n {
-                out[base + row * n + col] = acc[i * TILE_N + j];
-            }
-        }
+        fma_step(a_sh, b_sh, kk, acc, a_reg, b_reg, comptime!(register_tile(tile_m)));
     }
 }
 
@@ -179,7 +143,7 @@ fn grouped_matmul_kernel(
         fma_chunk(&a_sh, &b_sh, &mut acc, &mut a_reg, &mut b_reg, tile_m);
         sync_cube();
     }
-    store(out, &acc, 0, m0, m_end, n0, n, tile_m);
+    store_tile(out, &acc, 0, m0, m_end, n0, n, comptime!(register_tile(tile_m)));
 }
 
 /// `out[e] = a_eᵀ · d_e`: output rows are `a`'s columns (`tile_m = 8`, 64 per cube),
@@ -226,7 +190,7 @@ fn grouped_wgrad_kernel(a: &Array<f32>, d: &Array<f32>, offsets: &Array<u32>, ou
         fma_chunk(&a_sh, &d_sh, &mut acc, &mut a_reg, &mut b_reg, TILE_N);
         sync_cube();
     }
-    store(out, &acc, expert * k * n, i0, k, j0, n, TILE_N);
+    store_tile(out, &acc, expert * k * n, i0, k, j0, n, comptime!(register_tile(TILE_N)));
 }
 
 /// How the grouped kernels read their operands.
