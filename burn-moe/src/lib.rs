@@ -14,10 +14,11 @@
 //!
 //! The backend trait [`MoeBackend`] is implemented for `CubeBackend`, `Fusion` (Burn's
 //! `Wgpu` and `Cuda`), `Autodiff`, `NdArray` (the plain-Burn reference) and `Flex` (host
-//! loops and one `gemm` call per expert, feature `flex`).
+//! loops and one `gemm` call per expert, feature `flex`). MLA and the collectives have
+//! their own traits, [`MlaBackend`] and [`CommBackend`], on the same backends.
 //!
 //! - [`mla`]: Multi-head Latent Attention — training forward, the absorbed form, a paged
-//!   latent cache and the absorbed decode kernel.
+//!   latent cache and the absorbed decode kernel ([`mla::decode_attention`]).
 //!
 //! - [`eplb`]: expert-parallel load balancing — replicas and GPU placement of experts from
 //!   their measured loads (hierarchical or global), and routing over the replicas.

@@ -113,7 +113,6 @@ impl<B: MoeBackend> Backward<B, 2> for GroupedBackward {
     }
 }
 
-/// Backward of the all-to-all: the reverse all-to-all of the gradient, in f32.
 type Ad<B, C> = Autodiff<B, C>;
 
 /// Gather or combine on `Autodiff`: records a [`RowsBackward`] over `x` and the weights.

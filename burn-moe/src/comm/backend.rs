@@ -59,6 +59,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> CommBacken
 
 impl<B: FusionBackend + CommBackend> CommBackend for Fusion<B> {}
 
+/// Backward of the all-to-all: the reverse all-to-all of the gradient, in f32.
 #[derive(Debug)]
 struct AllToAllBackward;
 
