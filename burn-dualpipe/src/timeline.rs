@@ -90,10 +90,10 @@ impl Timeline {
             .disable_mesh()
             .y_labels(ranks as usize)
             .y_label_formatter(&|v| match v {
-                SegmentValue::CenterOf(i) => format!("rank {}", ranks - 1 - i),
+                SegmentValue::CenterOf(i) if *i < ranks => format!("rank {}", ranks - 1 - i),
                 _ => String::new(),
             })
-            .x_desc("time (s)")
+            .x_desc("time (the spans' unit: seconds when measured)")
             .label_style(("monospace", 10))
             .draw()?;
         let row = |r: usize| {
