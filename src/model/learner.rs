@@ -96,8 +96,8 @@ pub struct LmOutput<B: Backend> {
 }
 
 impl<B: Backend> LmOutput<B> {
-    fn new(out: &LossOutput<B>, rows: usize) -> Self {
-        Self { loss: out.loss.clone(), lm_loss: out.lm_loss.clone(), balance_loss: out.balance_loss.clone(), counts: out.counts.clone(), rows }
+    fn new(out: LossOutput<B>, rows: usize) -> Self {
+        Self { loss: out.loss, lm_loss: out.lm_loss, balance_loss: out.balance_loss, counts: out.counts, rows }
     }
 }
 
@@ -166,7 +166,7 @@ where
         for (moe, counts) in self.moe_layers().zip(&out.counts) {
             grads.register::<B::InnerBackend, 1>(moe.bias.id, counts.clone().inner().float());
         }
-        TrainOutput { grads, item: LmOutput::new(&out, rows) }
+        TrainOutput { grads, item: LmOutput::new(out, rows) }
     }
 
     fn optimize<BA, O>(self, optim: &mut O, lr: f64, mut grads: GradientsParams) -> Self
@@ -213,7 +213,7 @@ impl<B: ModelBackend> InferenceStep for DeepSeekV3<B> {
 
     fn step(&self, batch: TokenBatch<B>) -> LmOutput<B> {
         let rows = batch.tokens.dims()[0];
-        LmOutput::new(&self.loss(batch.tokens), rows)
+        LmOutput::new(self.loss(batch.tokens), rows)
     }
 }
 
